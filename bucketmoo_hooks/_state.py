@@ -1,0 +1,229 @@
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._compat import all_gather_single
+from ._ledger import CommLedger
+from ._objectives import ObjectiveMap, objective_key
+from .weightings import Weighting, get_weighting
+
+# Distinct (objective map, device) pairs whose averaging matrix is kept; per-step sampling of
+# languages can produce many maps, so the cache is bounded.
+_AVERAGING_CACHE_SIZE = 64
+# Attributes that are rebuilt after unpickling rather than saved.
+_TRANSIENT = ("process_group", "_metadata_group", "_averaging", "_step_map")
+
+
+class BucketMOOState:
+    r"""State of :func:`bucket_moo_hook`: which objective each rank trains, and how to weight them.
+
+    Each rank's gradient is the gradient of its objective (its language group). In every bucket
+    the hook replaces DDP's average by ``d = Σ_ℓ w_ℓ ḡ_ℓ``, where ``ḡ_ℓ`` is the average gradient
+    of the ranks training objective ``ℓ`` and ``w = weighting(G)`` is computed from the bucket's
+    ``L×L`` Gramian ``G_ab = ⟨ḡ_a, ḡ_b⟩`` (DESIGN.md §3).
+
+    Ranks agree on the objective map through a tiny host-side exchange (3 int64 per rank) at the
+    start of every step, which also checks that all ranks are at the same step with the same
+    configuration; a mismatch raises on every rank instead of silently combining wrong rows.
+
+    Args:
+        objective_of_rank: The objective (language) id of every rank of the process group, in rank
+            order. Ids are any hashable, picklable values; ranks with equal ids form a group whose
+            gradients are averaged first. ``None`` (default): every rank is its own objective, with
+            its rank as id. Its length must equal the process group's size.
+        weighting: How ``G`` becomes weights: a name (:func:`bucketmoo_hooks.weighting_names`,
+            e.g. ``"mean"``, ``"mgda"``), a :class:`~bucketmoo_hooks.weightings.Weighting`, or a
+            callable ``(gramian: Tensor[L, L]) -> Tensor[L]`` run on the Gramian's device.
+        process_group: The group the hook communicates over; ``None`` is the default group. It
+            must be the group the DDP model reduces over (:func:`register_bucket_moo_hook` checks).
+
+    Attributes:
+        iter: Synchronised backward passes completed (advanced on the last bucket of each step).
+        ledger: :class:`~bucketmoo_hooks.CommLedger` with the bytes this rank sent, per bucket and
+            per step, through every collective of the hook.
+
+    Pickling drops the process group (and anything tied to it): an unpickled state uses the
+    default group; set ``state.process_group`` afterwards if another group is needed.
+    """
+
+    __slots__ = (
+        "_averaging",
+        "_metadata_group",
+        "_objective",
+        "_step_map",
+        "iter",
+        "ledger",
+        "objective_of_rank",
+        "process_group",
+        "weighting",
+    )
+
+    def __init__(
+        self,
+        objective_of_rank: Sequence[Hashable] | None = None,
+        weighting: "str | Weighting | Callable[[Tensor], Tensor]" = "mgda",
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if objective_of_rank is not None:
+            if isinstance(objective_of_rank, str | bytes) or not isinstance(
+                objective_of_rank, Sequence
+            ):
+                raise TypeError(
+                    "objective_of_rank must be a sequence with one objective id per rank "
+                    f"(e.g. [0, 0, 1, 1] or ['en', 'de']), got {objective_of_rank!r}"
+                )
+            if len(objective_of_rank) == 0:
+                raise ValueError("objective_of_rank must name the objective of every rank, got []")
+            objective_of_rank = tuple(objective_of_rank)
+            for objective in objective_of_rank:
+                objective_key(objective)  # raises a clear TypeError for unusable ids
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                f"process_group must be a torch.distributed.ProcessGroup or None, "
+                f"got {type(process_group).__name__}"
+            )
+        self.objective_of_rank: tuple[Hashable, ...] | None = objective_of_rank
+        self.weighting: Weighting = get_weighting(weighting)
+        self.process_group = process_group
+        self.iter = 0
+        self._objective: tuple[Hashable, int] | None = None
+        self._metadata_group: dist.ProcessGroup | None = None
+        self._averaging: OrderedDict[tuple[tuple[int, ...], torch.device], Tensor] = OrderedDict()
+        self._step_map: ObjectiveMap | None = None
+        if dist.is_initialized() or process_group is not None:
+            self._check_world_size(self.group.size())
+        self.ledger = CommLedger(self.group.size() if dist.is_initialized() else 0)
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        """The process group in use (the default group when ``process_group`` is ``None``)."""
+        if self.process_group is not None:
+            return self.process_group
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialised: call init_process_group before the hook "
+                "runs, or pass process_group="
+            )
+        return dist.group.WORLD
+
+    def set_objective(self, objective: Hashable) -> None:
+        """Set the objective this rank trains from the next step on (call before ``backward()``).
+
+        Lets the rank → objective map change every step, e.g. when there are more languages than
+        ranks and each step samples some. The value overrides ``objective_of_rank`` for this rank
+        and stays until changed. A step that has already started (its first bucket was reduced)
+        keeps its map.
+        """
+        self._objective = (objective, objective_key(objective))
+
+    @property
+    def objective_map(self) -> ObjectiveMap | None:
+        """The rank → objective map of the step in progress, else of the last step (or ``None``)."""
+        return self._step_map
+
+    # -- used by the hook ------------------------------------------------------------------------
+
+    def _check_world_size(self, world_size: int) -> None:
+        if self.objective_of_rank is not None and len(self.objective_of_rank) != world_size:
+            raise ValueError(
+                f"objective_of_rank has {len(self.objective_of_rank)} entries but the process "
+                f"group has {world_size} ranks; give one objective id per rank"
+            )
+
+    def _own_objective_key(self, rank: int) -> int:
+        if self._objective is not None:
+            return self._objective[1]
+        if self.objective_of_rank is not None:
+            return objective_key(self.objective_of_rank[rank])
+        return objective_key(rank)
+
+    def _config_digest(self, world_size: int) -> int:
+        """What all ranks must agree on, besides the step: the weighting and the default map."""
+        return objective_key((repr(self.weighting), world_size, self.objective_of_rank))
+
+    def _begin_step(self, group: dist.ProcessGroup) -> ObjectiveMap:
+        """Exchange ``(step, config digest, objective key)`` with every rank and build the map.
+
+        The exchange is host-side (a gloo group over the same ranks when the group itself has no
+        CPU backend), so it never synchronises with a GPU.
+        """
+        world_size, rank = group.size(), group.rank()
+        self._check_world_size(world_size)
+        if self.ledger.world_size != world_size:
+            self.ledger = CommLedger(world_size)
+        config = self._config_digest(world_size)
+        payload = torch.tensor([self.iter, config, self._own_objective_key(rank)])
+        gathered = torch.empty(world_size * payload.numel(), dtype=torch.int64)
+        all_gather_single(gathered, payload, group=self._host_group(group))
+        self.ledger.record_overhead(
+            "objective_exchange", (world_size - 1) * payload.numel() * payload.element_size()
+        )
+        steps, configs, keys = gathered.view(world_size, -1).T.tolist()
+        if len(set(steps)) != 1:
+            raise RuntimeError(
+                f"ranks are at different steps of the hook (state.iter per rank: {steps}); "
+                "all ranks must construct or restore their BucketMOOState identically"
+            )
+        if len(set(configs)) != 1:
+            raise ValueError(
+                "ranks disagree on the BucketMOOState configuration (weighting, world size or "
+                f"objective_of_rank); this rank has weighting={self.weighting!r}, "
+                f"objective_of_rank={self.objective_of_rank!r}; ranks with a different "
+                f"configuration: {[r for r, c in enumerate(configs) if c != config]}"
+            )
+        self._step_map = ObjectiveMap.from_keys(keys)
+        return self._step_map
+
+    def _end_step(self) -> None:
+        self.iter += 1
+        self.ledger.close_step()
+
+    def _host_group(self, group: dist.ProcessGroup) -> dist.ProcessGroup:
+        if _has_cpu_backend(group):
+            return group
+        if self._metadata_group is None:
+            self._metadata_group = dist.new_group(
+                ranks=dist.get_process_group_ranks(group),
+                backend="gloo",
+                use_local_synchronization=True,
+            )
+        return self._metadata_group
+
+    def _averaging_matrix(self, objective_map: ObjectiveMap, device: torch.device) -> Tensor:
+        cache_key = (objective_map.keys, device)
+        matrix = self._averaging.get(cache_key)
+        if matrix is None:
+            matrix = objective_map.averaging_matrix(device)
+            self._averaging[cache_key] = matrix
+            if len(self._averaging) > _AVERAGING_CACHE_SIZE:
+                self._averaging.popitem(last=False)
+        else:
+            self._averaging.move_to_end(cache_key)
+        return matrix
+
+    # -- pickling, as PowerSGDState: without the process group -----------------------------------
+
+    def __getstate__(self) -> dict[str, object]:
+        return {slot: getattr(self, slot) for slot in self.__slots__ if slot not in _TRANSIENT}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.process_group = None
+        self._metadata_group = None
+        self._averaging = OrderedDict()
+        self._step_map = None
+        for slot, value in state.items():
+            setattr(self, slot, value)
+
+    def __repr__(self) -> str:
+        return (
+            f"BucketMOOState(objective_of_rank={self.objective_of_rank!r}, "
+            f"weighting={self.weighting!r}, iter={self.iter})"
+        )
+
+
+def _has_cpu_backend(group: dist.ProcessGroup) -> bool:
+    """Whether collectives on CPU tensors run on ``group`` (gloo, or a ``cpu:gloo,...`` group)."""
+    return "gloo" in dist.get_backend(group)

@@ -1,0 +1,30 @@
+"""Weightings: functions of the Gramian ``G = [⟨ḡ_a, ḡ_b⟩]`` that return one weight per objective.
+
+Every method is usable in the hook (``BucketMOOState(weighting=...)``), in
+:mod:`bucketmoo_hooks.reference`, and on its own::
+
+    from bucketmoo_hooks.weightings import MGDA
+    weights = MGDA()(gramian)
+"""
+
+from ._base import (
+    CallableWeighting,
+    Weighting,
+    WeightingContext,
+    get_weighting,
+    weighting_names,
+)
+from ._mean import Mean
+from ._mgda import MGDA, duality_gap, min_norm_weights
+
+__all__ = [
+    "MGDA",
+    "CallableWeighting",
+    "Mean",
+    "Weighting",
+    "WeightingContext",
+    "duality_gap",
+    "get_weighting",
+    "min_norm_weights",
+    "weighting_names",
+]

@@ -1,0 +1,116 @@
+"""The Weighting interface (Gramian → weights), the registry of named weightings, and resolution
+of what a user passes as ``weighting=``."""
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class WeightingContext:
+    """What a weighting may know besides the Gramian.
+
+    Attributes:
+        step: The hook's step counter (synchronised backward passes so far).
+        bucket: The bucket's index in this step. DDP renumbers buckets when it rebuilds them
+            after the first iteration, so this is a label, not a key for long-lived state.
+        objectives: The objective keys in Gramian order (see :func:`bucketmoo_hooks.objective_key`).
+    """
+
+    step: int
+    bucket: int
+    objectives: tuple[int, ...]
+
+
+class Weighting(ABC):
+    """Maps the Gramian ``G ∈ ℝ^{L×L}`` of the objective gradients to weights ``w ∈ ℝ^L``.
+
+    The combined update is ``d = Σ_ℓ w_ℓ ḡ_ℓ``. Implementations run on the Gramian's device with
+    a fixed amount of work and never synchronise the host with the device (no ``.item()``, no
+    Python branching on device values), because the hook calls them inside backward.
+
+    Subclasses with a ``name`` are registered, so ``BucketMOOState(weighting=name)`` finds them.
+    """
+
+    name: ClassVar[str]
+    #: One line: what the method does, and its paper.
+    description: ClassVar[str]
+
+    _registry: ClassVar[dict[str, type["Weighting"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is not None:
+            if name in Weighting._registry:
+                raise ValueError(f"a weighting named {name!r} is already registered")
+            Weighting._registry[name] = cls
+
+    def __call__(self, gramian: Tensor, context: WeightingContext | None = None) -> Tensor:
+        if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
+            shape = tuple(gramian.shape)
+            raise ValueError(f"gramian must be a non-empty square matrix [L, L], got shape {shape}")
+        return self.forward(gramian, context)
+
+    @abstractmethod
+    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
+        """Return the weights ``[L]`` (float32, on the Gramian's device)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class CallableWeighting(Weighting):
+    """Wraps a user callable ``(gramian: Tensor[L, L]) -> Tensor[L]``.
+
+    The callable's output shape is checked on every call (a host-side check on metadata); its
+    values are taken as they are.
+    """
+
+    def __init__(self, function: Callable[[Tensor], Tensor]) -> None:
+        self.function = function
+
+    @property
+    def label(self) -> str:
+        return getattr(self.function, "__qualname__", type(self.function).__qualname__)
+
+    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
+        weights = self.function(gramian)
+        if not isinstance(weights, Tensor) or weights.shape != gramian.shape[:1]:
+            shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+            raise ValueError(
+                f"weighting callable {self.label} must return a tensor of shape "
+                f"[{gramian.shape[0]}] (one weight per objective), got {shape}"
+            )
+        return weights.to(device=gramian.device, dtype=gramian.dtype)
+
+    def __repr__(self) -> str:
+        return f"CallableWeighting({self.label})"
+
+
+def weighting_names() -> list[str]:
+    """The names accepted as ``weighting=``, sorted."""
+    return sorted(Weighting._registry)
+
+
+def get_weighting(weighting: "str | Weighting | Callable[[Tensor], Tensor]") -> Weighting:
+    """Resolve a weighting given by name, as a :class:`Weighting`, or as a plain callable."""
+    if isinstance(weighting, Weighting):
+        return weighting
+    if isinstance(weighting, str):
+        try:
+            return Weighting._registry[weighting]()
+        except KeyError:
+            raise ValueError(
+                f"weighting={weighting!r} is not a known weighting; expected one of "
+                f"{weighting_names()} or a callable (gramian [L, L]) -> weights [L]"
+            ) from None
+    if callable(weighting):
+        return CallableWeighting(weighting)
+    raise TypeError(
+        f"weighting must be a name ({weighting_names()}), a Weighting, or a callable "
+        f"(gramian [L, L]) -> weights [L]; got {type(weighting).__name__}"
+    )

@@ -1,0 +1,136 @@
+import math
+
+import torch
+from torch import Tensor
+
+from ._base import Weighting, WeightingContext
+
+# Added to the trace-normalised Gramian on the support: makes every equality-constrained
+# subproblem strictly convex (duplicated or collinear objectives share their weight equally)
+# while moving the optimum by O(1e-10) relative.
+_RIDGE = 1e-10
+# An objective enters the support only if it lowers the objective by more than this
+# (trace-normalised units); guards against cycling on round-off.
+_ENTER_TOLERANCE = 1e-12
+# Affine solutions below this are infeasible (round-off around an exact zero is not).
+_NEGATIVE = -1e-12
+
+
+class MGDA(Weighting):
+    r"""Multiple-gradient descent: the min-norm point of the convex hull of the objective gradients.
+
+    .. math:: w^\star = \operatorname*{argmin}_{w \in \Delta_L} w^\top G w, \qquad
+              d = \textstyle\sum_\ell w^\star_\ell \bar g_\ell
+
+    (Désidéri 2012, "Multiple-gradient descent algorithm (MGDA) for multiobjective optimization";
+    Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization"). If any descent
+    direction common to all objectives exists, ``d`` is one; ``d = 0`` exactly at Pareto-stationary
+    points. Weights lie on the simplex, so identical objective gradients give that gradient back.
+
+    Solver (float64 on the Gramian's device, no host synchronisation, fixed work):
+
+    - ``L = 1``: ``w = [1]``; ``L = 2``: the exact closed form
+      ``γ = clamp((G₁₁ − G₀₁) / (G₀₀ + G₁₁ − 2G₀₁), 0, 1)``, ``w = [γ, 1 − γ]``
+      (``γ = ½`` for identical gradients);
+    - ``L ≥ 3``: a primal active-set method run for a fixed number of iterations (``2L`` by
+      default), started from the full support so that duplicated objectives get equal weights. Each
+      iteration solves the equality-constrained problem on the support in closed form and either
+      steps back to the first weight that hits zero (dropping it) or adds the objective that most
+      violates optimality. It terminates exactly; on the test zoo of Gramians (random, low-rank,
+      duplicated, conflicting, 1e-3…1e3 norm spread, ``L`` up to 32) the relative duality gap
+      (:func:`duality_gap`) after ``2L`` iterations is ≤ 1e-6, i.e. at fp32 round-off.
+
+    Args:
+        iterations: Active-set iterations for ``L ≥ 3``; ``None`` means ``2L``.
+    """
+
+    name = "mgda"
+    description = "Min-norm point of the convex hull (Désidéri 2012; Sener & Koltun 2018)."
+
+    def __init__(self, iterations: int | None = None) -> None:
+        if iterations is not None and (
+            isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1
+        ):
+            raise ValueError(f"iterations must be a positive int or None, got {iterations!r}")
+        self.iterations = iterations
+
+    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
+        num_objectives = gramian.shape[0]
+        iterations = 2 * num_objectives if self.iterations is None else self.iterations
+        return min_norm_weights(gramian, iterations).to(gramian.dtype)
+
+    def __repr__(self) -> str:
+        return f"MGDA(iterations={self.iterations})"
+
+
+def min_norm_weights(gramian: Tensor, iterations: int) -> Tensor:
+    """``argmin_{w∈Δ} wᵀGw`` in float64; see :class:`MGDA` for the method."""
+    num_objectives = gramian.shape[0]
+    g = gramian.to(torch.float64)
+    # Weights do not change when G is scaled: normalise so the tolerances are relative.
+    g = g / g.diagonal().sum().clamp_min(torch.finfo(torch.float64).tiny)
+    if num_objectives == 1:
+        return torch.ones(1, dtype=torch.float64, device=g.device)
+    if num_objectives == 2:
+        return _two_objectives(g)
+    return _active_set(g, iterations)
+
+
+def _two_objectives(g: Tensor) -> Tensor:
+    distance = g[0, 0] + g[1, 1] - 2 * g[0, 1]  # ‖ḡ₀ − ḡ₁‖² (normalised)
+    gamma = ((g[1, 1] - g[0, 1]) / distance.clamp_min(torch.finfo(g.dtype).tiny)).clamp(0, 1)
+    gamma = torch.where(distance > 1e-12, gamma, 0.5)
+    return torch.stack([gamma, 1 - gamma])
+
+
+def _active_set(g: Tensor, iterations: int) -> Tensor:
+    num_objectives = g.shape[0]
+    index = torch.arange(num_objectives, device=g.device)
+    regularised = g + _RIDGE * torch.eye(num_objectives, dtype=g.dtype, device=g.device)
+    support = torch.ones(num_objectives, dtype=torch.bool, device=g.device)
+    weights = torch.full((num_objectives,), 1.0 / num_objectives, dtype=g.dtype, device=g.device)
+    for _ in range(iterations):
+        s = support.to(g.dtype)
+        # Min-norm point of the affine hull of the support: x = G_SS⁻¹ 1, normalised to sum 1.
+        # Inactive rows are identity rows with a zero right-hand side, so x vanishes off S.
+        system = regularised * torch.outer(s, s) + torch.diag(1 - s)
+        x = torch.linalg.solve_ex(system, s)[0] * s
+        candidate = x / x.sum()
+        negative = candidate < _NEGATIVE
+        infeasible = negative.any()
+
+        # Infeasible: walk from the current weights towards the candidate until the first
+        # weight reaches zero, and drop every weight that did.
+        ratio = torch.where(negative, weights / (weights - candidate), math.inf)
+        step = ratio.min().clamp(max=1.0)
+        moved = weights + step * (candidate - weights)
+        kept = support & (ratio > step) & (moved > 0)
+        moved = torch.where(kept, moved, 0.0)
+        moved = moved / moved.sum()
+
+        # Feasible: optimal unless some inactive objective j has (Gw)_j < wᵀGw; add the worst.
+        feasible = candidate.clamp_min(0.0)
+        gradient = g @ feasible
+        value = feasible @ gradient
+        outside = torch.where(support, math.inf, gradient)
+        enters = (index == outside.argmin()) & (outside.min() < value - _ENTER_TOLERANCE)
+
+        weights = torch.where(infeasible, moved, feasible)
+        support = torch.where(infeasible, kept, support | enters)
+    return weights
+
+
+def duality_gap(gramian: Tensor, weights: Tensor) -> Tensor:
+    r"""Relative duality gap of ``weights`` for the min-norm problem, a 0-dim float64 tensor.
+
+    .. math:: \frac{w^\top G w - \min_i (G w)_i}{\max_i G_{ii}}
+
+    ``w ∈ Δ`` is optimal exactly when ``(Gw)_i ≥ wᵀGw`` for all ``i`` (KKT), so the numerator is
+    the KKT violation; it also bounds the suboptimality, ``wᵀGw − min_Δ ≤ 2·numerator`` (it is half
+    the Frank–Wolfe gap). Dividing by the largest squared norm makes it scale-free.
+    """
+    g = gramian.to(torch.float64)
+    w = weights.to(torch.float64)
+    gw = g @ w
+    scale = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
+    return (w @ gw - gw.min()) / scale

@@ -1,0 +1,228 @@
+"""Functions run on every rank by the DDP tests (module level, so spawned processes import them).
+
+Every training worker records, for each bucket the hook reduces, the local bucket gradient of
+every rank (all-gathered beside the hook, for the oracle), the hook's output, and checks on the
+spot that DDP wrote that output into the parameters' ``.grad`` and that the bucket input is the
+rank's own (accumulated) gradient as computed by a plain, non-distributed copy of the model.
+"""
+
+import copy
+import gc
+import itertools
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+import bucketmoo_hooks._state
+from bucketmoo_hooks import BucketMOOState, bucket_moo_hook, register_bucket_moo_hook
+from bucketmoo_hooks._compat import all_gather_single
+
+IN_FEATURES, OUT_FEATURES = 10, 5
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One training run under the hook. Sizes are odd so buckets rarely divide by ``R``."""
+
+    name: str
+    objective_of_rank: tuple[Hashable, ...] | None = None
+    #: If set, ``state.set_objective(per_step_objectives[step][rank])`` before every step.
+    per_step_objectives: tuple[tuple[Hashable, ...], ...] | None = None
+    weighting: str = "mgda"
+    steps: int = 4
+    dtype: torch.dtype = torch.float32
+    bucket_cap_mb: float = 0.001
+    gradient_as_bucket_view: bool = False
+    micro_batches: int = 1
+    hidden: tuple[int, ...] = (31, 17)
+    #: Install the hook through a separate gloo group for the objective exchange, as on NCCL.
+    separate_host_group: bool = False
+
+
+def make_model(hidden: tuple[int, ...], dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    sizes = (IN_FEATURES, *hidden, OUT_FEATURES)
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in itertools.pairwise(sizes):
+        layers += [nn.Linear(fan_in, fan_out), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).to(dtype)
+
+
+def batch(rank: int, step: int, micro: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Rank-specific data: every rank (objective) pulls towards a different target."""
+    generator = torch.Generator().manual_seed(10_000 * step + 100 * micro + rank)
+    x = torch.randn(8, IN_FEATURES, generator=generator)
+    target = torch.randn(8, OUT_FEATURES, generator=generator) + 2.0 * (rank - 1.5)
+    return x.to(dtype), target.to(dtype)
+
+
+def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
+    if scenario.separate_host_group:
+        bucketmoo_hooks._state._has_cpu_backend = lambda group: False
+    model = make_model(scenario.hidden, scenario.dtype)
+    shadow = copy.deepcopy(model)  # plain local copy: the rank's own gradient, for the check
+    ddp = DistributedDataParallel(
+        model,
+        bucket_cap_mb=scenario.bucket_cap_mb,
+        gradient_as_bucket_view=scenario.gradient_as_bucket_view,
+    )
+    state = BucketMOOState(scenario.objective_of_rank, weighting=scenario.weighting)
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    shadow_params = list(shadow.parameters())
+    records: list[dict[str, Any]] = []
+    step = 0
+
+    def capture(
+        state: BucketMOOState, bucket: dist.GradBucket
+    ) -> torch.futures.Future[torch.Tensor]:
+        local = bucket.buffer().clone()
+        gathered = local.new_empty(world_size * local.numel())
+        all_gather_single(gathered, local)
+        future = bucket_moo_hook(state, bucket)
+        output = future.wait().clone()
+        indices = [position[id(p)] for p in bucket.parameters()]
+        expected_local = torch.cat([shadow_params[i].grad.flatten() for i in indices])
+        records.append(
+            {
+                "step": step,
+                "index": bucket.index(),
+                "inputs": gathered.view(world_size, -1),
+                "output": output,
+                "params": indices,
+                "local_error": (local - expected_local).abs().max().item(),
+            }
+        )
+        return future
+
+    ddp.register_comm_hook(state, capture)
+    # SGD rather than AdamW: AdamW's eps underflows to 0 in fp16 parameters.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    grad_errors, ledger, maps = [], [], []
+    for step in range(scenario.steps):
+        if scenario.per_step_objectives is not None:
+            state.set_objective(scenario.per_step_objectives[step][rank])
+        shadow.load_state_dict(model.state_dict())
+        shadow.zero_grad()
+        for micro in range(scenario.micro_batches):
+            x, target = batch(rank, step, micro, scenario.dtype)
+            nn.functional.mse_loss(shadow(x), target).backward()
+        for micro in range(scenario.micro_batches):
+            x, target = batch(rank, step, micro, scenario.dtype)
+            if micro < scenario.micro_batches - 1:
+                with ddp.no_sync():
+                    nn.functional.mse_loss(ddp(x), target).backward()
+            else:
+                nn.functional.mse_loss(ddp(x), target).backward()
+        params = list(model.parameters())
+        for record in (r for r in records if r["step"] == step):
+            grads = torch.cat([params[i].grad.flatten() for i in record["params"]])
+            grad_errors.append((grads - record["output"]).abs().max().item())
+        ledger.append(
+            {
+                "buckets": [
+                    {"numel": t.numel, "element_size": t.element_size, "sent": dict(t.sent)}
+                    for t in state.ledger.last_step
+                ],
+                "overhead": dict(state.ledger.step_overhead),
+            }
+        )
+        maps.append(state.objective_map.keys)
+        optimizer.step()
+        optimizer.zero_grad()
+    return {
+        "records": records,
+        "grad_errors": grad_errors,
+        "params": torch.cat([p.detach().flatten() for p in model.parameters()]),
+        "ledger": ledger,
+        "maps": maps,
+        "iter": state.iter,
+        "used_separate_group": state._metadata_group is not None,
+    }
+
+
+def train_scenarios(rank: int, world_size: int, scenarios: list[Scenario]) -> list[dict[str, Any]]:
+    return [train(rank, world_size, scenario) for scenario in scenarios]
+
+
+def mean_vs_allreduce(
+    rank: int, world_size: int, objective_of_rank: tuple[int, ...], steps: int
+) -> dict[str, Any]:
+    """Train two identical models on identical data, one under ``allreduce_hook``, one under
+    ``bucket_moo_hook`` with ``weighting="mean"``; return both gradients of every step."""
+    runs = {}
+    for name in ("allreduce", "mean"):
+        model = make_model((31, 17), torch.float32)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.001)
+        if name == "allreduce":
+            ddp.register_comm_hook(dist.group.WORLD, allreduce_hook)
+        else:
+            register_bucket_moo_hook(ddp, BucketMOOState(objective_of_rank, weighting="mean"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        grads = []
+        for step in range(steps):
+            x, target = batch(rank, step, 0, torch.float32)
+            nn.functional.mse_loss(ddp(x), target).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+            optimizer.step()
+            optimizer.zero_grad()
+        runs[name] = torch.stack(grads)
+    return runs
+
+
+def disagreeing_states(rank: int, world_size: int, case: str) -> str:
+    """Ranks configured inconsistently: every rank must raise (never hang); return the error."""
+    ddp = DistributedDataParallel(make_model((7,), torch.float32))
+    if case == "weighting":
+        state = BucketMOOState(weighting="mgda" if rank == 0 else "mean")
+    elif case == "objective_of_rank":
+        state = BucketMOOState(objective_of_rank=[0, 1] if rank == 0 else [1, 0])
+    else:
+        state = BucketMOOState()
+        state.iter = rank  # as if one rank restored a different checkpoint
+    ddp.register_comm_hook(state, bucket_moo_hook)
+    x, target = batch(rank, 0, 0, torch.float32)
+    try:
+        nn.functional.mse_loss(ddp(x), target).backward()
+        outcome = "no error"
+    except (ValueError, RuntimeError) as error:
+        outcome = f"{type(error).__name__}: {error}"
+    # A DDP reducer whose backward was interrupted can abort the process (std::terminate) if it
+    # is destroyed at interpreter exit after the process group; free it while the group lives.
+    del ddp
+    gc.collect()
+    return outcome
+
+
+def registration_errors(rank: int, world_size: int) -> dict[str, str]:
+    """Try every bad registration; return the error each one raised."""
+    from torch.nn.parallel.distributed import _MixedPrecision
+
+    def error_of(action: Any) -> str:
+        try:
+            action()
+        except (TypeError, ValueError) as error:
+            return f"{type(error).__name__}: {error}"
+        return "no error"
+
+    model = make_model((7,), torch.float32)
+    errors = {
+        "wrong_length": error_of(lambda: BucketMOOState(objective_of_rank=[0, 1, 2])),
+        "not_ddp": error_of(lambda: register_bucket_moo_hook(model, BucketMOOState())),
+    }
+    other_group = dist.new_group(list(range(world_size)))
+    ddp = DistributedDataParallel(model)
+    errors["other_group"] = error_of(
+        lambda: register_bucket_moo_hook(ddp, BucketMOOState(process_group=other_group))
+    )
+    register_bucket_moo_hook(ddp, BucketMOOState())
+    errors["second_hook"] = error_of(lambda: register_bucket_moo_hook(ddp, BucketMOOState()))
+    precision = _MixedPrecision(param_dtype=torch.float16, reduce_dtype=torch.float16)
+    mixed = DistributedDataParallel(make_model((7,), torch.float32), mixed_precision=precision)
+    errors["mixed_precision"] = error_of(lambda: register_bucket_moo_hook(mixed, BucketMOOState()))
+    return errors

@@ -1,0 +1,82 @@
+"""Run a function on R real processes joined by a gloo process group, with a hard timeout.
+
+Each process initialises gloo through a FileStore in a fresh directory (no ports to collide),
+runs ``fn(rank, world_size, *args)``, and saves its return value; the parent loads every rank's
+result. A rank that raises fails the test with its traceback; ranks still running at the
+deadline are killed, so a hang can never stall the suite.
+"""
+
+import datetime
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def _worker(
+    rank: int, world_size: int, store_dir: str, fn: Callable[..., Any], args: tuple[Any, ...]
+) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    out = Path(store_dir)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{out / 'store'}",
+            rank=rank,
+            world_size=world_size,
+            timeout=COLLECTIVE_TIMEOUT,
+        )
+        result = fn(rank, world_size, *args)
+        torch.save(result, out / f"result{rank}.pt")
+    except BaseException:
+        (out / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 180.0
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return every result.
+
+    ``fn`` must be a module-level function (it is pickled into spawned processes).
+    """
+    with tempfile.TemporaryDirectory(prefix="bucketmoo-") as store_dir:
+        context = mp.start_processes(
+            _worker,
+            args=(world_size, store_dir, fn, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        end = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=max(0.1, min(1.0, end - time.monotonic()))):
+                if time.monotonic() > end:
+                    raise TimeoutError(
+                        f"{fn.__name__} on {world_size} ranks did not finish in {timeout:.0f} s"
+                    )
+        except mp.ProcessRaisedException:
+            errors = sorted(Path(store_dir).glob("error*.txt"))
+            details = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors)
+            raise AssertionError(f"{fn.__name__} failed on some rank:\n{details}") from None
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        return [
+            torch.load(Path(store_dir) / f"result{rank}.pt", weights_only=True)
+            for rank in range(world_size)
+        ]

@@ -1,0 +1,203 @@
+"""The DDP hook on real gloo processes, checked against the single-process reference.
+
+Scenarios of one world size run in one launch of processes (launching is the slow part); the
+tests below then check the recorded buckets, gradients, parameters and byte counts.
+"""
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+from _ddp_workers import (
+    Scenario,
+    disagreeing_states,
+    mean_vs_allreduce,
+    registration_errors,
+    train_scenarios,
+)
+from _distributed import run_distributed
+
+from bucketmoo_hooks import objective_key, reference, ring_allreduce_bytes
+
+PER_STEP = (
+    (0, 1, 2, 3),
+    ("en", "de", "en", "ja"),
+    (7, 7, 7, 7),  # one objective this step: the plain average
+    (1, 2, 1, 2),
+    ("ja", "ja", "ko", "en"),
+)
+
+SCENARIOS: dict[int, list[Scenario]] = {
+    2: [
+        Scenario("r2_mgda", objective_of_rank=(0, 1), steps=3),
+        Scenario("r2_bf16", objective_of_rank=(0, 1), dtype=torch.bfloat16, steps=3),
+        Scenario("r2_fp16", objective_of_rank=(0, 1), dtype=torch.float16, steps=3),
+    ],
+    3: [
+        Scenario("r3_mgda", objective_of_rank=(0, 1, 2), steps=21),
+        Scenario("r3_mean", objective_of_rank=("a", "b", "c"), weighting="mean", steps=3),
+        Scenario("r3_host_group", objective_of_rank=(0, 1, 2), separate_host_group=True, steps=2),
+    ],
+    4: [
+        Scenario("r4_groups", objective_of_rank=(0, 0, 1, 1), steps=3),
+        Scenario("r4_uneven", objective_of_rank=(0, 1, 1, 1), steps=21),
+        Scenario(
+            "r4_bucket_view", objective_of_rank=(0, 1, 1, 1), gradient_as_bucket_view=True, steps=3
+        ),
+        Scenario("r4_no_sync", objective_of_rank=("en", "de", "en", "ja"), micro_batches=3),
+        Scenario("r4_per_step", per_step_objectives=PER_STEP, steps=len(PER_STEP)),
+        # Realistic bucket sizes (thousands of elements) for the byte budget.
+        Scenario("r4_bytes", objective_of_rank=(0, 1, 2, 2), hidden=(96, 64), bucket_cap_mb=0.01),
+    ],
+}
+ALL = [(world_size, s) for world_size, scenarios in SCENARIOS.items() for s in scenarios]
+IDS = [s.name for _, s in ALL]
+
+
+@functools.cache
+def results_for(world_size: int) -> list[list[dict[str, Any]]]:
+    """Per rank, per scenario of ``SCENARIOS[world_size]``: what the workers recorded."""
+    return run_distributed(world_size, train_scenarios, SCENARIOS[world_size])
+
+
+def results(world_size: int, scenario: Scenario) -> list[dict[str, Any]]:
+    """Per rank: what ``scenario`` recorded."""
+    index = SCENARIOS[world_size].index(scenario)
+    return [per_rank[index] for per_rank in results_for(world_size)]
+
+
+def objective_ids(scenario: Scenario, step: int, world_size: int) -> tuple:
+    if scenario.per_step_objectives is not None:
+        return scenario.per_step_objectives[step]
+    if scenario.objective_of_rank is not None:
+        return scenario.objective_of_rank
+    return tuple(range(world_size))
+
+
+def relative_error(
+    output: torch.Tensor, expected: torch.Tensor, inputs: torch.Tensor, ids: tuple
+) -> float:
+    """``‖d − d_ref‖ / max_ℓ ‖ḡ_ℓ‖``: error on the scale of the objective gradients.
+
+    When objectives conflict, MGDA's update is much shorter than the gradients it combines, and
+    fp32 cancellation in ``Σ w_ℓ ḡ_ℓ`` makes any two summation orders differ by round-off of the
+    gradients' size, not of the update's (seen: ‖d‖ = 0.07 max‖ḡ‖, error 2.5e-7 of max‖ḡ‖).
+    """
+    objective_grads, _ = reference.objective_gradients(inputs.double(), ids)
+    scale = objective_grads.norm(dim=1).max()
+    return ((output.double() - expected.double()).norm() / scale).item()
+
+
+@pytest.mark.parametrize(("world_size", "scenario"), ALL, ids=IDS)
+def test_hook_equals_reference(world_size: int, scenario: Scenario) -> None:
+    per_rank = results(world_size, scenario)
+    tolerance = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[scenario.dtype]
+    buckets_per_step: dict[int, list[int]] = {}
+    for rank_result in per_rank:
+        for record in rank_result["records"]:
+            ids = objective_ids(scenario, record["step"], world_size)
+            expected = reference.bucket_update(record["inputs"], ids, scenario.weighting)
+            output = record["output"]
+            assert output.dtype == scenario.dtype
+            error = relative_error(output, expected, record["inputs"], ids)
+            assert error <= tolerance, (record["step"], record["index"], error)
+            # The bucket held this rank's own (accumulated) gradient, bit for bit.
+            assert record["local_error"] == 0.0
+            buckets_per_step.setdefault(record["step"], []).append(record["inputs"].shape[1])
+        # DDP's .grad is exactly what the hook returned (both gradient_as_bucket_view modes).
+        assert max(rank_result["grad_errors"]) == 0.0
+    lengths = [n for step_lengths in buckets_per_step.values() for n in step_lengths]
+    assert any(n % world_size for n in lengths), "want a bucket that needs padding"
+    if scenario.steps > 1:
+        # DDP rebuilt its buckets after iteration 1 and the hook kept matching.
+        assert buckets_per_step[0] != buckets_per_step[1]
+        assert len(buckets_per_step[1]) > 1
+
+
+@pytest.mark.parametrize(("world_size", "scenario"), ALL, ids=IDS)
+def test_replicas_stay_bitwise_identical(world_size: int, scenario: Scenario) -> None:
+    per_rank = results(world_size, scenario)
+    for rank_result in per_rank[1:]:
+        assert torch.equal(rank_result["params"], per_rank[0]["params"])
+        for mine, theirs in zip(rank_result["records"], per_rank[0]["records"], strict=True):
+            assert torch.equal(mine["output"], theirs["output"])
+    assert all(r["iter"] == scenario.steps for r in per_rank)
+
+
+def test_at_least_twenty_steps_are_covered() -> None:
+    assert max(s.steps for _, s in ALL if s.weighting == "mgda") >= 20
+
+
+def test_per_step_objective_map_is_agreed() -> None:
+    scenario = next(s for s in SCENARIOS[4] if s.per_step_objectives is not None)
+    for rank_result in results(4, scenario):
+        for step, keys in enumerate(rank_result["maps"]):
+            assert keys == tuple(objective_key(i) for i in PER_STEP[step])
+
+
+def test_separate_host_group_is_used_when_group_has_no_cpu_backend() -> None:
+    scenario = next(s for s in SCENARIOS[3] if s.separate_host_group)
+    assert all(r["used_separate_group"] for r in results(3, scenario))
+    assert not any(r["used_separate_group"] for r in results(3, SCENARIOS[3][0]))
+
+
+@pytest.mark.parametrize(("world_size", "scenario"), ALL, ids=IDS)
+def test_bytes_match_the_protocol(world_size: int, scenario: Scenario) -> None:
+    rank_result = results(world_size, scenario)[0]
+    for step, step_ledger in enumerate(rank_result["ledger"]):
+        num_objectives = len(set(objective_ids(scenario, step, world_size)))
+        assert step_ledger["overhead"] == {"objective_exchange": (world_size - 1) * 3 * 8}
+        for bucket in step_ledger["buckets"]:
+            shard = -(-bucket["numel"] // world_size)
+            slices = (world_size - 1) * shard * bucket["element_size"]
+            gramian = ring_allreduce_bytes(num_objectives**2, 4, world_size)
+            assert bucket["sent"] == {
+                "all_to_all": slices,
+                "all_reduce": gramian,
+                "all_gather": slices,
+            }
+
+
+def test_bytes_within_budget_of_ring_allreduce() -> None:
+    """≤ 1.02 × a ring all-reduce of the same buckets + the L×L fp32 all-reduce per bucket."""
+    scenario = next(s for s in SCENARIOS[4] if s.name == "r4_bytes")
+    num_objectives = len(set(scenario.objective_of_rank))
+    for step_ledger in results(4, scenario)[0]["ledger"]:
+        buckets = step_ledger["buckets"]
+        assert min(b["numel"] for b in buckets) > 1000
+        sent = sum(sum(b["sent"].values()) for b in buckets)
+        sent += sum(step_ledger["overhead"].values())
+        allreduce = sum(ring_allreduce_bytes(b["numel"], b["element_size"], 4) for b in buckets)
+        gramians = len(buckets) * ring_allreduce_bytes(num_objectives**2, 4, 4)
+        assert sent <= 1.02 * allreduce + gramians, (sent, allreduce, gramians)
+
+
+def test_mean_with_equal_groups_equals_allreduce_hook() -> None:
+    per_rank = run_distributed(4, mean_vs_allreduce, (0, 0, 1, 1), 5)
+    for runs in per_rank:
+        ours, theirs = runs["mean"], runs["allreduce"]
+        assert ((ours - theirs).norm(dim=1) / theirs.norm(dim=1)).max() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("weighting", "ValueError: ranks disagree on the BucketMOOState configuration"),
+        ("objective_of_rank", "ValueError: ranks disagree on the BucketMOOState configuration"),
+        ("step", "RuntimeError: ranks are at different steps"),
+    ],
+)
+def test_inconsistent_ranks_all_raise(case: str, message: str) -> None:
+    for error in run_distributed(2, disagreeing_states, case, timeout=90):
+        assert error.startswith(message), error
+
+
+def test_bad_registration_raises_clear_errors() -> None:
+    errors = run_distributed(2, registration_errors)[0]
+    assert errors["wrong_length"].startswith("ValueError: objective_of_rank has 3 entries")
+    assert "2 ranks" in errors["wrong_length"]
+    assert errors["not_ddp"].startswith("TypeError: model must be a")
+    assert errors["other_group"].startswith("ValueError: state.process_group")
+    assert errors["second_hook"].startswith("ValueError: the model already has a comm hook")
+    assert errors["mixed_precision"].startswith("ValueError: DDP(mixed_precision=...)")
