@@ -1,8 +1,8 @@
-"""Run a function on R real processes joined by a gloo process group, with a hard timeout.
+"""Run a function on R real processes joined by a process group, with a hard timeout.
 
-Each process initialises gloo through a FileStore in a fresh directory (no ports to collide),
-runs ``fn(rank, world_size, *args)``, and saves its return value; the parent loads every rank's
-result. A rank that raises fails the test with its traceback; ranks still running at the
+Each process initialises gloo (or NCCL) through a FileStore in a fresh directory (no ports to
+collide), runs ``fn(rank, world_size, *args)``, and saves its return value; the parent loads every
+rank's result. A rank that raises fails the test with its traceback; ranks still running at the
 deadline are killed, so a hang can never stall the suite.
 """
 
@@ -23,14 +23,21 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 
 
 def _worker(
-    rank: int, world_size: int, store_dir: str, fn: Callable[..., Any], args: tuple[Any, ...]
+    rank: int,
+    world_size: int,
+    backend: str,
+    store_dir: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
 ) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     out = Path(store_dir)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{out / 'store'}",
             rank=rank,
             world_size=world_size,
@@ -47,16 +54,21 @@ def _worker(
 
 
 def run_distributed(
-    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 180.0
+    world_size: int,
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout: float = 180.0,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return every result.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return every result.
 
-    ``fn`` must be a module-level function (it is pickled into spawned processes).
+    ``fn`` must be a module-level function (it is pickled into spawned processes). With
+    ``backend="nccl"`` rank ``r`` uses ``cuda:r``.
     """
     with tempfile.TemporaryDirectory(prefix="bucketmoo-") as store_dir:
         context = mp.start_processes(
             _worker,
-            args=(world_size, store_dir, fn, args),
+            args=(world_size, backend, store_dir, fn, args),
             nprocs=world_size,
             join=False,
             start_method="spawn",

@@ -73,7 +73,10 @@ def min_norm_weights(gramian: Tensor, iterations: int) -> Tensor:
         return torch.ones(1, dtype=torch.float64, device=g.device)
     if num_objectives == 2:
         return _two_objectives(g)
-    return _active_set(g, iterations)
+    # Once an iteration neither drops nor adds an objective, every later one recomputes the same
+    # weights bit for bit, so stopping there is exact. Only on the CPU is the flag free to read;
+    # on a GPU the loop runs its fixed count and nothing waits for the device.
+    return _active_set(g, iterations, stop_at_fixed_point=g.device.type == "cpu")
 
 
 def _two_objectives(g: Tensor) -> Tensor:
@@ -83,17 +86,18 @@ def _two_objectives(g: Tensor) -> Tensor:
     return torch.stack([gamma, 1 - gamma])
 
 
-def _active_set(g: Tensor, iterations: int) -> Tensor:
+def _active_set(g: Tensor, iterations: int, stop_at_fixed_point: bool) -> Tensor:
     num_objectives = g.shape[0]
     index = torch.arange(num_objectives, device=g.device)
-    regularised = g + _RIDGE * torch.eye(num_objectives, dtype=g.dtype, device=g.device)
+    eye = torch.eye(num_objectives, dtype=g.dtype, device=g.device)
+    regularised = g + _RIDGE * eye
     support = torch.ones(num_objectives, dtype=torch.bool, device=g.device)
     weights = torch.full((num_objectives,), 1.0 / num_objectives, dtype=g.dtype, device=g.device)
     for _ in range(iterations):
         s = support.to(g.dtype)
         # Min-norm point of the affine hull of the support: x = G_SS⁻¹ 1, normalised to sum 1.
         # Inactive rows are identity rows with a zero right-hand side, so x vanishes off S.
-        system = regularised * torch.outer(s, s) + torch.diag(1 - s)
+        system = torch.where(support[:, None] & support[None, :], regularised, eye)
         x = torch.linalg.solve_ex(system, s)[0] * s
         candidate = x / x.sum()
         negative = candidate < _NEGATIVE
@@ -117,6 +121,8 @@ def _active_set(g: Tensor, iterations: int) -> Tensor:
 
         weights = torch.where(infeasible, moved, feasible)
         support = torch.where(infeasible, kept, support | enters)
+        if stop_at_fixed_point and not (infeasible | enters.any()):
+            break
     return weights
 
 

@@ -1,0 +1,94 @@
+"""BucketMOOState construction, validation and pickling (no process group needed)."""
+
+import pickle
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from bucketmoo_hooks import BucketMOOState, objective_key
+from bucketmoo_hooks.weightings import MGDA, Mean
+
+
+@pytest.fixture(autouse=True)
+def no_process_group() -> None:
+    assert not dist.is_initialized()
+
+
+def test_defaults() -> None:
+    state = BucketMOOState()
+    assert state.objective_of_rank is None
+    assert isinstance(state.weighting, MGDA)
+    assert state.iter == 0
+    assert state.objective_map is None
+
+
+def test_objective_of_rank_is_kept_as_given() -> None:
+    ids = ["en", "de", "en"]
+    state = BucketMOOState(objective_of_rank=ids, weighting="mean")
+    assert state.objective_of_rank == ("en", "de", "en")
+    assert ids == ["en", "de", "en"]
+    assert isinstance(state.weighting, Mean)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"objective_of_rank": "en"}, TypeError, "objective_of_rank must be a sequence"),
+        ({"objective_of_rank": 4}, TypeError, "objective_of_rank must be a sequence"),
+        ({"objective_of_rank": []}, ValueError, "must name the objective of every rank"),
+        ({"objective_of_rank": [["en"], "de"]}, TypeError, "objective id must be hashable"),
+        ({"weighting": "pcgrad-typo"}, ValueError, "is not a known weighting"),
+        ({"weighting": 0.5}, TypeError, "weighting must be a name"),
+        ({"process_group": "world"}, TypeError, "process_group must be a"),
+    ],
+)
+def test_bad_construction_arguments(kwargs: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        BucketMOOState(**kwargs)
+
+
+def test_group_needs_an_initialised_process_group() -> None:
+    with pytest.raises(RuntimeError, match=r"torch\.distributed is not initialised"):
+        BucketMOOState().group  # noqa: B018
+
+
+def test_set_objective_checks_the_id_at_once() -> None:
+    state = BucketMOOState()
+    state.set_objective("ja")
+    assert state._own_objective_key(rank=5) == objective_key("ja")
+    with pytest.raises(TypeError, match="must be hashable"):
+        state.set_objective({"ja"})
+
+
+def test_own_objective_defaults() -> None:
+    assert BucketMOOState()._own_objective_key(rank=2) == objective_key(2)
+    state = BucketMOOState(objective_of_rank=["en", "de"])
+    assert state._own_objective_key(rank=1) == objective_key("de")
+
+
+def test_pickling_keeps_configuration_and_progress_but_not_the_group() -> None:
+    state = BucketMOOState(objective_of_rank=["en", "de"], weighting=MGDA(iterations=9))
+    state.set_objective("ja")
+    state.iter = 12
+    state.ledger.record_overhead("objective_exchange", 24)
+    state.ledger.close_step()
+    restored = pickle.loads(pickle.dumps(state))
+    assert restored.process_group is None
+    assert restored.objective_of_rank == ("en", "de")
+    assert repr(restored.weighting) == "MGDA(iterations=9)"
+    assert restored.iter == 12
+    assert restored._own_objective_key(rank=0) == objective_key("ja")
+    assert restored.ledger.totals == {"objective_exchange": 24}
+    assert restored.objective_map is None
+    assert "iter=12" in repr(restored)
+
+
+def test_config_digest_covers_weighting_world_size_and_map() -> None:
+    base = BucketMOOState(objective_of_rank=[0, 1])._config_digest(2)
+    assert BucketMOOState(objective_of_rank=[0, 1])._config_digest(2) == base
+    assert BucketMOOState(objective_of_rank=[1, 0])._config_digest(2) != base
+    assert BucketMOOState(objective_of_rank=[0, 1], weighting="mean")._config_digest(2) != base
+    assert BucketMOOState(objective_of_rank=[0, 1])._config_digest(3) != base
+    weighted = BucketMOOState(objective_of_rank=[0, 1], weighting=lambda g: torch.ones(2))
+    assert weighted._config_digest(2) != base
