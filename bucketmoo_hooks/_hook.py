@@ -45,12 +45,11 @@ def bucket_moo_hook(
     update = solve_shards(comm, shards, averaging, state.weighting, context).update
 
     if shards.numel() == numel:  # no padding: gather straight into the bucket
-        gathered = buffer
-        future = comm.all_gather(gathered, update).get_future().then(lambda _: buffer)
+        future = comm.all_gather(buffer, update).get_future().then(lambda _: buffer)
     else:
-        gathered = buffer.new_empty(shards.numel())
-        future = comm.all_gather(gathered, update).get_future()
-        future = future.then(lambda _: buffer.copy_(gathered[:numel]))
+        padded = buffer.new_empty(shards.numel())
+        future = comm.all_gather(padded, update).get_future()
+        future = future.then(lambda _: buffer.copy_(padded[:numel]))
     if bucket.is_last():
         state._end_step()
     return future

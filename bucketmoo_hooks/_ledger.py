@@ -42,7 +42,7 @@ class CommLedger:
     host-side integer arithmetic on tensor sizes: it never touches the device.
 
     Attributes:
-        world_size: ``R`` of the process group the bytes were counted for.
+        world_size: ``R`` of the process group the bytes were counted for (set by the hook).
         last_step: The buckets of the last completed step, in the order the hook saw them.
         step_overhead: Bytes of the last completed step that belong to no bucket (the objective
             exchange at the start of the step), by collective.

@@ -93,9 +93,9 @@ class BucketMOOState:
         self._metadata_group: dist.ProcessGroup | None = None
         self._averaging: OrderedDict[tuple[tuple[int, ...], torch.device], Tensor] = OrderedDict()
         self._step_map: ObjectiveMap | None = None
+        self.ledger = CommLedger()
         if dist.is_initialized() or process_group is not None:
             self._check_world_size(self.group.size())
-        self.ledger = CommLedger(self.group.size() if dist.is_initialized() else 0)
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -152,8 +152,7 @@ class BucketMOOState:
         """
         world_size, rank = group.size(), group.rank()
         self._check_world_size(world_size)
-        if self.ledger.world_size != world_size:
-            self.ledger = CommLedger(world_size)
+        self.ledger.world_size = world_size
         config = self._config_digest(world_size)
         payload = torch.tensor([self.iter, config, self._own_objective_key(rank)])
         gathered = torch.empty(world_size * payload.numel(), dtype=torch.int64)

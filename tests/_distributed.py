@@ -50,6 +50,9 @@ def _worker(
         raise
     finally:
         if dist.is_initialized():
+            # Without a barrier, a gloo worker thread can still hold the last collective's tensors
+            # at interpreter shutdown and abort the process (torch 2.13; pytorch PR #179291).
+            dist.barrier()
             dist.destroy_process_group()
 
 
