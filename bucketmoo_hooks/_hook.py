@@ -1,10 +1,21 @@
 # No ``from __future__ import annotations`` here: DDP inspects the hook's annotations and only
 # accepts the real ``dist.GradBucket`` / ``Future[Tensor]`` objects, not strings.
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ._protocol import BucketComm, scatter_shards, solve_shards
+from ._protocol import (
+    BucketComm,
+    combine_segments,
+    objective_shards,
+    partial_gramians,
+    scatter_shards,
+    segment_weights,
+    shard_segments,
+    solve_shards,
+)
 from ._state import BucketMOOState
 from .weightings import WeightingContext
 
@@ -37,22 +48,90 @@ def bucket_moo_hook(
     if objective_map is None:
         raise RuntimeError(f"bucket_moo_hook saw bucket {bucket.index()} before bucket 0 of a step")
 
-    numel = buffer.numel()
-    comm = BucketComm(group, state.ledger.open_bucket(bucket.index(), numel, buffer.element_size()))
+    comm = BucketComm(
+        group, state.ledger.open_bucket(bucket.index(), buffer.numel(), buffer.element_size())
+    )
     shards = scatter_shards(comm, buffer)
     context = WeightingContext(state.iter, bucket.index(), objective_map.objectives)
     averaging = state._averaging_matrix(objective_map, buffer.device)
-    update = solve_shards(comm, shards, averaging, state.weighting, context).update
-
-    if shards.numel() == numel:  # no padding: gather straight into the bucket
-        future = comm.all_gather(buffer, update).get_future().then(lambda _: buffer)
+    if state.granularity == "global":
+        future = _hold_until_last_bucket(state, bucket, comm, shards, averaging, context)
     else:
-        padded = buffer.new_empty(shards.numel())
-        future = comm.all_gather(padded, update).get_future()
-        future = future.then(lambda _: buffer.copy_(padded[:numel]))
+        segments = None
+        if state.granularity == "parameter":
+            sizes = [parameter.numel() for parameter in bucket.parameters()]
+            segments = shard_segments(sizes, group.rank(), shards.shape[1])
+        update = solve_shards(comm, shards, averaging, state.weighting, context, segments).update
+        future = _gather_into(buffer, comm, update)
     if bucket.is_last():
         state._end_step()
     return future
+
+
+def _gather_into(
+    buffer: torch.Tensor, comm: BucketComm, update: torch.Tensor
+) -> torch.futures.Future[torch.Tensor]:
+    """Step 7: all-gather every rank's slice into the bucket; the future resolves to it."""
+    numel = buffer.numel()
+    if update.numel() * comm.world_size == numel:  # no padding: gather straight into the bucket
+        return comm.all_gather(buffer, update).get_future().then(lambda _: buffer)
+    padded = buffer.new_empty(update.numel() * comm.world_size)
+    future = comm.all_gather(padded, update).get_future()
+    return future.then(lambda _: buffer.copy_(padded[:numel]))
+
+
+@dataclass(slots=True)
+class _HeldBucket:
+    """A bucket waiting for the global weights (``granularity="global"``)."""
+
+    buffer: torch.Tensor
+    comm: BucketComm
+    objectives: torch.Tensor  # A_j, [L, c]
+    gramian: torch.Tensor  # the bucket's all-reduced Gramian, [1, L, L]
+    future: torch.futures.Future[torch.Tensor]
+
+
+def _hold_until_last_bucket(
+    state: BucketMOOState,
+    bucket: dist.GradBucket,
+    comm: BucketComm,
+    shards: torch.Tensor,
+    averaging: torch.Tensor,
+    context: WeightingContext,
+) -> torch.futures.Future[torch.Tensor]:
+    """Global MOO: all-reduce each bucket's Gramian as it comes, hold its slice, and at the last
+    bucket weight the sum (the model's Gramian) once and send every bucket's combined slice.
+
+    DDP waits for the buckets' futures only after backward, so the earlier ones can complete
+    when the last bucket has been seen.
+    """
+    buffer = bucket.buffer()
+    objectives = objective_shards(shards, averaging)
+    gramian = partial_gramians(objectives, [(0, objectives.shape[1])])
+    comm.all_reduce(gramian).wait()
+    devices = [buffer.device] if buffer.is_cuda else None
+    state._held.append(
+        _HeldBucket(buffer, comm, objectives, gramian, torch.futures.Future(devices=devices))
+    )
+    if not bucket.is_last():
+        return state._held[-1].future
+
+    held, state._held = state._held, []
+    state.held_bytes = sum(h.objectives.numel() * h.objectives.element_size() for h in held)
+    total = torch.stack([h.gramian for h in held]).sum(dim=0)
+    weights = segment_weights(state.weighting, total, context, per_segment=False)
+    for h in held[:-1]:
+        update = combine_segments(
+            weights, h.objectives, [(0, h.objectives.shape[1])], h.buffer.dtype
+        )
+        _gather_into(h.buffer, h.comm, update).then(
+            lambda done, pending=h.future: pending.set_result(done.value())
+        )
+    last = held[-1]
+    update = combine_segments(
+        weights, last.objectives, [(0, last.objectives.shape[1])], last.buffer.dtype
+    )
+    return _gather_into(last.buffer, last.comm, update)
 
 
 def register_bucket_moo_hook(model: DistributedDataParallel, state: BucketMOOState) -> None:

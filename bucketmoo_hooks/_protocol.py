@@ -8,7 +8,8 @@ bucket, and the bytes moved are those of the all-reduce (or reduce-scatter) bein
 ``L²`` fp32 numbers.
 """
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -71,19 +72,76 @@ def scatter_shards(comm: BucketComm, flat: Tensor) -> Tensor:
     return received.view(world_size, shard)
 
 
+Segment = tuple[int, int]
+
+
+def shard_segments(sizes: Sequence[int], rank: int, shard: int) -> list[Segment]:
+    """Where each of consecutive pieces of ``sizes`` elements falls in slice ``rank`` of length
+    ``shard``: ``(lo, hi)`` in slice coordinates, ``(0, 0)`` for a piece outside the slice.
+
+    Every rank gets one segment per piece, so the stacked partial Gramians have the same shape on
+    all ranks and one all-reduce sums them.
+    """
+    start, end = rank * shard, (rank + 1) * shard
+    segments, offset = [], 0
+    for size in sizes:
+        lo, hi = max(offset, start), min(offset + size, end)
+        segments.append((lo - start, hi - start) if lo < hi else (0, 0))
+        offset += size
+    return segments
+
+
+def objective_shards(shards: Tensor, averaging: Tensor) -> Tensor:
+    """Step 2: ``A_j = M S_j ∈ ℝ^{L×c}``, in fp32 even for bf16/fp16 buckets (fp64 stays fp64)."""
+    compute_dtype = torch.promote_types(shards.dtype, torch.float32)
+    return averaging.to(compute_dtype) @ shards.to(compute_dtype)
+
+
+def partial_gramians(objectives: Tensor, segments: Sequence[Segment]) -> Tensor:
+    """Step 3: ``P_j[s] = A_j[:, s] A_j[:, s]ᵀ`` for every segment, ``[S, L, L]``.
+
+    Zero padding and empty segments add nothing.
+    """
+    return torch.stack([objectives[:, lo:hi] @ objectives[:, lo:hi].T for lo, hi in segments])
+
+
+def combine_segments(
+    weights: Tensor, objectives: Tensor, segments: Sequence[Segment], dtype: torch.dtype
+) -> Tensor:
+    """Step 6: ``d_j[s] = w[s]ᵀ A_j[:, s]`` for every segment, in the bucket dtype."""
+    if len(segments) == 1 and segments[0] == (0, objectives.shape[1]):
+        return (weights[0].to(objectives.dtype) @ objectives).to(dtype)
+    update = objectives.new_zeros(objectives.shape[1])
+    for (lo, hi), segment_weights in zip(segments, weights, strict=True):
+        update[lo:hi] = segment_weights.to(objectives.dtype) @ objectives[:, lo:hi]
+    return update.to(dtype)
+
+
+def segment_weights(
+    weighting: Weighting, gramians: Tensor, context: WeightingContext, per_segment: bool
+) -> Tensor:
+    """Step 5 for every segment: ``[S, L]`` weights; with ``per_segment`` the context names the
+    segment (its parameter's position in the bucket)."""
+    return torch.stack(
+        [
+            weighting(gramian, replace(context, segment=index) if per_segment else context)
+            for index, gramian in enumerate(gramians)
+        ]
+    )
+
+
 @dataclass(frozen=True, slots=True)
-class Combination:
-    """A combined update with the Gramian and weights it came from.
+class ShardCombination:
+    """What one rank computed for its slice of one bucket.
 
     Attributes:
-        update: ``d = wᵀ A`` in the bucket dtype: this rank's slice ``d_j`` in the protocol, the
-            whole bucket in :mod:`bucketmoo_hooks.reference`.
-        gramian: The bucket Gramian ``G`` (after the all-reduce; fp32, or fp64 for fp64 buckets).
-        weights: ``w``, one weight per objective.
+        update: ``d_j``, this rank's slice of the combined update, in the bucket dtype.
+        gramians: The all-reduced Gramians, one per segment, ``[S, L, L]`` (fp32, fp64 for fp64).
+        weights: One weight vector per segment, ``[S, L]``.
     """
 
     update: Tensor
-    gramian: Tensor
+    gramians: Tensor
     weights: Tensor
 
 
@@ -93,18 +151,22 @@ def solve_shards(
     averaging: Tensor,
     weighting: Weighting,
     context: WeightingContext,
-) -> Combination:
-    """Steps 2–6: group-average, partial Gramian, Gramian all-reduce, weights, combined slice.
+    segments: Sequence[Segment] | None = None,
+) -> ShardCombination:
+    """Steps 2–6: group-average, partial Gramians, one all-reduce, weights, combined slice.
 
     Args:
         shards: ``S_j ∈ ℝ^{R×c}`` from :func:`scatter_shards` (or FSDP's reduce-scatter input).
         averaging: ``M ∈ ℝ^{L×R}`` (:meth:`ObjectiveMap.averaging_matrix`) on the shards' device.
+        segments: Independent problems within the slice (:func:`shard_segments`); ``None`` is one
+            problem for the whole slice (bucket granularity).
     """
-    # The Gramian is accumulated in fp32 even for bf16/fp16 buckets (fp64 buckets stay fp64).
-    compute_dtype = torch.promote_types(shards.dtype, torch.float32)
-    objective_shards = averaging.to(compute_dtype) @ shards.to(compute_dtype)  # A_j = M S_j
-    gramian = objective_shards @ objective_shards.T  # P_j; zero padding adds nothing
-    comm.all_reduce(gramian).wait()  # G = Σ_j P_j
-    weights = weighting(gramian, context)
-    update = (weights.to(compute_dtype) @ objective_shards).to(shards.dtype)
-    return Combination(update, gramian, weights)
+    objectives = objective_shards(shards, averaging)
+    per_segment = segments is not None
+    if segments is None:
+        segments = [(0, objectives.shape[1])]
+    gramians = partial_gramians(objectives, segments)
+    comm.all_reduce(gramians).wait()  # G[s] = Σ_j P_j[s]
+    weights = segment_weights(weighting, gramians, context, per_segment)
+    update = combine_segments(weights, objectives, segments, shards.dtype)
+    return ShardCombination(update, gramians, weights)

@@ -14,7 +14,8 @@ from .weightings import Weighting, get_weighting
 # languages can produce many maps, so the cache is bounded.
 _AVERAGING_CACHE_SIZE = 64
 # Attributes that are rebuilt after unpickling rather than saved.
-_TRANSIENT = ("process_group", "_metadata_group", "_averaging", "_step_map")
+_TRANSIENT = ("process_group", "_metadata_group", "_averaging", "_step_map", "_held")
+GRANULARITIES = ("bucket", "parameter", "global")
 
 
 class BucketMOOState:
@@ -39,11 +40,20 @@ class BucketMOOState:
             callable ``(gramian: Tensor[L, L]) -> Tensor[L]`` run on the Gramian's device.
         process_group: The group the hook communicates over; ``None`` is the default group. It
             must be the group the DDP model reduces over (:func:`register_bucket_moo_hook` checks).
+        granularity: What one weight vector covers (DESIGN.md §5). ``"bucket"`` (default): one
+            per DDP bucket, the paper's method. ``"parameter"``: one per parameter tensor in the
+            bucket; the ``S`` Gramians of a bucket's ``S`` parameters go in one all-reduce
+            (``S·L²`` fp32 numbers). ``"global"``: one for the whole model from the sum of the
+            bucket Gramians (the paper's global-MOO baseline); every bucket's objective slices
+            (``L·⌈n/R⌉`` fp32 per bucket) are held until the last bucket, so memory grows with
+            the model (:attr:`held_bytes`).
 
     Attributes:
         iter: Synchronised backward passes completed (advanced on the last bucket of each step).
         ledger: :class:`~bucketmoo_hooks.CommLedger` with the bytes this rank sent, per bucket and
             per step, through every collective of the hook.
+        held_bytes: Bytes of objective slices the last step held until its last bucket
+            (``granularity="global"``; 0 otherwise).
 
     Pickling drops the process group (and anything tied to it): an unpickled state uses the
     default group; set ``state.process_group`` afterwards if another group is needed.
@@ -51,9 +61,12 @@ class BucketMOOState:
 
     __slots__ = (
         "_averaging",
+        "_held",
         "_metadata_group",
         "_objective",
         "_step_map",
+        "granularity",
+        "held_bytes",
         "iter",
         "ledger",
         "objective_of_rank",
@@ -66,7 +79,10 @@ class BucketMOOState:
         objective_of_rank: Sequence[Hashable] | None = None,
         weighting: "str | Weighting | Callable[[Tensor], Tensor]" = "mgda",
         process_group: dist.ProcessGroup | None = None,
+        granularity: str = "bucket",
     ) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if objective_of_rank is not None:
             if isinstance(objective_of_rank, str | bytes) or not isinstance(
                 objective_of_rank, Sequence
@@ -88,7 +104,10 @@ class BucketMOOState:
         self.objective_of_rank: tuple[Hashable, ...] | None = objective_of_rank
         self.weighting: Weighting = get_weighting(weighting)
         self.process_group = process_group
+        self.granularity = granularity
         self.iter = 0
+        self.held_bytes = 0
+        self._held: list = []
         self._objective: tuple[Hashable, int] | None = None
         self._metadata_group: dist.ProcessGroup | None = None
         self._averaging: OrderedDict[tuple[tuple[int, ...], torch.device], Tensor] = OrderedDict()
@@ -141,8 +160,10 @@ class BucketMOOState:
         return objective_key(rank)
 
     def _config_digest(self, world_size: int) -> int:
-        """What all ranks must agree on, besides the step: the weighting and the default map."""
-        return objective_key((repr(self.weighting), world_size, self.objective_of_rank))
+        """What all ranks must agree on, besides the step: weighting, granularity, default map."""
+        return objective_key(
+            (repr(self.weighting), self.granularity, world_size, self.objective_of_rank)
+        )
 
     def _begin_step(self, group: dist.ProcessGroup) -> ObjectiveMap:
         """Exchange ``(step, config digest, objective key)`` with every rank and build the map.
@@ -174,6 +195,7 @@ class BucketMOOState:
                 f"configuration: {[r for r, c in enumerate(configs) if c != config]}"
             )
         self._step_map = ObjectiveMap.from_keys(keys)
+        self._held = []  # slices of an interrupted step are stale
         return self._step_map
 
     def _end_step(self) -> None:
@@ -213,13 +235,14 @@ class BucketMOOState:
         self._metadata_group = None
         self._averaging = OrderedDict()
         self._step_map = None
+        self._held = []
         for slot, value in state.items():
             setattr(self, slot, value)
 
     def __repr__(self) -> str:
         return (
             f"BucketMOOState(objective_of_rank={self.objective_of_rank!r}, "
-            f"weighting={self.weighting!r}, iter={self.iter})"
+            f"weighting={self.weighting!r}, granularity={self.granularity!r}, iter={self.iter})"
         )
 
 

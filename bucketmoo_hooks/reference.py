@@ -10,17 +10,32 @@ from per-objective gradients::
 """
 
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ._objectives import ObjectiveMap
-from ._protocol import Combination
 from .weightings import Weighting, WeightingContext, get_weighting
 
 __all__ = ["Combination", "bucket_update", "combine", "model_update", "objective_gradients"]
 
 WeightingSpec = str | Weighting | Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class Combination:
+    """A combined update with the Gramian and the weights it came from.
+
+    Attributes:
+        update: ``d = Σ_ℓ w_ℓ ḡ_ℓ``.
+        gramian: ``G = [⟨ḡ_a, ḡ_b⟩]`` (fp32, or fp64 for fp64 input).
+        weights: ``w``, one weight per objective.
+    """
+
+    update: Tensor
+    gramian: Tensor
+    weights: Tensor
 
 
 def objective_gradients(
@@ -100,9 +115,11 @@ def model_update(
     *,
     step: int = 0,
 ) -> Tensor:
-    """Bucket-level update of a whole flat gradient ``[R, N]`` split into consecutive buckets.
+    """Update of a whole flat gradient ``[R, N]`` split into consecutive independent problems.
 
-    ``bucket_sizes`` must sum to ``N``; every bucket gets its own weights, as in the hook.
+    ``bucket_sizes`` must sum to ``N``; every piece gets its own weights. It expresses every
+    granularity of the hook: DDP's bucket sizes for ``"bucket"``, the parameter sizes for
+    ``"parameter"`` (each parameter is solved on its own), ``[N]`` for ``"global"``.
     """
     if any(size <= 0 for size in bucket_sizes) or sum(bucket_sizes) != grads.shape[-1]:
         raise ValueError(

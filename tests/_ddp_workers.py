@@ -43,6 +43,7 @@ class Scenario:
     hidden: tuple[int, ...] = (31, 17)
     #: Install the hook through a separate gloo group for the objective exchange, as on NCCL.
     separate_host_group: bool = False
+    granularity: str = "bucket"
 
 
 def make_model(hidden: tuple[int, ...], dtype: torch.dtype) -> nn.Module:
@@ -72,7 +73,11 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         bucket_cap_mb=scenario.bucket_cap_mb,
         gradient_as_bucket_view=scenario.gradient_as_bucket_view,
     )
-    state = BucketMOOState(scenario.objective_of_rank, weighting=scenario.weighting)
+    state = BucketMOOState(
+        scenario.objective_of_rank,
+        weighting=scenario.weighting,
+        granularity=scenario.granularity,
+    )
     position = {id(p): i for i, p in enumerate(model.parameters())}
     shadow_params = list(shadow.parameters())
     records: list[dict[str, Any]] = []
@@ -85,7 +90,6 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         gathered = local.new_empty(world_size * local.numel())
         all_gather_single(gathered, local)
         future = bucket_moo_hook(state, bucket)
-        output = future.wait().clone()
         indices = [position[id(p)] for p in bucket.parameters()]
         expected_local = torch.cat([shadow_params[i].grad.flatten() for i in indices])
         records.append(
@@ -93,8 +97,11 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
                 "step": step,
                 "index": bucket.index(),
                 "inputs": gathered.view(world_size, -1),
-                "output": output,
+                # Read after backward: with granularity="global" a bucket completes only once
+                # the last bucket has been seen.
+                "future": future,
                 "params": indices,
+                "sizes": [p.numel() for p in bucket.parameters()],
                 "local_error": (local - expected_local).abs().max().item(),
             }
         )
@@ -121,6 +128,7 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
                 nn.functional.mse_loss(ddp(x), target).backward()
         params = list(model.parameters())
         for record in (r for r in records if r["step"] == step):
+            record["output"] = record.pop("future").value().clone()
             grads = torch.cat([params[i].grad.flatten() for i in record["params"]])
             grad_errors.append((grads - record["output"]).abs().max().item())
         ledger.append(
@@ -143,6 +151,7 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         "maps": maps,
         "iter": state.iter,
         "used_separate_group": state._metadata_group is not None,
+        "held_bytes": state.held_bytes,
     }
 
 

@@ -38,6 +38,8 @@ SCENARIOS: dict[int, list[Scenario]] = {
         Scenario("r3_mgda", objective_of_rank=(0, 1, 2), steps=21),
         Scenario("r3_mean", objective_of_rank=("a", "b", "c"), weighting="mean", steps=3),
         Scenario("r3_host_group", objective_of_rank=(0, 1, 2), separate_host_group=True, steps=2),
+        Scenario("r3_parameter", objective_of_rank=(0, 1, 2), granularity="parameter", steps=3),
+        Scenario("r3_global", objective_of_rank=(0, 1, 2), granularity="global", steps=3),
     ],
     4: [
         Scenario("r4_groups", objective_of_rank=(0, 0, 1, 1), steps=3),
@@ -47,6 +49,18 @@ SCENARIOS: dict[int, list[Scenario]] = {
         ),
         Scenario("r4_no_sync", objective_of_rank=("en", "de", "en", "ja"), micro_batches=3),
         Scenario("r4_per_step", per_step_objectives=PER_STEP, steps=len(PER_STEP)),
+        Scenario(
+            "r4_parameter_view",
+            objective_of_rank=(0, 1, 1, 2),
+            granularity="parameter",
+            gradient_as_bucket_view=True,
+        ),
+        Scenario(
+            "r4_global_bf16",
+            objective_of_rank=(0, 0, 1, 1),
+            granularity="global",
+            dtype=torch.bfloat16,
+        ),
         # Realistic bucket sizes (thousands of elements) for the byte budget.
         Scenario("r4_bytes", objective_of_rank=(0, 1, 2, 2), hidden=(96, 64), bucket_cap_mb=0.01),
     ],
@@ -89,15 +103,40 @@ def relative_error(
     return ((output.double() - expected.double()).norm() / scale).item()
 
 
+def expected_outputs(
+    scenario: Scenario, rank_result: dict[str, Any], world_size: int
+) -> list[torch.Tensor]:
+    """The reference's answer for every recorded bucket, at the scenario's granularity."""
+    expected: list[torch.Tensor] = []
+    records = rank_result["records"]
+    for step in sorted({r["step"] for r in records}):
+        ids = objective_ids(scenario, step, world_size)
+        in_step = [r for r in records if r["step"] == step]
+        if scenario.granularity == "global":  # one problem over every bucket of the step
+            inputs = torch.cat([r["inputs"] for r in in_step], dim=1)
+            update = reference.bucket_update(inputs, ids, scenario.weighting)
+            expected += update.split([r["inputs"].shape[1] for r in in_step])
+        for record in in_step:
+            if scenario.granularity == "parameter":  # every parameter on its own
+                sizes = record["sizes"]
+                expected.append(
+                    reference.model_update(record["inputs"], sizes, ids, scenario.weighting)
+                )
+            elif scenario.granularity == "bucket":
+                expected.append(reference.bucket_update(record["inputs"], ids, scenario.weighting))
+    return expected
+
+
 @pytest.mark.parametrize(("world_size", "scenario"), ALL, ids=IDS)
 def test_hook_equals_reference(world_size: int, scenario: Scenario) -> None:
     per_rank = results(world_size, scenario)
     tolerance = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[scenario.dtype]
     buckets_per_step: dict[int, list[int]] = {}
     for rank_result in per_rank:
-        for record in rank_result["records"]:
+        for record, expected in zip(
+            rank_result["records"], expected_outputs(scenario, rank_result, world_size), strict=True
+        ):
             ids = objective_ids(scenario, record["step"], world_size)
-            expected = reference.bucket_update(record["inputs"], ids, scenario.weighting)
             output = record["output"]
             assert output.dtype == scenario.dtype
             error = relative_error(output, expected, record["inputs"], ids)
@@ -148,10 +187,12 @@ def test_bytes_match_the_protocol(world_size: int, scenario: Scenario) -> None:
     for step, step_ledger in enumerate(rank_result["ledger"]):
         num_objectives = len(set(objective_ids(scenario, step, world_size)))
         assert step_ledger["overhead"] == {"objective_exchange": (world_size - 1) * 3 * 8}
-        for bucket in step_ledger["buckets"]:
+        records = [r for r in rank_result["records"] if r["step"] == step]
+        for bucket, record in zip(step_ledger["buckets"], records, strict=True):
             shard = -(-bucket["numel"] // world_size)
             slices = (world_size - 1) * shard * bucket["element_size"]
-            gramian = ring_allreduce_bytes(num_objectives**2, 4, world_size)
+            problems = len(record["sizes"]) if scenario.granularity == "parameter" else 1
+            gramian = ring_allreduce_bytes(problems * num_objectives**2, 4, world_size)
             assert bucket["sent"] == {
                 "all_to_all": slices,
                 "all_reduce": gramian,
@@ -201,3 +242,16 @@ def test_bad_registration_raises_clear_errors() -> None:
     assert errors["other_group"].startswith("ValueError: state.process_group")
     assert errors["second_hook"].startswith("ValueError: the model already has a comm hook")
     assert errors["mixed_precision"].startswith("ValueError: DDP(mixed_precision=...)")
+
+
+def test_global_granularity_holds_every_bucket_slice_until_the_last() -> None:
+    """Global MOO keeps L·⌈n/R⌉ fp32 per bucket alive until the last bucket; bucket MOO none."""
+    for world_size, scenario in ALL:
+        rank_result = results(world_size, scenario)[0]
+        if scenario.granularity != "global":
+            assert rank_result["held_bytes"] == 0
+            continue
+        last_step = rank_result["ledger"][-1]["buckets"]
+        num_objectives = len(set(scenario.objective_of_rank))
+        held = sum(num_objectives * -(-b["numel"] // world_size) * 4 for b in last_step)
+        assert rank_result["held_bytes"] == held > 0

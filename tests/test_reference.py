@@ -79,6 +79,20 @@ def test_bad_reference_input_is_refused() -> None:
         reference.model_update(torch.ones(2, 5), [6, -1])
 
 
+def test_shard_segments_cover_each_piece_once() -> None:
+    """Parameter granularity: every parameter's elements land in exactly one rank's slice."""
+    from bucketmoo_hooks._protocol import shard_segments
+
+    sizes, world_size = [5, 1, 9, 3], 3
+    shard = -(-sum(sizes) // world_size)  # 6
+    per_rank = [shard_segments(sizes, rank, shard) for rank in range(world_size)]
+    assert per_rank[0] == [(0, 5), (5, 6), (0, 0), (0, 0)]
+    assert per_rank[1] == [(0, 0), (0, 0), (0, 6), (0, 0)]
+    assert per_rank[2] == [(0, 0), (0, 0), (0, 3), (3, 6)]
+    for piece, size in enumerate(sizes):
+        assert sum(segments[piece][1] - segments[piece][0] for segments in per_rank) == size
+
+
 # -- objective keys and maps ---------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ def test_objective_of_rank_is_kept_as_given() -> None:
         ({"weighting": "pcgrad-typo"}, ValueError, "is not a known weighting"),
         ({"weighting": 0.5}, TypeError, "weighting must be a name"),
         ({"process_group": "world"}, TypeError, "process_group must be a"),
+        ({"granularity": "layer"}, ValueError, "granularity must be one of"),
     ],
 )
 def test_bad_construction_arguments(kwargs: dict, error: type, message: str) -> None:
@@ -90,5 +91,6 @@ def test_config_digest_covers_weighting_world_size_and_map() -> None:
     assert BucketMOOState(objective_of_rank=[1, 0])._config_digest(2) != base
     assert BucketMOOState(objective_of_rank=[0, 1], weighting="mean")._config_digest(2) != base
     assert BucketMOOState(objective_of_rank=[0, 1])._config_digest(3) != base
+    assert BucketMOOState(objective_of_rank=[0, 1], granularity="global")._config_digest(2) != base
     weighted = BucketMOOState(objective_of_rank=[0, 1], weighting=lambda g: torch.ones(2))
     assert weighted._config_digest(2) != base

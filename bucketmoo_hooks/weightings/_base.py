@@ -18,11 +18,14 @@ class WeightingContext:
         bucket: The bucket's index in this step. DDP renumbers buckets when it rebuilds them
             after the first iteration, so this is a label, not a key for long-lived state.
         objectives: The objective keys in Gramian order (see :func:`bucketmoo_hooks.objective_key`).
+        segment: With ``granularity="parameter"``, the parameter's position in the bucket;
+            ``None`` when the problem covers the whole bucket (or, with ``"global"``, the model).
     """
 
     step: int
     bucket: int
     objectives: tuple[int, ...]
+    segment: int | None = None
 
 
 class Weighting(ABC):
