@@ -10,6 +10,7 @@ weightings) computed with the shard-Gramian protocol, which moves the bytes of a
 """
 
 from . import reference, weightings
+from ._diagnostics import Diagnostics
 from ._hook import bucket_moo_hook, register_bucket_moo_hook
 from ._ledger import BucketTraffic, CommLedger, ring_allreduce_bytes
 from ._objectives import ObjectiveMap, objective_key
@@ -20,6 +21,7 @@ __all__ = [
     "BucketMOOState",
     "BucketTraffic",
     "CommLedger",
+    "Diagnostics",
     "ObjectiveMap",
     "Weighting",
     "bucket_moo_hook",

@@ -61,8 +61,17 @@ def bucket_moo_hook(
         if state.granularity == "parameter":
             sizes = [parameter.numel() for parameter in bucket.parameters()]
             segments = shard_segments(sizes, group.rank(), shards.shape[1])
-        update = solve_shards(comm, shards, averaging, state.weighting, context, segments).update
-        future = _gather_into(buffer, comm, update)
+        combination = solve_shards(comm, shards, averaging, state.weighting, context, segments)
+        if state.diagnostics is not None:
+            state.diagnostics.record(
+                state.iter,
+                bucket.index(),
+                objective_map.objectives,
+                combination.gramians,
+                combination.weights,
+                segmented=segments is not None,
+            )
+        future = _gather_into(buffer, comm, combination.update)
     if bucket.is_last():
         state._end_step()
     return future
@@ -120,6 +129,10 @@ def _hold_until_last_bucket(
     state.held_bytes = sum(h.objectives.numel() * h.objectives.element_size() for h in held)
     total = torch.stack([h.gramian for h in held]).sum(dim=0)
     weights = segment_weights(state.weighting, total, context, per_segment=False)
+    if state.diagnostics is not None:  # one record: the whole model is one problem
+        state.diagnostics.record(
+            state.iter, -1, context.objectives, total, weights, segmented=False
+        )
     for h in held[:-1]:
         update = combine_segments(
             weights, h.objectives, [(0, h.objectives.shape[1])], h.buffer.dtype

@@ -6,6 +6,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._compat import all_gather_single
+from ._diagnostics import Diagnostics
 from ._ledger import CommLedger
 from ._objectives import ObjectiveMap, objective_key
 from .weightings import Weighting, get_weighting
@@ -40,6 +41,9 @@ class BucketMOOState:
             callable ``(gramian: Tensor[L, L]) -> Tensor[L]`` run on the Gramian's device.
         process_group: The group the hook communicates over; ``None`` is the default group. It
             must be the group the DDP model reduces over (:func:`register_bucket_moo_hook` checks).
+        diagnostics: A :class:`~bucketmoo_hooks.Diagnostics` to record cosine similarities,
+            norms, weights and update norms per bucket and step (on the device; pulled to the
+            host every ``log_every`` steps). ``None`` (default) records nothing.
         granularity: What one weight vector covers (DESIGN.md §5). ``"bucket"`` (default): one
             per DDP bucket, the paper's method. ``"parameter"``: one per parameter tensor in the
             bucket; the ``S`` Gramians of a bucket's ``S`` parameters go in one all-reduce
@@ -65,6 +69,7 @@ class BucketMOOState:
         "_metadata_group",
         "_objective",
         "_step_map",
+        "diagnostics",
         "granularity",
         "held_bytes",
         "iter",
@@ -80,6 +85,7 @@ class BucketMOOState:
         weighting: "str | Weighting | Callable[[Tensor], Tensor]" = "mgda",
         process_group: dist.ProcessGroup | None = None,
         granularity: str = "bucket",
+        diagnostics: Diagnostics | None = None,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -105,6 +111,14 @@ class BucketMOOState:
         self.weighting: Weighting = get_weighting(weighting)
         self.process_group = process_group
         self.granularity = granularity
+        if diagnostics is not None and not isinstance(diagnostics, Diagnostics):
+            raise TypeError(
+                f"diagnostics must be a bucketmoo_hooks.Diagnostics or None, "
+                f"got {type(diagnostics).__name__}"
+            )
+        self.diagnostics = diagnostics
+        if diagnostics is not None:
+            diagnostics.add_labels(objective_of_rank or ())
         self.iter = 0
         self.held_bytes = 0
         self._held: list = []
@@ -137,6 +151,8 @@ class BucketMOOState:
         keeps its map.
         """
         self._objective = (objective, objective_key(objective))
+        if self.diagnostics is not None:
+            self.diagnostics.add_labels([objective])
 
     @property
     def objective_map(self) -> ObjectiveMap | None:
@@ -174,6 +190,8 @@ class BucketMOOState:
         world_size, rank = group.size(), group.rank()
         self._check_world_size(world_size)
         self.ledger.world_size = world_size
+        if self.diagnostics is not None and self.objective_of_rank is None:
+            self.diagnostics.add_labels(range(world_size))  # the default ids
         config = self._config_digest(world_size)
         payload = torch.tensor([self.iter, config, self._own_objective_key(rank)])
         gathered = torch.empty(world_size * payload.numel(), dtype=torch.int64)
@@ -199,6 +217,8 @@ class BucketMOOState:
         return self._step_map
 
     def _end_step(self) -> None:
+        if self.diagnostics is not None:
+            self.diagnostics.end_step(self.iter)
         self.iter += 1
         self.ledger.close_step()
 

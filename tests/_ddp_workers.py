@@ -20,7 +20,12 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 import bucketmoo_hooks._state
-from bucketmoo_hooks import BucketMOOState, bucket_moo_hook, register_bucket_moo_hook
+from bucketmoo_hooks import (
+    BucketMOOState,
+    Diagnostics,
+    bucket_moo_hook,
+    register_bucket_moo_hook,
+)
 from bucketmoo_hooks._compat import all_gather_single
 
 IN_FEATURES, OUT_FEATURES = 10, 5
@@ -44,6 +49,8 @@ class Scenario:
     #: Install the hook through a separate gloo group for the objective exchange, as on NCCL.
     separate_host_group: bool = False
     granularity: str = "bucket"
+    #: Record diagnostics, pulled to the host every this many steps (0: off).
+    diagnostics_every: int = 0
 
 
 def make_model(hidden: tuple[int, ...], dtype: torch.dtype) -> nn.Module:
@@ -77,6 +84,7 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         scenario.objective_of_rank,
         weighting=scenario.weighting,
         granularity=scenario.granularity,
+        diagnostics=Diagnostics(scenario.diagnostics_every) if scenario.diagnostics_every else None,
     )
     position = {id(p): i for i, p in enumerate(model.parameters())}
     shadow_params = list(shadow.parameters())
@@ -152,7 +160,16 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         "iter": state.iter,
         "used_separate_group": state._metadata_group is not None,
         "held_bytes": state.held_bytes,
+        "diagnostics": pulled_diagnostics(state),
     }
+
+
+def pulled_diagnostics(state: BucketMOOState) -> list[dict[str, Any]]:
+    """Everything the diagnostics recorded: the automatic pulls and what is still pending."""
+    if state.diagnostics is None:
+        return []
+    state.diagnostics.pull()
+    return state.diagnostics.records
 
 
 def train_scenarios(rank: int, world_size: int, scenarios: list[Scenario]) -> list[dict[str, Any]]:

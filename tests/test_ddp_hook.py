@@ -35,11 +35,23 @@ SCENARIOS: dict[int, list[Scenario]] = {
         Scenario("r2_fp16", objective_of_rank=(0, 1), dtype=torch.float16, steps=3),
     ],
     3: [
-        Scenario("r3_mgda", objective_of_rank=(0, 1, 2), steps=21),
+        Scenario("r3_mgda", objective_of_rank=(0, 1, 2), steps=21, diagnostics_every=5),
         Scenario("r3_mean", objective_of_rank=("a", "b", "c"), weighting="mean", steps=3),
         Scenario("r3_host_group", objective_of_rank=(0, 1, 2), separate_host_group=True, steps=2),
-        Scenario("r3_parameter", objective_of_rank=(0, 1, 2), granularity="parameter", steps=3),
-        Scenario("r3_global", objective_of_rank=(0, 1, 2), granularity="global", steps=3),
+        Scenario(
+            "r3_parameter",
+            objective_of_rank=("en", "de", "ja"),
+            granularity="parameter",
+            steps=3,
+            diagnostics_every=2,
+        ),
+        Scenario(
+            "r3_global",
+            objective_of_rank=(0, 1, 2),
+            granularity="global",
+            steps=3,
+            diagnostics_every=1,
+        ),
     ],
     4: [
         Scenario("r4_groups", objective_of_rank=(0, 0, 1, 1), steps=3),
@@ -255,3 +267,59 @@ def test_global_granularity_holds_every_bucket_slice_until_the_last() -> None:
         num_objectives = len(set(scenario.objective_of_rank))
         held = sum(num_objectives * -(-b["numel"] // world_size) * 4 for b in last_step)
         assert rank_result["held_bytes"] == held > 0
+
+
+def expected_diagnostics(objective_grads: torch.Tensor) -> dict[str, Any]:
+    """The diagnostics of one problem, computed from its objective gradients ``[L, n]``."""
+    combination = reference.combine(objective_grads.double(), "mgda")
+    norms = objective_grads.double().norm(dim=1)
+    return {
+        "cosine": combination.gramian / torch.outer(norms, norms),
+        "norms": norms,
+        "weights": combination.weights,
+        "update_norm": combination.update.norm(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("world_size", "scenario"),
+    [(w, s) for w, s in ALL if s.diagnostics_every],
+    ids=[s.name for _, s in ALL if s.diagnostics_every],
+)
+def test_diagnostics_match_the_reference(world_size: int, scenario: Scenario) -> None:
+    rank_result = results(world_size, scenario)[0]
+    records = rank_result["diagnostics"]
+    steps = sorted({r["step"] for r in rank_result["records"]})
+    assert [r["step"] for r in records if "global_min_norm" in r] == steps
+    labels = [str(i) for i in scenario.objective_of_rank]
+    for step in steps:
+        ids = objective_ids(scenario, step, world_size)
+        in_step = [r for r in rank_result["records"] if r["step"] == step]
+        everything = torch.cat([r["inputs"] for r in in_step], dim=1)
+        problems = {
+            "bucket": [(r["index"], None, r["inputs"]) for r in in_step],
+            "parameter": [
+                (r["index"], i, part)
+                for r in in_step
+                for i, part in enumerate(r["inputs"].split(r["sizes"], dim=1))
+            ],
+            "global": [(-1, None, everything)],
+        }[scenario.granularity]
+        recorded = [r for r in records if r["step"] == step and "bucket" in r]
+        assert [(r["bucket"], r["parameter"]) for r in recorded] == [p[:2] for p in problems]
+        for record, (_, _, inputs) in zip(recorded, problems, strict=True):
+            assert record["objectives"] == labels
+            objective_grads, _ = reference.objective_gradients(inputs.double(), ids)
+            expected = expected_diagnostics(objective_grads)
+            for name, value in expected.items():
+                torch.testing.assert_close(
+                    torch.tensor(record[name], dtype=torch.float64),
+                    value,
+                    rtol=1e-4,
+                    atol=1e-6 * float(expected["norms"].max()),
+                )
+        global_grads, _ = reference.objective_gradients(everything.double(), ids)
+        [global_record] = [r for r in records if r["step"] == step and "global_min_norm" in r]
+        assert global_record["global_min_norm"] == pytest.approx(
+            float(reference.combine(global_grads, "mgda").update.norm()), rel=1e-4, abs=1e-7
+        )

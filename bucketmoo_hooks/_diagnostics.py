@@ -1,0 +1,153 @@
+"""Interference diagnostics from the Gramians the hook already has: no extra communication."""
+
+import json
+from collections.abc import Hashable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._objectives import objective_key
+from .weightings import min_norm_weights
+
+
+class Diagnostics:
+    r"""Records, per bucket (per parameter with ``granularity="parameter"``) and step, what shows
+    interference between objectives, from the all-reduced Gramian ``G`` and the weights ``w``:
+
+    - ``cosine``: ``G_ab / √(G_aa G_bb)``, the cosine similarity of every objective pair;
+    - ``norms``: ``‖ḡ_ℓ‖ = √G_ℓℓ``;
+    - ``weights``: ``w``;
+    - ``update_norm``: ``‖d‖ = √(wᵀGw)``;
+
+    and per step ``global_min_norm``: ``min_{w∈Δ} ‖Σ_ℓ w_ℓ ḡ_ℓ‖`` over the whole model, from the
+    sum of the bucket Gramians (the global Gramian, DESIGN.md §5). Zero means the model is
+    Pareto-stationary; compare it with the per-bucket update norms (DESIGN.md §6).
+
+    Recording stays on the device and never synchronises. Every ``log_every`` steps (and on
+    :meth:`pull`) the pending records are copied to the host in one transfer, appended to
+    :attr:`records` and, with ``path``, to a JSON-lines file (one object per bucket and step).
+
+    Args:
+        log_every: Steps between automatic pulls to the host (one device sync each).
+        path: JSON-lines file to append the records to (written by the rank that owns this
+            object; pass a path on one rank only, or a per-rank path).
+        keep: Keep pulled records in :attr:`records` (bounded memory: set ``False`` for long runs
+            that only write the file).
+        objectives: Objective ids to show by name. The state adds its ``objective_of_rank`` and
+            this rank's ``set_objective`` ids; list here the ids other ranks set per step, or
+            they appear as their keys (:func:`bucketmoo_hooks.objective_key`).
+    """
+
+    __slots__ = ("_pending", "_step_gramians", "keep", "labels", "log_every", "path", "records")
+
+    def __init__(
+        self,
+        log_every: int = 50,
+        path: str | Path | None = None,
+        keep: bool = True,
+        objectives: Iterable[Hashable] = (),
+    ) -> None:
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"log_every must be a positive int, got {log_every!r}")
+        self.log_every = log_every
+        self.path = Path(path) if path is not None else None
+        self.keep = keep
+        #: Objective key → readable id.
+        self.labels: dict[int, str] = {}
+        self.add_labels(objectives)
+        self.records: list[dict[str, Any]] = []
+        self._pending: list[tuple[dict[str, Any], Tensor]] = []
+        self._step_gramians: list[Tensor] = []
+
+    def record(
+        self,
+        step: int,
+        bucket: int,
+        objectives: tuple[int, ...],
+        gramians: Tensor,
+        weights: Tensor,
+        segmented: bool,
+    ) -> None:
+        """Queue the numbers of one bucket: ``gramians [S, L, L]``, ``weights [S, L]``."""
+        g = gramians.double()
+        diagonal = g.diagonal(dim1=-2, dim2=-1)
+        norms = diagonal.clamp_min(0).sqrt()
+        cosine = g / (norms[:, :, None] * norms[:, None, :]).clamp_min(1e-300)
+        w = weights.double()
+        update_norm = torch.einsum("sa,sab,sb->s", w, g, w).clamp_min(0).sqrt()
+        packed = torch.cat([cosine.flatten(1), norms, w, update_norm[:, None]], dim=1)
+        meta = {"step": step, "bucket": bucket, "objectives": objectives, "segmented": segmented}
+        self._pending.append((meta, packed))
+        self._step_gramians.append(g.sum(dim=0))
+
+    def end_step(self, step: int) -> None:
+        """Queue the step's global min-norm value; pull to the host every ``log_every`` steps."""
+        if self._step_gramians:
+            total = torch.stack(self._step_gramians).sum(dim=0)
+            weights = min_norm_weights(total, 2 * total.shape[0])
+            value = (weights @ total @ weights).clamp_min(0).sqrt()
+            self._pending.append(({"step": step, "global": True}, value.reshape(1, 1)))
+            self._step_gramians = []
+        if (step + 1) % self.log_every == 0:
+            self.pull()
+
+    def pull(self) -> list[dict[str, Any]]:
+        """Copy the pending records to the host (one transfer) and return them."""
+        if not self._pending:
+            return []
+        sizes = [packed.numel() for _, packed in self._pending]
+        host = torch.cat([packed.flatten() for _, packed in self._pending]).cpu().tolist()
+        pulled, offset = [], 0
+        for (meta, packed), size in zip(self._pending, sizes, strict=True):
+            values = host[offset : offset + size]
+            offset += size
+            pulled += self._unpack(meta, packed.shape, values)
+        self._pending = []
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in pulled)
+        if self.keep:
+            self.records += pulled
+        return pulled
+
+    def _unpack(
+        self, meta: dict[str, Any], shape: torch.Size, values: list[float]
+    ) -> list[dict[str, Any]]:
+        if meta.get("global"):
+            return [{"step": meta["step"], "global_min_norm": values[0]}]
+        objectives = [self.labels.get(key, str(key)) for key in meta["objectives"]]
+        num = len(objectives)
+        rows = [values[i * shape[1] : (i + 1) * shape[1]] for i in range(shape[0])]
+        return [
+            {
+                "step": meta["step"],
+                "bucket": meta["bucket"],
+                "parameter": index if meta["segmented"] else None,
+                "objectives": objectives,
+                "cosine": [row[a * num : (a + 1) * num] for a in range(num)],
+                "norms": row[num * num : num * num + num],
+                "weights": row[num * num + num : num * num + 2 * num],
+                "update_norm": row[-1],
+            }
+            for index, row in enumerate(rows)
+        ]
+
+    def add_labels(self, objectives: Iterable[Hashable]) -> None:
+        """Show these objective ids by name in the records."""
+        self.labels.update({objective_key(objective): str(objective) for objective in objectives})
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "log_every": self.log_every,
+            "path": self.path,
+            "keep": self.keep,
+            "labels": self.labels,
+            "records": self.records,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+        self._pending, self._step_gramians = [], []
