@@ -1,5 +1,6 @@
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,12 @@ _AVERAGING_CACHE_SIZE = 64
 # Attributes that are rebuilt after unpickling rather than saved.
 _TRANSIENT = ("process_group", "_metadata_group", "_averaging", "_step_map", "_held")
 GRANULARITIES = ("bucket", "parameter", "global")
+_STATE_DICT_VERSION = 1
+
+
+def _keys_of(objective_of_rank: Sequence[Hashable] | None) -> list[int] | None:
+    """Objective ids as their keys: comparable across processes and safe to save."""
+    return None if objective_of_rank is None else [objective_key(o) for o in objective_of_rank]
 
 
 class BucketMOOState:
@@ -158,6 +165,66 @@ class BucketMOOState:
     def objective_map(self) -> ObjectiveMap | None:
         """The rank → objective map of the step in progress, else of the last step (or ``None``)."""
         return self._step_map
+
+    # -- checkpointing ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume: progress, weighting state, and the configuration
+        it was saved with (checked by :meth:`load_state_dict`).
+
+        Only ints, strings, lists and tensors: safe for ``torch.load(..., weights_only=True)``.
+        ``set_objective`` is a per-rank, per-step input and is not saved: call it again before
+        the next ``backward()``.
+        """
+        return {
+            "version": _STATE_DICT_VERSION,
+            "iter": self.iter,
+            "granularity": self.granularity,
+            "weighting": repr(self.weighting),
+            "weighting_state": self.weighting.state_dict(),
+            "objective_keys": _keys_of(self.objective_of_rank),
+            "ledger_totals": dict(self.ledger.totals),
+            "ledger_steps": self.ledger.steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; the configuration must match this state's.
+
+        Raises:
+            TypeError: ``state_dict`` is not a dict, or an entry has the wrong type.
+            ValueError: Missing or unknown keys, another version, or a checkpoint saved with a
+                different weighting, granularity or ``objective_of_rank``.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        expected = set(self.state_dict())
+        if set(state_dict) != expected:
+            missing, unknown = expected - set(state_dict), set(state_dict) - expected
+            raise ValueError(
+                f"not a BucketMOOState state_dict: missing keys {sorted(missing)}, "
+                f"unknown keys {sorted(unknown)}"
+            )
+        if state_dict["version"] != _STATE_DICT_VERSION:
+            raise ValueError(
+                f"state_dict version {state_dict['version']!r} is not {_STATE_DICT_VERSION}"
+            )
+        step = state_dict["iter"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise TypeError(f"state_dict['iter'] must be a non-negative int, got {step!r}")
+        for name, current in (
+            ("granularity", self.granularity),
+            ("weighting", repr(self.weighting)),
+            ("objective_keys", _keys_of(self.objective_of_rank)),
+        ):
+            if state_dict[name] != current:
+                raise ValueError(
+                    f"the checkpoint was saved with {name}={state_dict[name]!r}, but this state "
+                    f"has {name}={current!r}; build the state as it was when saved"
+                )
+        self.weighting.load_state_dict(state_dict["weighting_state"])
+        self.iter = step
+        self.ledger.totals = dict(state_dict["ledger_totals"])
+        self.ledger.steps = int(state_dict["ledger_steps"])
 
     # -- used by the hook ------------------------------------------------------------------------
 

@@ -252,3 +252,39 @@ def registration_errors(rank: int, world_size: int) -> dict[str, str]:
     mixed = DistributedDataParallel(make_model((7,), torch.float32), mixed_precision=precision)
     errors["mixed_precision"] = error_of(lambda: register_bucket_moo_hook(mixed, BucketMOOState()))
     return errors
+
+
+def train_with_checkpoint(
+    rank: int,
+    world_size: int,
+    ddp_options: dict[str, Any],
+    steps: range,
+    checkpoint: str,
+    save_after: int | None,
+) -> torch.Tensor:
+    """Train ``steps`` under the hook (resuming from ``checkpoint`` if ``steps`` does not start at
+    0), saving model, optimizer and hook state after step ``save_after``; return the parameters.
+    """
+    model = make_model((31, 17), torch.float32)
+    ddp = DistributedDataParallel(model, **ddp_options)
+    state = BucketMOOState(["en", "de", "en", "ja"][:world_size], granularity="bucket")
+    register_bucket_moo_hook(ddp, state)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    if steps.start > 0:
+        saved = torch.load(f"{checkpoint}/rank{rank}.pt", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state.load_state_dict(saved["hook"])
+    for step in steps:
+        x, target = batch(rank, step, 0, torch.float32)
+        nn.functional.mse_loss(ddp(x), target).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == save_after:
+            saved = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "hook": state.state_dict(),
+            }
+            torch.save(saved, f"{checkpoint}/rank{rank}.pt")
+    return torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -1,5 +1,6 @@
 """BucketMOOState construction, validation and pickling (no process group needed)."""
 
+import io
 import pickle
 
 import pytest
@@ -94,3 +95,56 @@ def test_config_digest_covers_weighting_world_size_and_map() -> None:
     assert BucketMOOState(objective_of_rank=[0, 1], granularity="global")._config_digest(2) != base
     weighted = BucketMOOState(objective_of_rank=[0, 1], weighting=lambda g: torch.ones(2))
     assert weighted._config_digest(2) != base
+
+
+def saved_and_loaded(state_dict: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)  # no unsafe pickle
+
+
+def test_state_dict_round_trip_through_a_safe_checkpoint() -> None:
+    state = BucketMOOState(objective_of_rank=["en", ("de", 1)], granularity="parameter")
+    state.iter = 7
+    state.ledger.record_overhead("objective_exchange", 24)
+    state.ledger.close_step()
+    restored = BucketMOOState(objective_of_rank=["en", ("de", 1)], granularity="parameter")
+    restored.load_state_dict(saved_and_loaded(state.state_dict()))
+    assert restored.iter == 7
+    assert restored.ledger.totals == {"objective_exchange": 24}
+    assert restored.ledger.steps == 1
+    assert restored.state_dict() == state.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("other", "field"),
+    [
+        ({"weighting": "mean"}, "weighting"),
+        ({"granularity": "global"}, "granularity"),
+        ({"objective_of_rank": ["de", "en"]}, "objective_keys"),
+        ({"objective_of_rank": None}, "objective_keys"),
+    ],
+)
+def test_loading_a_checkpoint_of_another_configuration_is_refused(other: dict, field: str) -> None:
+    saved = BucketMOOState(objective_of_rank=["en", "de"]).state_dict()
+    state = BucketMOOState(**{"objective_of_rank": ["en", "de"], **other})
+    with pytest.raises(ValueError, match=f"the checkpoint was saved with {field}="):
+        state.load_state_dict(saved)
+    assert state.iter == 0  # nothing was loaded
+
+
+def test_malformed_state_dicts_are_refused() -> None:
+    state = BucketMOOState()
+    good = state.state_dict()
+    with pytest.raises(TypeError, match="state_dict must be a dict"):
+        state.load_state_dict([("iter", 3)])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"missing keys \['iter'\], unknown keys \['step'\]"):
+        state.load_state_dict({**{k: v for k, v in good.items() if k != "iter"}, "step": 3})
+    with pytest.raises(ValueError, match="version 99 is not 1"):
+        state.load_state_dict({**good, "version": 99})
+    for bad in (-1, 2.0, "3", True):
+        with pytest.raises(TypeError, match=r"state_dict\['iter'\] must be a non-negative int"):
+            state.load_state_dict({**good, "iter": bad})
+    with pytest.raises(ValueError, match="MGDA is stateless but the checkpoint holds"):
+        state.load_state_dict({**good, "weighting_state": {"ema": torch.zeros(2)}})

@@ -4,7 +4,7 @@ of what a user passes as ``weighting=``."""
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -61,6 +61,17 @@ class Weighting(ABC):
     @abstractmethod
     def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
         """Return the weights ``[L]`` (float32, on the Gramian's device)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that evolves during training (stateless weightings have none)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            raise ValueError(
+                f"{type(self).__name__} is stateless but the checkpoint holds weighting state "
+                f"with keys {sorted(state_dict)}"
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
