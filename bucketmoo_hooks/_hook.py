@@ -1,6 +1,6 @@
 # No ``from __future__ import annotations`` here: DDP inspects the hook's annotations and only
 # accepts the real ``dist.GradBucket`` / ``Future[Tensor]`` objects, not strings.
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -54,14 +54,23 @@ def bucket_moo_hook(
     shards = scatter_shards(comm, buffer)
     context = WeightingContext(state.iter, bucket.index(), objective_map.objectives)
     averaging = state._averaging_matrix(objective_map, buffer.device)
+    indices = state._parameter_positions(bucket)
     if state.granularity == "global":
+        context = replace(context, problem=() if indices is not None else None)
         future = _hold_until_last_bucket(state, bucket, comm, shards, averaging, context)
     else:
-        segments = None
         if state.granularity == "parameter":
-            sizes = [parameter.numel() for parameter in bucket.parameters()]
-            segments = shard_segments(sizes, group.rank(), shards.shape[1])
-        combination = solve_shards(comm, shards, averaging, state.weighting, context, segments)
+            parameters = bucket.parameters()
+            segments = shard_segments(
+                [p.numel() for p in parameters], group.rank(), shards.shape[1]
+            )
+            contexts = [
+                replace(context, segment=s, problem=None if indices is None else (indices[s],))
+                for s in range(len(parameters))
+            ]
+        else:
+            segments, contexts = None, [replace(context, problem=indices)]
+        combination = solve_shards(comm, shards, averaging, state.weighting, contexts, segments)
         if state.diagnostics is not None:
             state.diagnostics.record(
                 state.iter,
@@ -128,7 +137,7 @@ def _hold_until_last_bucket(
     held, state._held = state._held, []
     state.held_bytes = sum(h.objectives.numel() * h.objectives.element_size() for h in held)
     total = torch.stack([h.gramian for h in held]).sum(dim=0)
-    weights = segment_weights(state.weighting, total, context, per_segment=False)
+    weights = segment_weights(state.weighting, total, [context])
     if state.diagnostics is not None:  # one record: the whole model is one problem
         state.diagnostics.record(
             state.iter, -1, context.objectives, total, weights, segmented=False
@@ -152,7 +161,8 @@ def register_bucket_moo_hook(model: DistributedDataParallel, state: BucketMOOSta
 
     Equivalent to ``model.register_comm_hook(state, bucket_moo_hook)`` with clear errors for
     setups the hook cannot serve. If ``state.process_group`` is ``None`` it adopts the model's
-    group.
+    group. It also tells the state the model's parameter order, which gives every problem a
+    stable key (:attr:`WeightingContext.problem`) for weightings that keep state.
 
     Raises:
         TypeError: ``model`` is not a ``DistributedDataParallel`` or ``state`` not a
@@ -185,4 +195,5 @@ def register_bucket_moo_hook(model: DistributedDataParallel, state: BucketMOOSta
             "process_group=model.process_group or None"
         )
     state._check_world_size(model.process_group.size())
+    state._parameter_index = {id(p): i for i, p in enumerate(model.module.parameters())}
     model.register_comm_hook(state, bucket_moo_hook)

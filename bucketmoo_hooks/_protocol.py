@@ -9,7 +9,7 @@ bucket, and the bytes moved are those of the all-reduce (or reduce-scatter) bein
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -118,15 +118,11 @@ def combine_segments(
 
 
 def segment_weights(
-    weighting: Weighting, gramians: Tensor, context: WeightingContext, per_segment: bool
+    weighting: Weighting, gramians: Tensor, contexts: Sequence[WeightingContext]
 ) -> Tensor:
-    """Step 5 for every segment: ``[S, L]`` weights; with ``per_segment`` the context names the
-    segment (its parameter's position in the bucket)."""
+    """Step 5 for every segment: ``[S, L]`` weights, segment ``s`` solved with ``contexts[s]``."""
     return torch.stack(
-        [
-            weighting(gramian, replace(context, segment=index) if per_segment else context)
-            for index, gramian in enumerate(gramians)
-        ]
+        [weighting(gramian, context) for gramian, context in zip(gramians, contexts, strict=True)]
     )
 
 
@@ -150,7 +146,7 @@ def solve_shards(
     shards: Tensor,
     averaging: Tensor,
     weighting: Weighting,
-    context: WeightingContext,
+    contexts: Sequence[WeightingContext],
     segments: Sequence[Segment] | None = None,
 ) -> ShardCombination:
     """Steps 2–6: group-average, partial Gramians, one all-reduce, weights, combined slice.
@@ -158,15 +154,15 @@ def solve_shards(
     Args:
         shards: ``S_j ∈ ℝ^{R×c}`` from :func:`scatter_shards` (or FSDP's reduce-scatter input).
         averaging: ``M ∈ ℝ^{L×R}`` (:meth:`ObjectiveMap.averaging_matrix`) on the shards' device.
+        contexts: One weighting context per problem (per segment).
         segments: Independent problems within the slice (:func:`shard_segments`); ``None`` is one
             problem for the whole slice (bucket granularity).
     """
     objectives = objective_shards(shards, averaging)
-    per_segment = segments is not None
     if segments is None:
         segments = [(0, objectives.shape[1])]
     gramians = partial_gramians(objectives, segments)
     comm.all_reduce(gramians).wait()  # G[s] = Σ_j P_j[s]
-    weights = segment_weights(weighting, gramians, context, per_segment)
+    weights = segment_weights(weighting, gramians, contexts)
     update = combine_segments(weights, objectives, segments, shards.dtype)
     return ShardCombination(update, gramians, weights)

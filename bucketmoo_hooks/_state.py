@@ -16,7 +16,14 @@ from .weightings import Weighting, get_weighting
 # languages can produce many maps, so the cache is bounded.
 _AVERAGING_CACHE_SIZE = 64
 # Attributes that are rebuilt after unpickling rather than saved.
-_TRANSIENT = ("process_group", "_metadata_group", "_averaging", "_step_map", "_held")
+_TRANSIENT = (
+    "process_group",
+    "_metadata_group",
+    "_averaging",
+    "_step_map",
+    "_held",
+    "_parameter_index",
+)
 GRANULARITIES = ("bucket", "parameter", "global")
 _STATE_DICT_VERSION = 1
 
@@ -75,6 +82,7 @@ class BucketMOOState:
         "_held",
         "_metadata_group",
         "_objective",
+        "_parameter_index",
         "_step_map",
         "diagnostics",
         "granularity",
@@ -133,6 +141,8 @@ class BucketMOOState:
         self._metadata_group: dist.ProcessGroup | None = None
         self._averaging: OrderedDict[tuple[tuple[int, ...], torch.device], Tensor] = OrderedDict()
         self._step_map: ObjectiveMap | None = None
+        # id(parameter) → position in model.parameters(), set by register_bucket_moo_hook.
+        self._parameter_index: dict[int, int] | None = None
         self.ledger = CommLedger()
         if dist.is_initialized() or process_group is not None:
             self._check_world_size(self.group.size())
@@ -289,6 +299,12 @@ class BucketMOOState:
         self.iter += 1
         self.ledger.close_step()
 
+    def _parameter_positions(self, bucket: dist.GradBucket) -> tuple[int, ...] | None:
+        """Positions in ``model.parameters()`` of the bucket's parameters, if the model is known."""
+        if self._parameter_index is None:
+            return None
+        return tuple(self._parameter_index[id(p)] for p in bucket.parameters())
+
     def _host_group(self, group: dist.ProcessGroup) -> dist.ProcessGroup:
         if _has_cpu_backend(group):
             return group
@@ -323,6 +339,7 @@ class BucketMOOState:
         self._averaging = OrderedDict()
         self._step_map = None
         self._held = []
+        self._parameter_index = None
         for slot, value in state.items():
             setattr(self, slot, value)
 

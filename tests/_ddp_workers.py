@@ -27,6 +27,7 @@ from bucketmoo_hooks import (
     register_bucket_moo_hook,
 )
 from bucketmoo_hooks._compat import all_gather_single
+from bucketmoo_hooks.weightings import Weighting, WeightingContext
 
 IN_FEATURES, OUT_FEATURES = 10, 5
 
@@ -288,3 +289,46 @@ def train_with_checkpoint(
             }
             torch.save(saved, f"{checkpoint}/rank{rank}.pt")
     return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+class RecordingMean(Weighting):
+    """Equal weights, remembering every context it was called with."""
+
+    def __init__(self) -> None:
+        self.contexts: list[WeightingContext] = []
+
+    def forward(self, gramian: torch.Tensor, context: WeightingContext | None) -> torch.Tensor:
+        assert context is not None
+        self.contexts.append(context)
+        return torch.full_like(gramian[0], 1.0 / gramian.shape[0])
+
+
+def problem_keys(rank: int, world_size: int, granularity: str, known_order: bool) -> dict:
+    """The problem keys the weighting saw, and each bucket's parameter positions, per step."""
+    model = make_model((31, 17), torch.float32)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.001)
+    weighting = RecordingMean()
+    state = BucketMOOState(weighting=weighting, granularity=granularity)
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    if known_order:  # what register_bucket_moo_hook tells the state (checked on its own)
+        state._parameter_index = position
+    buckets: list[tuple[int, tuple[int, ...]]] = []
+    step = 0
+
+    def capture(
+        state: BucketMOOState, bucket: dist.GradBucket
+    ) -> torch.futures.Future[torch.Tensor]:
+        buckets.append((step, tuple(position[id(p)] for p in bucket.parameters())))
+        return bucket_moo_hook(state, bucket)
+
+    ddp.register_comm_hook(state, capture)
+    for step in range(3):
+        x, target = batch(rank, step, 0, torch.float32)
+        nn.functional.mse_loss(ddp(x), target).backward()
+    registered = BucketMOOState()
+    register_bucket_moo_hook(DistributedDataParallel(model), registered)
+    return {
+        "buckets": buckets,
+        "contexts": [(c.step, c.bucket, c.segment, c.problem) for c in weighting.contexts],
+        "registered_order": registered._parameter_index == position,
+    }

@@ -14,6 +14,7 @@ from _ddp_workers import (
     Scenario,
     disagreeing_states,
     mean_vs_allreduce,
+    problem_keys,
     registration_errors,
     train_scenarios,
     train_with_checkpoint,
@@ -336,3 +337,24 @@ def test_resume_from_checkpoint_is_bitwise_identical(tmp_path: Path) -> None:
     resumed = run_distributed(3, train_with_checkpoint, options, range(3, 6), str(tmp_path), None)
     for uninterrupted, restarted in zip(full, resumed, strict=True):
         assert torch.equal(uninterrupted, restarted)
+
+
+@pytest.mark.parametrize("granularity", ["bucket", "parameter", "global"])
+def test_weightings_get_stable_problem_keys(granularity: str) -> None:
+    """Keys are parameter positions: equal on every rank and at every step, whatever DDP's
+    bucket indices (it rebuilds its buckets after step 0)."""
+    per_rank = run_distributed(2, problem_keys, granularity, True)
+    assert per_rank[0]["contexts"] == per_rank[1]["contexts"]
+    result = per_rank[0]
+    assert result["registered_order"]
+    for step in range(3):
+        buckets = [params for s, params in result["buckets"] if s == step]
+        expected = {
+            "bucket": buckets,
+            "parameter": [(index,) for params in buckets for index in params],
+            "global": [()],
+        }[granularity]
+        seen = [problem for s, _, _, problem in result["contexts"] if s == step]
+        assert seen == expected
+    without_order = run_distributed(2, problem_keys, granularity, False)[0]
+    assert {problem for *_, problem in without_order["contexts"]} == {None}

@@ -48,7 +48,7 @@ def solve_simulated_ranks(rank: int, world_size: int, dtype: torch.dtype) -> flo
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        update = solve_shards(comm, grads, averaging, get_weighting("mgda"), context).update
+        update = solve_shards(comm, grads, averaging, get_weighting("mgda"), [context]).update
     finally:
         torch.cuda.set_sync_debug_mode(0)
     expected = reference.bucket_update(grads.cpu(), ids, "mgda")

@@ -20,12 +20,18 @@ class WeightingContext:
         objectives: The objective keys in Gramian order (see :func:`bucketmoo_hooks.objective_key`).
         segment: With ``granularity="parameter"``, the parameter's position in the bucket;
             ``None`` when the problem covers the whole bucket (or, with ``"global"``, the model).
+        problem: Stable key of this problem, for weightings that keep state per problem: the
+            positions in ``model.parameters()`` of the parameters it covers (``()`` for the
+            whole model). It survives DDP's bucket rebuild, restarts and checkpoints. ``None``
+            when the hook was registered without :func:`bucketmoo_hooks.register_bucket_moo_hook`,
+            which is what tells the state the model's parameter order.
     """
 
     step: int
     bucket: int
     objectives: tuple[int, ...]
     segment: int | None = None
+    problem: tuple[int, ...] | None = None
 
 
 class Weighting(ABC):
