@@ -84,10 +84,13 @@ class Weighting(ABC):
 
 
 class CallableWeighting(Weighting):
-    """Wraps a user callable ``(gramian: Tensor[L, L]) -> Tensor[L]``.
+    """Wraps a user callable ``(gramian: Tensor[L, L]) -> Tensor[L]``, e.g. any torchjd
+    ``Weighting`` over a Gramian (``torchjd.aggregation.UPGradWeighting()``).
 
     The callable's output shape is checked on every call (a host-side check on metadata); its
-    values are taken as they are.
+    values are taken as they are, and moved to the Gramian's device and dtype. torchjd's solvers
+    run on the host (numpy/quadprog), so on a GPU every call synchronises: expect it to be much
+    slower than this package's device-side weightings.
     """
 
     def __init__(self, function: Callable[[Tensor], Tensor]) -> None:
@@ -95,7 +98,15 @@ class CallableWeighting(Weighting):
 
     @property
     def label(self) -> str:
-        return getattr(self.function, "__qualname__", type(self.function).__qualname__)
+        """A name that is the same in every process (ranks compare it to check they agree):
+        a function's qualified name, or an object's ``repr`` when its class defines one (so
+        hyperparameters count), else the class name (a default repr holds a memory address)."""
+        function = self.function
+        if hasattr(function, "__qualname__"):
+            return function.__qualname__
+        if type(function).__repr__ is not object.__repr__:
+            return repr(function)
+        return type(function).__qualname__
 
     def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
         weights = self.function(gramian)
