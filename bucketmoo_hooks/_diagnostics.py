@@ -3,13 +3,19 @@
 import json
 from collections.abc import Hashable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from ._objectives import objective_key
 from .weightings import min_norm_weights
+
+
+class ScalarWriter(Protocol):
+    """What :class:`Diagnostics` needs of a TensorBoard ``SummaryWriter``."""
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> object: ...
 
 
 class Diagnostics:
@@ -38,9 +44,23 @@ class Diagnostics:
         objectives: Objective ids to show by name. The state adds its ``objective_of_rank`` and
             this rank's ``set_objective`` ids; list here the ids other ranks set per step, or
             they appear as their keys (:func:`bucketmoo_hooks.objective_key`).
+        tensorboard: Anything with ``add_scalar(tag, value, step)``, e.g. a
+            ``torch.utils.tensorboard.SummaryWriter`` (needs the ``tensorboard`` package).
+            Pulled records become scalars ``cosine/b{bucket}/{a}~{b}``,
+            ``weight/b{bucket}/{objective}``, ``update_norm/b{bucket}`` (``b{bucket}.p{i}`` per
+            parameter, ``model`` for the global problem) and ``global_min_norm``.
     """
 
-    __slots__ = ("_pending", "_step_gramians", "keep", "labels", "log_every", "path", "records")
+    __slots__ = (
+        "_pending",
+        "_step_gramians",
+        "keep",
+        "labels",
+        "log_every",
+        "path",
+        "records",
+        "tensorboard",
+    )
 
     def __init__(
         self,
@@ -48,12 +68,19 @@ class Diagnostics:
         path: str | Path | None = None,
         keep: bool = True,
         objectives: Iterable[Hashable] = (),
+        tensorboard: ScalarWriter | None = None,
     ) -> None:
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be a positive int, got {log_every!r}")
         self.log_every = log_every
         self.path = Path(path) if path is not None else None
         self.keep = keep
+        if tensorboard is not None and not callable(getattr(tensorboard, "add_scalar", None)):
+            raise TypeError(
+                "tensorboard must have add_scalar(tag, value, step), e.g. a "
+                f"torch.utils.tensorboard.SummaryWriter; got {type(tensorboard).__name__}"
+            )
+        self.tensorboard = tensorboard
         #: Objective key → readable id.
         self.labels: dict[int, str] = {}
         self.add_labels(objectives)
@@ -108,6 +135,10 @@ class Diagnostics:
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(record) + "\n" for record in pulled)
+        if self.tensorboard is not None:
+            for record in pulled:
+                for tag, value in _scalars(record):
+                    self.tensorboard.add_scalar(tag, value, record["step"])
         if self.keep:
             self.records += pulled
         return pulled
@@ -139,6 +170,7 @@ class Diagnostics:
         self.labels.update({objective_key(objective): str(objective) for objective in objectives})
 
     def __getstate__(self) -> dict[str, Any]:
+        # The TensorBoard writer holds open files and threads: it is not pickled.
         return {
             "log_every": self.log_every,
             "path": self.path,
@@ -150,4 +182,22 @@ class Diagnostics:
     def __setstate__(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
             setattr(self, name, value)
-        self._pending, self._step_gramians = [], []
+        self._pending, self._step_gramians, self.tensorboard = [], [], None
+
+
+def _scalars(record: dict[str, Any]) -> list[tuple[str, float]]:
+    """TensorBoard scalars of one pulled record."""
+    if "global_min_norm" in record:
+        return [("global_min_norm", record["global_min_norm"])]
+    where = "model" if record["bucket"] < 0 else f"b{record['bucket']}"
+    if record["parameter"] is not None:
+        where += f".p{record['parameter']}"
+    names = record["objectives"]
+    scalars = [(f"update_norm/{where}", record["update_norm"])]
+    scalars += [(f"weight/{where}/{n}", w) for n, w in zip(names, record["weights"], strict=True)]
+    scalars += [
+        (f"cosine/{where}/{names[a]}~{names[b]}", record["cosine"][a][b])
+        for a in range(len(names))
+        for b in range(a + 1, len(names))
+    ]
+    return scalars

@@ -64,3 +64,43 @@ def test_pickling_keeps_records_and_drops_device_state() -> None:
 def test_log_every_is_validated(bad: object) -> None:
     with pytest.raises(ValueError, match="log_every must be a positive int"):
         Diagnostics(log_every=bad)  # type: ignore[arg-type]
+
+
+class FakeWriter:
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> None:
+        self.scalars.append((tag, scalar_value, global_step))
+
+
+def test_pulled_records_become_tensorboard_scalars() -> None:
+    writer = FakeWriter()
+    diagnostics = Diagnostics(log_every=1, objectives=["en", "de"], tensorboard=writer)
+    record_two_objectives(diagnostics, step=4)
+    diagnostics.end_step(4)
+    tags = {tag: (value, step) for tag, value, step in writer.scalars}
+    assert tags["cosine/b3/en~de"] == (pytest.approx(1 / math.sqrt(2)), 4)
+    assert tags["weight/b3/en"] == (1.0, 4)
+    assert tags["weight/b3/de"] == (0.0, 4)
+    assert tags["update_norm/b3"] == (pytest.approx(1.0), 4)
+    assert tags["global_min_norm"] == (pytest.approx(1.0), 4)
+    assert len(writer.scalars) == 5
+    assert pickle.loads(pickle.dumps(diagnostics)).tensorboard is None
+
+
+def test_real_summary_writer(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    diagnostics = Diagnostics(log_every=1, tensorboard=writer)
+    record_two_objectives(diagnostics, step=0)
+    diagnostics.end_step(0)
+    writer.close()
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_a_writer_without_add_scalar_is_refused() -> None:
+    with pytest.raises(TypeError, match="tensorboard must have add_scalar"):
+        Diagnostics(tensorboard=object())  # type: ignore[arg-type]
