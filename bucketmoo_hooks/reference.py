@@ -90,20 +90,24 @@ def bucket_update(
     *,
     step: int = 0,
     bucket: int = 0,
+    problem: tuple[int, ...] | None = (),
 ) -> Tensor:
     """What :func:`bucket_moo_hook` returns for a bucket whose per-rank gradients are ``grads``.
 
     Args:
         grads: ``[R, n]``, row ``r`` is rank ``r``'s local bucket gradient.
         objective_of_rank: Objective id of every row (default: every row its own objective).
-        weighting: As for :class:`BucketMOOState`.
-        step, bucket: Passed to the weighting in its :class:`WeightingContext`.
+        weighting: As for :class:`BucketMOOState`. Pass one instance over many calls to carry
+            the state of a stateful weighting (e.g. GradVac's targets) from step to step.
+        step, bucket, problem: Passed to the weighting in its :class:`WeightingContext`;
+            ``problem`` keys the state of stateful weightings (the hook uses the positions of
+            the bucket's parameters in ``model.parameters()``).
 
     Returns:
         The combined update ``[n]`` in the dtype of ``grads``.
     """
     objective_grads, objective_map = objective_gradients(grads, objective_of_rank)
-    context = WeightingContext(step, bucket, objective_map.objectives)
+    context = WeightingContext(step, bucket, objective_map.objectives, problem=problem)
     return combine(objective_grads, weighting, context).update.to(grads.dtype)
 
 
@@ -127,9 +131,10 @@ def model_update(
             f"got {list(bucket_sizes)}"
         )
     parts = torch.split(grads, list(bucket_sizes), dim=1)
+    resolved = get_weighting(weighting)  # one instance for every piece
     return torch.cat(
         [
-            bucket_update(part, objective_of_rank, weighting, step=step, bucket=index)
-            for index, part in enumerate(parts)
+            bucket_update(part, objective_of_rank, resolved, step=step, bucket=i, problem=(i,))
+            for i, part in enumerate(parts)
         ]
     )

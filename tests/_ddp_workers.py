@@ -88,6 +88,7 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         diagnostics=Diagnostics(scenario.diagnostics_every) if scenario.diagnostics_every else None,
     )
     position = {id(p): i for i, p in enumerate(model.parameters())}
+    state._parameter_index = position  # as register_bucket_moo_hook does: stable problem keys
     shadow_params = list(shadow.parameters())
     records: list[dict[str, Any]] = []
     step = 0

@@ -21,7 +21,8 @@ from _ddp_workers import (
 )
 from _distributed import run_distributed
 
-from bucketmoo_hooks import objective_key, reference, ring_allreduce_bytes
+from bucketmoo_hooks import objective_key, reference, ring_allreduce_bytes, weighting_names
+from bucketmoo_hooks.weightings import get_weighting
 
 PER_STEP = (
     (0, 1, 2, 3),
@@ -76,6 +77,19 @@ SCENARIOS: dict[int, list[Scenario]] = {
             granularity="global",
             dtype=torch.bfloat16,
         ),
+        # Every weighting through the real hook (stateful GradVac over several steps).
+        *(
+            Scenario(f"r4_{name}", objective_of_rank=(0, 1, 2, 2), weighting=name, steps=3)
+            for name in (
+                "pcgrad",
+                "gradvac",
+                "cagrad",
+                "imtl_g",
+                "upgrad",
+                "dualproj",
+                "aligned_mtl",
+            )
+        ),
         # Realistic bucket sizes (thousands of elements) for the byte budget.
         Scenario("r4_bytes", objective_of_rank=(0, 1, 2, 2), hidden=(96, 64), bucket_cap_mb=0.01),
     ],
@@ -121,7 +135,12 @@ def relative_error(
 def expected_outputs(
     scenario: Scenario, rank_result: dict[str, Any], world_size: int
 ) -> list[torch.Tensor]:
-    """The reference's answer for every recorded bucket, at the scenario's granularity."""
+    """The reference's answer for every recorded bucket, at the scenario's granularity.
+
+    One weighting instance serves the whole run, in the hook's order and with its contexts, so
+    stateful weightings (GradVac) evolve as in the hook.
+    """
+    weighting = get_weighting(scenario.weighting)
     expected: list[torch.Tensor] = []
     records = rank_result["records"]
     for step in sorted({r["step"] for r in records}):
@@ -129,16 +148,23 @@ def expected_outputs(
         in_step = [r for r in records if r["step"] == step]
         if scenario.granularity == "global":  # one problem over every bucket of the step
             inputs = torch.cat([r["inputs"] for r in in_step], dim=1)
-            update = reference.bucket_update(inputs, ids, scenario.weighting)
+            last = in_step[-1]["index"]
+            update = reference.bucket_update(inputs, ids, weighting, step=step, bucket=last)
             expected += update.split([r["inputs"].shape[1] for r in in_step])
         for record in in_step:
             if scenario.granularity == "parameter":  # every parameter on its own
                 sizes = record["sizes"]
-                expected.append(
-                    reference.model_update(record["inputs"], sizes, ids, scenario.weighting)
-                )
+                expected.append(reference.model_update(record["inputs"], sizes, ids, weighting))
             elif scenario.granularity == "bucket":
-                expected.append(reference.bucket_update(record["inputs"], ids, scenario.weighting))
+                update = reference.bucket_update(
+                    record["inputs"],
+                    ids,
+                    weighting,
+                    step=step,
+                    bucket=record["index"],
+                    problem=tuple(record["params"]),
+                )
+                expected.append(update)
     return expected
 
 
@@ -358,3 +384,7 @@ def test_weightings_get_stable_problem_keys(granularity: str) -> None:
         assert seen == expected
     without_order = run_distributed(2, problem_keys, granularity, False)[0]
     assert {problem for *_, problem in without_order["contexts"]} == {None}
+
+
+def test_every_weighting_runs_through_the_hook() -> None:
+    assert {s.weighting for _, s in ALL} == set(weighting_names())

@@ -7,6 +7,7 @@ Every method is usable in the hook (``BucketMOOState(weighting=...)``), in
     weights = MGDA()(gramian)
 """
 
+from ._aligned_mtl import AlignedMTL
 from ._base import (
     CallableWeighting,
     Weighting,
@@ -14,13 +15,26 @@ from ._base import (
     get_weighting,
     weighting_names,
 )
+from ._cagrad import CAGrad
+from ._dualproj import DualProj
+from ._gradvac import GradVac
+from ._imtl_g import IMTLG
 from ._mean import Mean
 from ._mgda import MGDA, duality_gap, min_norm_weights
+from ._pcgrad import PCGrad
+from ._upgrad import UPGrad
 
 __all__ = [
+    "IMTLG",
     "MGDA",
+    "AlignedMTL",
+    "CAGrad",
     "CallableWeighting",
+    "DualProj",
+    "GradVac",
     "Mean",
+    "PCGrad",
+    "UPGrad",
     "Weighting",
     "WeightingContext",
     "duality_gap",

@@ -14,6 +14,8 @@ _RIDGE = 1e-10
 _ENTER_TOLERANCE = 1e-12
 # Affine solutions below this are infeasible (round-off around an exact zero is not).
 _NEGATIVE = -1e-12
+# Gradient normalisations computable from the Gramian alone (see MGDA).
+_NORMALIZATIONS = ("none", "l2")
 
 
 class MGDA(Weighting):
@@ -40,27 +42,62 @@ class MGDA(Weighting):
       duplicated, conflicting, 1e-3…1e3 norm spread, ``L`` up to 32) the relative duality gap
       (:func:`duality_gap`) after ``2L`` iterations is ≤ 1e-6, i.e. at fp32 round-off.
 
+    Gradient normalisation (``normalization``), the options of Sener & Koltun's
+    ``gradient_normalizers`` that need only the Gramian (their ``"loss"`` and ``"loss+"`` divide
+    by the loss values, which a Gramian does not carry):
+
+    - ``"none"`` (default): the problem above.
+    - ``"l2"``: the min-norm point of the unit gradients ``ḡ_ℓ/‖ḡ_ℓ‖``, i.e. ``w'`` solves the
+      problem on ``D G D``, ``D = diag(1/√G_ℓℓ)``; every objective then counts by direction only.
+      Its direction ``Σ_ℓ w'_ℓ ḡ_ℓ/‖ḡ_ℓ‖`` is kept and expressed on the original gradients with
+      weights summing to one: ``w_ℓ = (w'_ℓ/‖ḡ_ℓ‖) / Σ_k (w'_k/‖ḡ_k‖)``, so ``d`` is the point of
+      the convex hull of the ``ḡ_ℓ`` on that ray, still a common descent direction when one
+      exists, and identical gradients still give that gradient back (``w = 1/L``). (Sener &
+      Koltun's training script instead applies ``w'`` unchanged to the unnormalised losses,
+      ``d = Σ_ℓ w'_ℓ ḡ_ℓ``, which changes the direction and in general loses the common-descent
+      guarantee.) A zero gradient stays zero in ``D G D``, so then ``d = 0``, as without
+      normalisation.
+
     Args:
         iterations: Active-set iterations for ``L ≥ 3``; ``None`` means ``2L``.
+        normalization: ``"none"`` or ``"l2"``, as above.
     """
 
     name = "mgda"
     description = "Min-norm point of the convex hull (Désidéri 2012; Sener & Koltun 2018)."
 
-    def __init__(self, iterations: int | None = None) -> None:
+    def __init__(self, iterations: int | None = None, normalization: str = "none") -> None:
         if iterations is not None and (
             isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1
         ):
             raise ValueError(f"iterations must be a positive int or None, got {iterations!r}")
+        if normalization not in _NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r} (Sener "
+                "& Koltun's 'loss' and 'loss+' need the loss values, which a Gramian lacks)"
+            )
         self.iterations = iterations
+        self.normalization = normalization
 
     def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
         num_objectives = gramian.shape[0]
         iterations = 2 * num_objectives if self.iterations is None else self.iterations
-        return min_norm_weights(gramian, iterations).to(gramian.dtype)
+        if self.normalization == "none":
+            return min_norm_weights(gramian, iterations).to(gramian.dtype)
+        g = gramian.to(torch.float64)
+        g = g / g.diagonal().sum().clamp_min(torch.finfo(torch.float64).tiny)
+        norms = g.diagonal().clamp_min(0.0).sqrt()
+        inverse = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
+        unit_weights = min_norm_weights(g * inverse[:, None] * inverse[None, :], iterations)
+        # Trace-normalised norms are ≤ 1, so the rescaled weights sum to ≥ 1: no division by 0.
+        weights = torch.where(norms > 0, unit_weights * inverse, unit_weights)
+        return (weights / weights.sum()).to(gramian.dtype)
 
     def __repr__(self) -> str:
-        return f"MGDA(iterations={self.iterations})"
+        # The default is left out so that the repr of existing configurations does not change.
+        if self.normalization == "none":
+            return f"MGDA(iterations={self.iterations})"
+        return f"MGDA(iterations={self.iterations}, normalization={self.normalization!r})"
 
 
 def min_norm_weights(gramian: Tensor, iterations: int) -> Tensor:

@@ -1,0 +1,140 @@
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import Weighting, WeightingContext
+from ._pcgrad import PCGrad
+from ._solvers import normalise_by_trace
+
+
+@dataclass(slots=True)
+class _Targets:
+    """EMA target cosines of one problem over every objective it has seen."""
+
+    objectives: list[int]  # objective keys, the rows and columns of ``cosines``
+    cosines: Tensor  # φ̂, [K, K] float64
+
+
+class GradVac(Weighting):
+    r"""Gradient Vaccine: align every objective gradient towards an EMA target cosine.
+
+    Wang, Tsvetkov, Firat & Cao 2021, "Gradient Vaccine: Investigating and Improving Multi-task
+    Optimization in Massively Multilingual Models" (ICLR), Algorithm 1. Every objective gradient
+    in turn visits the others in a random order; when its cosine with ``ḡ_j`` is below the target
+    ``φ̂_ij``, it is moved towards ``ḡ_j`` until the cosine equals the target,
+
+    .. math:: g_i' \leftarrow g_i' + \frac{\|g_i'\|\,\bigl(\hat\phi_{ij}\sqrt{1-\phi_{ij}^2}
+              - \phi_{ij}\sqrt{1-\hat\phi_{ij}^2}\bigr)}{\|\bar g_j\|\sqrt{1-\hat\phi_{ij}^2}}
+              \,\bar g_j \quad\text{if } \phi_{ij} = \cos(g_i', \bar g_j) < \hat\phi_{ij},
+
+    and the target follows ``φ̂_ij ← (1 − β) φ̂_ij + β φ_ij``. With ``φ̂ = 0`` this is PCGrad's
+    projection. The update is ``d = (1/L) Σ_i g_i'`` (the paper sums; the mean keeps identical
+    gradients unchanged, DESIGN §4).
+
+    The targets are kept per problem (``context.problem``: a DDP bucket, a parameter, or the
+    model, as in the paper's per-layer-group variant and LibMTL's implementation) and per ordered
+    objective pair, by objective key, so they survive per-step language sampling and DDP's bucket
+    rebuild, and are saved by :meth:`state_dict`. Targets start at 0. The projections are tracked
+    as coefficients on the ``ḡ_k`` exactly as in :class:`PCGrad` (same order, same guards), in
+    float64 on the Gramian's device with no host synchronisation.
+
+    Args:
+        beta: EMA rate of the targets (0.01 in the paper).
+        seed: Seeds the visiting order, as :class:`PCGrad` (must be equal on all ranks).
+    """
+
+    name = "gradvac"
+    description = "Moves each gradient towards an EMA target cosine per pair (Wang 2021)."
+
+    def __init__(self, beta: float = 0.01, seed: int = 0) -> None:
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta <= 1:
+            raise ValueError(f"beta must be a number in (0, 1], got {beta!r}")
+        self.beta = float(beta)
+        self._order = PCGrad(seed)
+        self._targets: dict[tuple[int, ...] | None, _Targets] = {}
+
+    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
+        num_objectives = gramian.shape[0]
+        if context is not None and context.problem is None:
+            raise ValueError(
+                "gradvac keeps targets per bucket and needs stable bucket keys: register the "
+                "hook with bucketmoo_hooks.register_bucket_moo_hook(model, state)"
+            )
+        problem = None if context is None else context.problem
+        objectives = tuple(range(num_objectives)) if context is None else context.objectives
+        g, _ = normalise_by_trace(gramian)
+        index, targets = self._lookup(problem, objectives, g.device)
+        target = targets[index][:, index]
+
+        ranks = self._order.visiting_ranks(num_objectives, context, g.device)
+        coefficients = torch.eye(num_objectives, dtype=g.dtype, device=g.device)
+        norms_j_squared = g.diagonal()
+        for position in range(num_objectives - 1):
+            visited = (ranks == position).to(g.dtype)  # visited[i, j]: i visits j now
+            products = coefficients @ g  # ⟨g_i', ḡ_k⟩
+            inner = (products * visited).sum(dim=1)
+            norm_i = (products * coefficients).sum(dim=1).clamp_min(0.0).sqrt()
+            norm_j = (visited @ norms_j_squared).clamp_min(0.0).sqrt()
+            scale = norm_i * norm_j
+            nonzero = scale > 0
+            cosine = torch.where(nonzero, inner / scale.clamp_min(1e-300), 0.0).clamp(-1.0, 1.0)
+            goal = (target * visited).sum(dim=1)
+            room = (1 - goal * goal).clamp_min(1e-12).sqrt()
+            step = norm_i * (goal * (1 - cosine * cosine).sqrt() - cosine * room)
+            step = step / (norm_j.clamp_min(1e-300) * room)
+            step = torch.where(nonzero & (cosine < goal), step, 0.0)
+            coefficients = coefficients + step[:, None] * visited
+            moved = (1 - self.beta) * goal + self.beta * cosine
+            target = torch.where(visited.bool() & nonzero[:, None], moved[:, None], target)
+        targets[index[:, None], index[None, :]] = target
+        return coefficients.mean(dim=0).to(gramian.dtype)
+
+    def _lookup(
+        self, problem: tuple[int, ...] | None, objectives: tuple[int, ...], device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """Rows of ``objectives`` in the problem's target matrix (grown for new objectives)."""
+        entry = self._targets.get(problem)
+        if entry is None:
+            entry = self._targets[problem] = _Targets([], torch.zeros(0, 0, dtype=torch.float64))
+        new = [key for key in objectives if key not in entry.objectives]
+        if entry.cosines.device != device:
+            entry.cosines = entry.cosines.to(device)
+        if new:
+            entry.objectives += new
+            entry.cosines = torch.nn.functional.pad(entry.cosines, (0, len(new), 0, len(new)))
+        index = torch.tensor([entry.objectives.index(key) for key in objectives])
+        if device.type != "cpu":  # pinned + non-blocking: no host synchronisation
+            index = index.pin_memory().to(device, non_blocking=True)
+        return index, entry.cosines
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "targets": [
+                {
+                    "problem": None if problem is None else list(problem),
+                    "objectives": list(entry.objectives),
+                    "cosines": entry.cosines.cpu(),
+                }
+                for problem, entry in self._targets.items()
+            ]
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if set(state_dict) != {"targets"}:
+            raise ValueError(f"not a GradVac state: keys {sorted(state_dict)}")
+        targets = {}
+        for entry in state_dict["targets"]:
+            cosines, objectives = entry["cosines"], list(entry["objectives"])
+            if not isinstance(cosines, Tensor) or cosines.shape != (len(objectives),) * 2:
+                raise ValueError(
+                    f"GradVac state for problem {entry['problem']}: cosines must be a "
+                    f"[{len(objectives)}, {len(objectives)}] tensor"
+                )
+            problem = None if entry["problem"] is None else tuple(entry["problem"])
+            targets[problem] = _Targets(objectives, cosines.to(torch.float64))
+        self._targets = targets
+
+    def __repr__(self) -> str:
+        return f"GradVac(beta={self.beta}, seed={self._order.seed})"
