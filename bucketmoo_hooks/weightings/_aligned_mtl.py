@@ -2,7 +2,7 @@ import torch
 from torch import Tensor
 
 from ._base import Weighting, WeightingContext
-from ._solvers import jacobi_eigh, noise_level, normalise_by_trace
+from ._solvers import normalise_by_trace, significant_eigh
 
 _SCALE_MODES = ("min", "median", "rmse")
 
@@ -44,9 +44,7 @@ class AlignedMTL(Weighting):
     def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
         num_objectives = gramian.shape[0]
         g, _ = normalise_by_trace(gramian)
-        eigenvalues, eigenvectors = jacobi_eigh(g)
-        cutoff = noise_level(gramian.dtype, num_objectives) * eigenvalues.max()
-        kept = eigenvalues > cutoff
+        eigenvalues, eigenvectors, kept = significant_eigh(g, gramian.dtype)
         safe = torch.where(kept, eigenvalues, 1.0)
         count = kept.sum()
         if self.scale_mode == "min":

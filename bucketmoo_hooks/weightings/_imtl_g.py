@@ -2,7 +2,7 @@ import torch
 from torch import Tensor
 
 from ._base import Weighting, WeightingContext
-from ._solvers import jacobi_eigh, noise_level, normalise_by_trace, uniform_if_zero
+from ._solvers import normalise_by_trace, significant_eigh, uniform_if_zero
 
 # |1ᵀv| below this (trace-normalised units, where identical gradients give 1ᵀv = √L) means no
 # combination with equal projections sums to one: the weights are then zero.
@@ -38,11 +38,8 @@ class IMTLG(Weighting):
     description = "Update with equal projections on all unit gradients (Liu 2021, IMTL-G)."
 
     def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
-        num_objectives = gramian.shape[0]
         g, nonzero = normalise_by_trace(gramian)
-        eigenvalues, eigenvectors = jacobi_eigh(g)
-        cutoff = noise_level(gramian.dtype, num_objectives) * eigenvalues.max()
-        kept = eigenvalues > cutoff
+        eigenvalues, eigenvectors, kept = significant_eigh(g, gramian.dtype)
         inverse = torch.where(kept, 1.0 / torch.where(kept, eigenvalues, 1.0), 0.0)
         norms = g.diagonal().clamp_min(0.0).sqrt()
         v = eigenvectors @ (inverse * (eigenvectors.T @ norms))

@@ -22,6 +22,7 @@ __all__ = [
     "noise_level",
     "normalise_by_trace",
     "regularise",
+    "significant_eigh",
     "uniform_if_zero",
 ]
 
@@ -268,3 +269,12 @@ def dual_cone_weights(
     g = g + reg_eps * torch.eye(num_objectives, dtype=g.dtype, device=g.device)
     count = 2 * num_objectives if iterations is None else iterations
     return lower_bounded_qp(g, lower, count, stop_at_fixed_point=g.device.type == "cpu")
+
+
+def significant_eigh(g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Eigenvalues, eigenvectors (:func:`jacobi_eigh`) of the trace-normalised Gramian ``g``, and
+    the mask of eigenvalues above the round-off level of the input ``dtype`` (:func:`noise_level`).
+    """
+    eigenvalues, eigenvectors = jacobi_eigh(g)
+    kept = eigenvalues > noise_level(dtype, g.shape[0]) * eigenvalues.max()
+    return eigenvalues, eigenvectors, kept
