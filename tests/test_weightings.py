@@ -106,7 +106,7 @@ def test_permutation_equivariance(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", weighting_names())
-@pytest.mark.parametrize("scale", [1e-12, 1e12])
+@pytest.mark.parametrize("scale", [1e-20, 1e-12, 1e12, 1e20])
 def test_weights_do_not_depend_on_the_gradient_scale(name: str, scale: float) -> None:
     gramian = gramian_of("shared_component", 5, seed=2)
     torch.testing.assert_close(
