@@ -142,18 +142,18 @@ def _hold_until_last_bucket(
         state.diagnostics.record(
             state.iter, -1, context.objectives, total, weights, segmented=False
         )
-    for h in held[:-1]:
-        update = combine_segments(
-            weights, h.objectives, [(0, h.objectives.shape[1])], h.buffer.dtype
+    gathers = [
+        _gather_into(
+            h.buffer,
+            h.comm,
+            combine_segments(weights, h.objectives, [(0, h.objectives.shape[1])], h.buffer.dtype),
         )
-        _gather_into(h.buffer, h.comm, update).then(
-            lambda done, pending=h.future: pending.set_result(done.value())
-        )
-    last = held[-1]
-    update = combine_segments(
-        weights, last.objectives, [(0, last.objectives.shape[1])], last.buffer.dtype
-    )
-    return _gather_into(last.buffer, last.comm, update)
+        for h in held
+    ]
+    # The earlier buckets' futures, already handed to DDP, complete with their gathers.
+    for h, gather in zip(held[:-1], gathers[:-1], strict=True):
+        gather.then(lambda done, pending=h.future: pending.set_result(done.value()))
+    return gathers[-1]
 
 
 def register_bucket_moo_hook(model: DistributedDataParallel, state: BucketMOOState) -> None:
