@@ -11,23 +11,30 @@ weightings) computed with the shard-Gramian protocol, which moves the bytes of a
 
 from . import reference, weightings
 from ._diagnostics import Diagnostics
+from ._fsdp1 import register_fsdp_moo_hook
+from ._fsdp2 import BucketMOOReduceScatter, install_fsdp_moo
 from ._hook import bucket_moo_hook, register_bucket_moo_hook
 from ._ledger import BucketTraffic, CommLedger, ring_allreduce_bytes
 from ._objectives import ObjectiveMap, objective_key
 from ._state import BucketMOOState
+from ._units import FSDPUnit
 from .weightings import Weighting, weighting_names
 
 __all__ = [
+    "BucketMOOReduceScatter",
     "BucketMOOState",
     "BucketTraffic",
     "CommLedger",
     "Diagnostics",
+    "FSDPUnit",
     "ObjectiveMap",
     "Weighting",
     "bucket_moo_hook",
+    "install_fsdp_moo",
     "objective_key",
     "reference",
     "register_bucket_moo_hook",
+    "register_fsdp_moo_hook",
     "ring_allreduce_bytes",
     "weighting_names",
     "weightings",

@@ -1,0 +1,171 @@
+"""FSDP1 (``FullyShardedDataParallel``): the shard-Gramian protocol as every unit's comm hook.
+
+Sharded strategies (``FULL_SHARD``, ``SHARD_GRAD_OP``) call the hook as ``hook(state, grad,
+output)`` with the unit's padded flat gradient ``[R·c]`` and a ``[c]`` output: rank ``r`` owns
+chunk ``r``, so an all-to-all gives rank ``j`` its slice ``S_j`` of every rank's gradient and the
+combined slice is the output (DESIGN.md §3 without step 7, the bytes of a reduce-scatter).
+``NO_SHARD`` calls ``hook(state, grad)`` and expects the reduced gradient in place: the DDP form
+of the protocol (all-to-all, Gramian, all-gather). FSDP1 runs no comm hook under the hybrid
+strategies; FSDP2 with :func:`install_fsdp_moo` (``hsdp_mesh=``) serves HSDP.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+from ._protocol import BucketComm, scatter_shards, shard_segments
+from ._state import BucketMOOState
+from ._units import BackwardSteps, FSDPUnit, solve_unit
+
+_HYBRID = (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2)
+
+
+@dataclass(frozen=True, slots=True)
+class _UnitHookState:
+    """What FSDP1 passes to the hook of one unit: FSDP1 gives the hook no unit identity, so
+    every unit gets its own hook state."""
+
+    state: BucketMOOState
+    unit: FSDPUnit
+    steps: BackwardSteps
+    group: dist.ProcessGroup
+
+
+def _fsdp1_hook(hook_state: _UnitHookState, grad: Tensor, output: Tensor | None = None) -> None:
+    state, unit = hook_state.state, hook_state.unit
+    if not grad.is_floating_point():
+        raise TypeError(
+            f"{unit.label}: bucket-MOO needs floating-point gradients, got {grad.dtype}"
+        )
+    objective_map = hook_state.steps.objective_map(state.group, unit)
+    group = hook_state.group
+    comm = BucketComm(
+        group, state.ledger.open_bucket(unit.index, grad.numel(), grad.element_size())
+    )
+    if output is None:  # NO_SHARD: the DDP form, the reduced gradient in place
+        shards = scatter_shards(comm, grad)
+    else:
+        received = torch.empty_like(grad)
+        comm.all_to_all(received, grad).wait()
+        shards = received.view(comm.world_size, -1)
+    segments = None
+    if state.granularity == "parameter":
+        segments = shard_segments(unit.segment_sizes, group.rank(), shards.shape[1])
+    averaging = state._averaging_matrix(objective_map, grad.device)
+    update = solve_unit(state, unit, comm, shards, averaging, objective_map, segments)
+    if output is not None:
+        output.copy_(update)
+        return
+    numel = grad.numel()
+    gathered = grad.new_empty(update.numel() * comm.world_size)
+    comm.all_gather(gathered, update).wait()
+    grad.copy_(gathered[:numel])
+
+
+def _unit_of(
+    index: int, name: str, module: FullyShardedDataParallel, positions: dict[int, int]
+) -> FSDPUnit | None:
+    handle = module._handle
+    if handle is None:  # manages no parameter: FSDP never calls its hook
+        return None
+    flat = handle.flat_param
+    sizes: list[int] = []
+    # Alignment padding (use_orig_params=True) holds zero gradients: it joins the parameter
+    # before it, which leaves that parameter's Gramian unchanged.
+    for numel, is_padding in zip(flat._numels_with_padding, flat._is_padding_mask, strict=True):
+        if is_padding and sizes:
+            sizes[-1] += numel
+        else:
+            sizes.append(numel)
+    if id(flat) in positions:  # use_orig_params=False: model.parameters() yields flat params
+        problem = (positions[id(flat)],)
+        parameter_problems = tuple((positions[id(flat)], s) for s in range(len(sizes)))
+    else:
+        originals = [positions[id(p)] for p in flat._params]
+        problem = tuple(originals)
+        parameter_problems = tuple((p,) for p in originals)
+    return FSDPUnit(index, name, problem, parameter_problems, tuple(sizes))
+
+
+def register_fsdp_moo_hook(
+    model: FullyShardedDataParallel, state: BucketMOOState
+) -> list[FSDPUnit]:
+    """Register bucket-level MOO as the comm hook of every FSDP1 unit of ``model``.
+
+    Unit ``i`` is the ``i``-th ``FullyShardedDataParallel`` instance in ``model.modules()`` order
+    (its bucket id). FSDP1 applies no gradient division when a comm hook is registered, and the
+    hook writes the combination on the scale of an average. ``no_sync()`` accumulation and
+    ``MixedPrecision(reduce_dtype=...)`` (Gramian in fp32 regardless) work unchanged.
+
+    Args:
+        model: The root ``FullyShardedDataParallel`` instance, before its first forward.
+        state: The hook state; ``state.process_group=None`` adopts the model's group.
+
+    Returns:
+        The units in module order (instances that manage no parameter are skipped).
+
+    Raises:
+        TypeError: ``model`` is not a root FSDP1 instance or ``state`` not a state.
+        ValueError: A hybrid sharding strategy (named with its unit), a comm hook already
+            registered, ``granularity="global"``, or a state whose group is not the model's.
+    """
+    if not isinstance(model, FullyShardedDataParallel):
+        raise TypeError(
+            "model must be a torch.distributed.fsdp.FullyShardedDataParallel (FSDP1), got "
+            f"{type(model).__name__}; for fully_shard (FSDP2) use install_fsdp_moo"
+        )
+    if not isinstance(state, BucketMOOState):
+        raise TypeError(f"state must be a BucketMOOState, got {type(state).__name__}")
+    if not model.check_is_root():
+        raise TypeError("model must be the root FullyShardedDataParallel instance")
+    if state.granularity == "global":
+        raise ValueError(
+            "granularity='global' is DDP-only: FSDP consumes each unit's reduced gradient as "
+            "soon as the hook returns, so no unit can wait for the whole model's weights; use "
+            "granularity='bucket' or 'parameter'"
+        )
+    modules = [
+        # Names as in the unwrapped model: FSDP1 inserts "_fsdp_wrapped_module." into paths.
+        (name.replace("_fsdp_wrapped_module.", ""), m)
+        for name, m in model.named_modules()
+        if isinstance(m, FullyShardedDataParallel)
+    ]
+    for index, (name, module) in enumerate(modules):
+        label = f"FSDP unit {index} ({name or 'root'!r})"
+        if module.sharding_strategy in _HYBRID:
+            raise ValueError(
+                f"{label} uses {module.sharding_strategy.name}: FSDP1 runs no comm hook under "
+                "hybrid sharding; use FSDP2 (fully_shard over the shard dimension) with "
+                "install_fsdp_moo(..., hsdp_mesh=mesh)"
+            )
+        if module._comm_hook is not None:
+            raise ValueError(f"{label} already has a comm hook; FSDP accepts one hook only")
+        if dist.get_process_group_ranks(module.process_group) != dist.get_process_group_ranks(
+            model.process_group
+        ):
+            raise ValueError(f"{label} reduces over another group than the root")
+    if state.process_group is None:
+        state.process_group = model.process_group
+    elif dist.get_process_group_ranks(state.process_group) != dist.get_process_group_ranks(
+        model.process_group
+    ):
+        raise ValueError(
+            f"state.process_group (ranks {dist.get_process_group_ranks(state.process_group)}) "
+            "is not the group the model reduces over (ranks "
+            f"{dist.get_process_group_ranks(model.process_group)}); pass process_group=None"
+        )
+    state._check_world_size(model.process_group.size())
+    positions = {id(p): i for i, p in enumerate(model.parameters())}
+    steps = BackwardSteps(state)
+    model.register_comm_hook(None, _fsdp1_hook)
+    units = []
+    for index, (name, module) in enumerate(modules):
+        unit = _unit_of(index, name, module, positions)
+        if unit is not None:
+            # The public API gives every unit the same hook state; each needs its own.
+            module._comm_hook_state = _UnitHookState(state, unit, steps, module.process_group)
+            units.append(unit)
+    return units
