@@ -14,6 +14,7 @@ from ._diagnostics import Diagnostics
 from ._fsdp1 import register_fsdp_moo_hook
 from ._fsdp2 import BucketMOOReduceScatter, install_fsdp_moo
 from ._hook import bucket_moo_hook, register_bucket_moo_hook
+from ._install import install_bucket_moo
 from ._ledger import BucketTraffic, CommLedger, ring_allreduce_bytes
 from ._objectives import ObjectiveMap, objective_key
 from ._state import BucketMOOState
@@ -30,6 +31,7 @@ __all__ = [
     "ObjectiveMap",
     "Weighting",
     "bucket_moo_hook",
+    "install_bucket_moo",
     "install_fsdp_moo",
     "objective_key",
     "reference",

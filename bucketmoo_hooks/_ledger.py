@@ -31,6 +31,10 @@ class BucketTraffic:
     def allreduce_bytes(self, world_size: int) -> int:
         return ring_allreduce_bytes(self.numel, self.element_size, world_size)
 
+    def reduce_scatter_bytes(self, world_size: int) -> int:
+        """What FSDP's own reduce-scatter of the same unit sends: ``(R−1)/R · n · b``."""
+        return (world_size - 1) * self.numel * self.element_size // world_size
+
 
 class CommLedger:
     """Per-bucket and per-step record of the bytes this rank sends through each collective.
@@ -95,3 +99,8 @@ class CommLedger:
     def last_step_allreduce_bytes(self) -> int:
         """What a ring all-reduce of the same buckets would have sent in the last step."""
         return sum(t.allreduce_bytes(self.world_size) for t in self.last_step)
+
+    def last_step_reduce_scatter_bytes(self) -> int:
+        """What FSDP's reduce-scatter of the same units would have sent in the last step (1-D
+        FSDP; for HSDP ``world_size`` is the whole mesh and this is not the comparison)."""
+        return sum(t.reduce_scatter_bytes(self.world_size) for t in self.last_step)

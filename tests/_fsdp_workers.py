@@ -52,7 +52,7 @@ class FSDPScenario:
     version: int  # 1: FullyShardedDataParallel, 2: fully_shard
     objective_of_rank: tuple[Hashable, ...]
     weighting: str = "mgda"
-    steps: int = 3
+    steps: int = 2
     granularity: str = "bucket"
     micro_batches: int = 1
     #: MixedPrecisionPolicy / MixedPrecision reduce dtype (parameters stay fp32).
@@ -351,6 +351,7 @@ def install_errors(rank: int, world_size: int) -> dict[str, str]:
             FullyShardedDataParallel(hybrid, device_id=CPU), BucketMOOState()
         )
     )
+    errors["scaling_changed"] = scaling_changed_after_install(rank, world_size)
     return errors
 
 

@@ -21,7 +21,6 @@ from _fsdp_workers import (
     FSDPScenario,
     install_errors,
     mean_vs_native,
-    scaling_changed_after_install,
     train_scenarios,
 )
 from torch import nn
@@ -52,7 +51,7 @@ SCENARIOS: dict[int, list[FSDPScenario]] = {
     ],
     3: [
         FSDPScenario("fsdp2_r3_pcgrad", 2, (0, 1, 2), weighting="pcgrad"),
-        FSDPScenario("fsdp1_mgda", 1, (0, 1, 2), steps=3),
+        FSDPScenario("fsdp1_mgda", 1, (0, 1, 2)),
         FSDPScenario(
             "fsdp1_upgrad_grad_op", 1, (0, 1, 2), "upgrad", strategy=ShardingStrategy.SHARD_GRAD_OP
         ),
@@ -286,7 +285,7 @@ def test_diagnostics_are_recorded_per_unit() -> None:
 def test_mean_equals_fsdp_own_average() -> None:
     """FSDP2 and FSDP1: ``weighting="mean"`` with equal groups gives FSDP's own reduce-scatter
     average (its sharded gradients) up to floating-point reassociation."""
-    for runs in run_distributed(4, mean_vs_native, ("a", "b", "a", "b"), 3):
+    for runs in run_distributed(2, mean_vs_native, ("a", "b"), 3):
         for version in (1, 2):
             ours, theirs = runs[f"fsdp{version}_mean"], runs[f"fsdp{version}_native"]
             assert ((ours - theirs).norm(dim=1) / theirs.norm(dim=1)).max() <= 1e-6
@@ -311,9 +310,8 @@ def test_unsupported_combinations_fail_at_install_time() -> None:
     assert errors["fsdp1_twice"].startswith("ValueError: FSDP unit 0 ('root') already has a comm")
     assert errors["fsdp1_hybrid"].startswith("ValueError: FSDP unit 1 ('0') uses HYBRID_SHARD")
     assert "other_group" not in per_rank[1]
-
-
-def test_scaling_changed_after_install_raises_on_every_rank() -> None:
-    for error in run_distributed(2, scaling_changed_after_install, timeout=90):
+    # The divide factor changed after install: backward raises on every rank (no hang).
+    for rank_errors in per_rank:
+        error = rank_errors["scaling_changed"]
         assert error.startswith("ValueError: FSDP unit 1 ('0'): FSDP asked for a reduce-scatter")
         assert "gradient divide factor 2.0" in error
