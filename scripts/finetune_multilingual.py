@@ -1,27 +1,44 @@
-"""Train a tiny byte-level GPT from scratch on several languages, one language per DDP rank.
+"""Multilingual fine-tuning with bucket-level MOO: one language per DDP rank (or per emulated rank).
 
 Every rank computes the gradient of its own language; the bucket-MOO comm hook then combines the
 per-language gradients in every DDP bucket with a multi-objective weighting (MGDA by default)
 instead of DDP's plain average. ``--weighting ddp`` is the control: plain DDP, no hook.
 
-    torchrun --nproc-per-node 4 scripts/finetune_multilingual.py
+    torchrun --nproc-per-node 4 scripts/finetune_multilingual.py                  # tiny GPT, UDHR
     torchrun --nproc-per-node 4 scripts/finetune_multilingual.py --weighting ddp
     torchrun --nproc-per-node 2 scripts/finetune_multilingual.py --languages eng,rus,jpn,arb,hin
-    torchrun --nproc-per-node 4 scripts/finetune_multilingual.py --device cuda
+    torchrun --nproc-per-node 4 scripts/finetune_multilingual.py --device cuda --dtype bf16
+    python scripts/finetune_multilingual.py --engine single --model smollm2-135m --data gnome \\
+        --languages de,fr,ru,ko --unseen uk,es,el --weighting pcgrad          # one device
 
-Data: the vendored UDHR sample (51 aligned paragraphs per language, ``bucketmoo_hooks.data``),
-tokenised as raw UTF-8 bytes. Rank 0 prints the per-language training loss, then bits per byte on
-held-out paragraphs of the trained ("seen") languages and of ``--unseen`` ones nobody trains.
+Rank → language: ranks ``r, r + L, …`` form the group of language ``r`` when there are at least as
+many ranks as languages; otherwise the ranks rotate through the languages, ``world`` distinct ones
+per step (``state.set_objective``). ``--engine single`` runs the same experiment in one process:
+each emulated rank's gradient is computed in turn and ``SingleDeviceMOO`` combines them over the
+bucket partition DDP would use (``bucketmoo_hooks.single_device``).
+
+Data: ``--data udhr`` (default) is the vendored UDHR sample (``bucketmoo_hooks.data``);
+``--data gnome`` is the Debian gnome-user-docs corpus made by ``scripts/fetch_corpora.py``.
+Models: ``--model tiny`` is a byte-level GPT trained from scratch; ``smollm2-135m`` and
+``gemma3-270m`` are the pretrained LMs converted by ``scripts/fetch_models.py``. Evaluation is in
+bits per byte (tokeniser-independent) on held-out text of the trained ("seen") languages and of
+``--unseen`` ones nobody trains. ``--out DIR`` receives ``log.jsonl`` (train/eval records),
+``summary.json``, ``diagnostics.jsonl`` (pair cosines etc. per bucket), ``buckets.json`` and
+``ckpt.pt`` (``--ckpt-every``; ``--resume`` continues from it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,13 +46,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from bucketmoo_hooks import BucketMOOState, register_bucket_moo_hook, ring_allreduce_bytes
+from bucketmoo_hooks import (
+    BucketMOOState,
+    Diagnostics,
+    register_bucket_moo_hook,
+    ring_allreduce_bytes,
+    weighting_names,
+)
 from bucketmoo_hooks.data import load_udhr, udhr_languages, udhr_split
+from bucketmoo_hooks.data.corpora import cache_dir, corpus_languages, load_corpus
+from bucketmoo_hooks.probe import language_separability
+from bucketmoo_hooks.single_device import SingleDeviceMOO, ddp_bucket_partition
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LAUNCH = "torchrun --nproc-per-node 4 scripts/finetune_multilingual.py [options]"
+GNOME = "gnome-user-docs-43.0-2"  # the corpus directory fetch_corpora.py writes
+DEFAULT_LANGUAGES = {"udhr": ("eng,rus,jpn,arb", "ukr,deu_1996"), "gnome": ("de,fr,ru,ko", "uk,es")}
 
-# -- model ----------------------------------------------------------------------------------------
+# -- models ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -100,33 +128,124 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def hidden_states(self, idx: Tensor) -> list[Tensor]:
+        """The residual stream after the embeddings and after every block."""
         positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.tok_emb(idx) + self.pos_emb(positions)
+        states = [self.tok_emb(idx) + self.pos_emb(positions)]
         for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.ln_f(x))
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="mean")
-        return logits, loss
+            states.append(block(states[-1]))
+        return states
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        logits = self.head(self.ln_f(self.hidden_states(idx)[-1]))
+        return logits, None if targets is None else next_token_loss(logits, targets)
+
+
+class PretrainedLM(nn.Module):
+    """A transformers causal LM behind the tiny GPT's interface (loaded from a converted dir)."""
+
+    def __init__(self, path: Path, train_embeddings: bool, train_layers: int) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM  # optional dependency: the finetune extra
+
+        self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if train_layers:  # only the top blocks and the final norm: backward stops below them
+            self.lm.requires_grad_(False)
+            for module in [*self.lm.model.layers[-train_layers:], self.lm.model.norm]:
+                module.requires_grad_(True)
+        # The (tied) embedding matrix is most of a small multilingual LM's parameters; freezing it
+        # keeps the update on the transformer blocks, where the per-language conflicts live.
+        self.lm.get_input_embeddings().weight.requires_grad_(train_embeddings)
+
+    def hidden_states(self, idx: Tensor) -> list[Tensor]:
+        return list(
+            self.lm(input_ids=idx, output_hidden_states=True, use_cache=False).hidden_states
+        )
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        logits = self.lm(input_ids=idx, use_cache=False).logits
+        return logits, None if targets is None else next_token_loss(logits, targets)
+
+
+def next_token_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+@dataclass
+class Codec:
+    """Text → token ids, and the id that starts every evaluation stream."""
+
+    encode: Callable[[str], list[int]]
+    bos: int
+
+
+def build_model(args: argparse.Namespace) -> tuple[nn.Module, Codec]:
+    if args.model == "tiny":
+        cfg = GPTConfig(args.context, args.n_layer, args.n_head, args.d_model)
+        return GPT(cfg), Codec(lambda text: list(text.encode("utf-8")), bos=ord("\n"))
+    from transformers import AutoTokenizer
+
+    path = args.model_dir or cache_dir() / "models" / args.model
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"no converted model at {path}; run `python scripts/fetch_models.py`")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    codec = Codec(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos=bos)
+    return PretrainedLM(path, args.train_embeddings, args.train_layers), codec
 
 
 # -- data -----------------------------------------------------------------------------------------
 
 
-def encode(paragraphs: list[str]) -> Tensor:
-    """UTF-8 bytes of the paragraphs, one per line, as a long tensor of token ids."""
-    return torch.tensor(list("\n".join(paragraphs).encode("utf-8")), dtype=torch.long)
+def load_texts(args: argparse.Namespace) -> dict[str, dict[str, list[str]]]:
+    """Paragraphs per language and split (``train``, ``valid``, ``test``)."""
+    codes = args.languages + args.unseen
+    if args.data == "gnome":
+        return load_corpus(args.data_dir, codes)
+    texts = {}
+    for code, paragraphs in load_udhr(codes).items():
+        train, held_out = udhr_split(paragraphs, args.valid_fraction)
+        # 51 paragraphs are too few for three parts: UDHR's test split is its validation split.
+        texts[code] = {"train": train, "valid": held_out, "test": held_out}
+    return texts
+
+
+@dataclass
+class EvalSet:
+    tokens: Tensor  # [bos, tokens of the text]: every token of the text is predicted
+    n_bytes: int  # UTF-8 bytes of the text: bits per byte = nats / n_bytes / ln 2
+
+
+def eval_set(paragraphs: list[str], codec: Codec, max_bytes: int) -> EvalSet:
+    """The first paragraphs of a split, up to ``max_bytes`` of text (at least one paragraph)."""
+    kept, size = [], 0
+    for paragraph in paragraphs:
+        size += len(paragraph.encode("utf-8")) + 1
+        if kept and size > max_bytes:
+            break
+        kept.append(paragraph)
+    text = "\n".join(kept)
+    tokens = torch.tensor([codec.bos, *codec.encode(text)], dtype=torch.long)
+    return EvalSet(tokens, len(text.encode("utf-8")))
 
 
 def get_batch(
     data: Tensor, batch_size: int, context: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
-    """Random windows of ``context + 1`` bytes: inputs and next-byte targets."""
+    """Random windows of ``context + 1`` tokens: inputs and next-token targets."""
     starts = torch.randint(len(data) - context, (batch_size, 1), generator=generator)
     windows = data[starts + torch.arange(context + 1)]
     return windows[:, :-1], windows[:, 1:]
+
+
+def windows(tokens: Tensor, context: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Non-overlapping windows: every token after the first is predicted exactly once."""
+    n = len(tokens) - 1
+    full = n // context * context
+    if full:
+        yield tokens[:full].view(-1, context), tokens[1 : full + 1].view(-1, context)
+    if full < n:  # the tail, as one shorter window
+        yield tokens[full:n].view(1, -1), tokens[full + 1 :].view(1, -1)
 
 
 def language_index(rank: int, step: int, world: int, n_languages: int) -> int:
@@ -141,49 +260,77 @@ def language_index(rank: int, step: int, world: int, n_languages: int) -> int:
     return (rank + step * world) % n_languages
 
 
-@torch.no_grad()
-def nats_and_bytes(model: GPT, data: Tensor, device: torch.device) -> tuple[float, int]:
-    """Summed next-byte cross-entropy (nats) over ``data`` and the number of bytes predicted.
+# -- evaluation -----------------------------------------------------------------------------------
 
-    Non-overlapping windows of ``context`` bytes, so every byte after the first is predicted
-    exactly once (with whatever context its window gives it).
-    """
-    context = model.cfg.context
-    n = len(data) - 1
-    full = n // context * context
-    chunks = [(data[:full].view(-1, context), data[1 : full + 1].view(-1, context))]
-    if full < n:  # the tail, as one shorter window
-        chunks.append((data[full:n].view(1, -1), data[full + 1 :].view(1, -1)))
-    nats = 0.0
-    for x, y in chunks:
-        if x.numel() == 0:
-            continue
-        logits, _ = model(x.to(device))
-        nats += F.cross_entropy(
-            logits.flatten(0, 1), y.to(device).flatten(), reduction="sum"
-        ).item()
-    return nats, n
+
+@torch.no_grad()
+def nats(model: nn.Module, data: EvalSet, context: int, batch: int, device: torch.device) -> float:
+    total = 0.0
+    for x, y in windows(data.tokens, context):
+        for i in range(0, len(x), batch):
+            logits, _ = model(x[i : i + batch].to(device))
+            total += next_token_loss(logits, y[i : i + batch].to(device), "sum").item()
+    return total
 
 
 def evaluate(
-    model: GPT, valid: dict[str, Tensor], rank: int, world: int, device: torch.device
+    run: Run, sets: dict[str, EvalSet], autocast: contextlib.AbstractContextManager
 ) -> dict[str, float]:
-    """Bits per byte of every language; languages are split over the ranks, then summed."""
-    model.eval()
-    stats = torch.zeros(len(valid), 2, dtype=torch.float64, device=device)
-    for i, data in enumerate(valid.values()):
-        if i % world == rank:
-            nats, count = nats_and_bytes(model, data, device)
-            stats[i, 0], stats[i, 1] = nats, count
-    dist.all_reduce(stats)
-    model.train()
-    return {
-        code: float(nats / count / math.log(2))
-        for code, (nats, count) in zip(valid, stats.tolist(), strict=True)
-    }
+    """Bits per byte of every language; with DDP the languages are split over the ranks."""
+    run.model.eval()
+    stats = torch.zeros(len(sets), dtype=torch.float64)
+    with autocast:
+        for i, (code, data) in enumerate(sets.items()):
+            if i % run.world_processes == run.rank:
+                stats[i] = nats(run.model, data, run.args.context, run.args.eval_batch, run.device)
+                stats[i] /= sets[code].n_bytes * math.log(2)
+    if run.distributed:
+        dist.all_reduce(stats)
+    run.model.train()
+    return dict(zip(sets, stats.tolist(), strict=True))
+
+
+@torch.no_grad()
+def separability(run: Run, sets: dict[str, EvalSet]) -> list[dict[str, float]]:
+    """Per layer: how separable the languages are in the mean-pooled hidden states of windows."""
+    run.model.eval()
+    features: list[dict[str, Tensor]] = []
+    for code, data in sets.items():
+        x, _ = next(windows(data.tokens, run.args.context))
+        states = run.model.hidden_states(x[: run.args.probe_windows].to(run.device))
+        if not features:
+            features = [{} for _ in states]
+        for layer, state in enumerate(states):
+            features[layer][code] = state.float().mean(dim=1).cpu()
+    run.model.train()
+    return [language_separability(layer) for layer in features]
 
 
 # -- training -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What the training loop needs to know about the processes and the model."""
+
+    args: argparse.Namespace
+    rank: int  # this process's rank (0 with --engine single)
+    world: int  # ranks: processes, or emulated ranks with --engine single
+    world_processes: int
+    distributed: bool
+    device: torch.device
+    model: nn.Module  # the bare model (DDP's .module)
+
+    @property
+    def local_ranks(self) -> range:
+        """The ranks this process computes gradients for."""
+        return range(self.world) if not self.distributed else range(self.rank, self.rank + 1)
+
+
+def checkpoint_config(args: argparse.Namespace, world: int) -> dict[str, object]:
+    """What a resumed run must share with the run that saved the checkpoint."""
+    keys = ("engine", "weighting", "granularity", "languages", "model", "seed", "steps", "data")
+    return {key: vars(args)[key] for key in keys} | {"world": world}
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -194,64 +341,121 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+class Progress:
+    """A one-line progress bar on a terminal (rank 0); silent otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.t0 = total, enabled and sys.stderr.isatty(), time.time()
+
+    def update(self, done: int, first: int, note: str) -> None:
+        if not self.enabled:
+            return
+        rate = (done - first) / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        bar = "#" * (30 * done // self.total)
+        sys.stderr.write(
+            f"\r[{bar:<30}] {done}/{self.total} {rate:.2f} it/s eta {eta:4.0f}s {note}"
+        )
+        sys.stderr.flush()
+        if done == self.total:
+            sys.stderr.write("\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--languages", default="eng,rus,jpn,arb", help="trained UDHR codes, comma-separated")
-    add("--unseen", default="ukr,deu_1996", help="UDHR codes only evaluated (held out)")
-    add("--weighting", choices=["mgda", "mean", "ddp"], default="mgda", help="ddp: no hook")
+    add("--engine", choices=["ddp", "single"], default="ddp", help="single: one process")
+    add("--ranks", type=int, default=None, help="--engine single: emulated ranks (default: L)")
+    add("--data", choices=["udhr", "gnome"], default="udhr")
+    add("--data-dir", type=Path, default=None, help="gnome corpus dir (default: in the cache)")
+    add("--languages", default=None, help="trained codes, comma-separated")
+    add("--unseen", default=None, help="codes only evaluated (held out)")
+    add("--model", choices=["tiny", "smollm2-135m", "gemma3-270m"], default="tiny")
+    add("--model-dir", type=Path, default=None, help="converted model (default: in the cache)")
+    add("--train-embeddings", action="store_true", help="pretrained models: train the embeddings")
+    add("--train-layers", type=int, default=0, help="pretrained: train the top N blocks (0: all)")
+    add("--weighting", choices=["ddp", *weighting_names()], default="mgda", help="ddp: no hook")
+    add("--granularity", choices=["bucket", "parameter", "global"], default="bucket")
     add("--steps", type=int, default=400)
-    add("--batch-size", type=int, default=32, help="windows per rank per step")
+    add("--batch-size", type=int, default=32, help="windows per rank per micro-batch")
+    add("--grad-accum", type=int, default=1, help="micro-batches per step (DDP no_sync)")
     add("--lr", type=float, default=3e-3)
     add("--warmup", type=int, default=None, help="warmup steps (default: steps // 10)")
     add("--weight-decay", type=float, default=0.01)
     add("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
-    add("--context", type=int, default=64)
+    add("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPUs")
+    add("--context", type=int, default=64, help="tokens per window")
     add("--n-layer", type=int, default=2)
     add("--n-head", type=int, default=4)
     add("--d-model", type=int, default=64)
     add("--bucket-cap-mb", type=float, default=0.05, help="small, so the model has many buckets")
-    add("--valid-fraction", type=float, default=0.2, help="held-out share of the paragraphs")
+    add("--valid-fraction", type=float, default=0.2, help="UDHR: held-out share of paragraphs")
+    add("--eval-every", type=int, default=0, help="validation every N steps (0: start and end)")
+    add("--eval-start", action=argparse.BooleanOptionalAction, default=True, help="eval at step 0")
+    add("--eval-bytes", type=int, default=100_000, help="held-out text per language and split")
+    add("--eval-batch", type=int, default=16, help="windows per evaluation forward")
+    add("--probe", action="store_true", help="per-layer language separability at the end")
+    add("--probe-windows", type=int, default=32, help="windows per language for --probe")
     add("--log-every", type=int, default=25)
+    add("--diag-every", type=int, default=10, help="diagnostics: steps between host pulls")
     add("--seed", type=int, default=1337)
     add("--device", choices=["cpu", "cuda"], default="cpu")
-    add("--threads", type=int, default=1, help="torch threads per rank on CPU")
-    add("--json", metavar="PATH", default=None, help="write losses and final eval here (rank 0)")
+    add("--threads", type=int, default=1, help="torch threads per process on CPU")
+    add("--out", type=Path, default=None, help="run directory: logs, diagnostics, checkpoint")
+    add("--ckpt-every", type=int, default=0, help="checkpoint every N steps (and at the end)")
+    add("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    add("--stop-after", type=int, default=None, help="stop after this step (then --resume)")
     args = parser.parse_args(argv)
 
-    available = udhr_languages()
-    args.languages = [c for c in args.languages.split(",") if c]
+    seen, unseen = DEFAULT_LANGUAGES[args.data]
+    args.languages = [c for c in (args.languages or seen).split(",") if c]
     # A trained language is reported as seen, never also as unseen.
-    args.unseen = [c for c in args.unseen.split(",") if c and c not in args.languages]
+    unseen_codes = unseen if args.unseen is None else args.unseen
+    args.unseen = [c for c in unseen_codes.split(",") if c and c not in args.languages]
+    if args.data == "gnome":
+        args.data_dir = args.data_dir or cache_dir() / "corpora" / GNOME
+        available = corpus_languages(args.data_dir)
+        if not available:
+            parser.error(f"no corpus at {args.data_dir}; run `python scripts/fetch_corpora.py`")
+    else:
+        available = udhr_languages()
     unknown = [c for c in args.languages + args.unseen if c not in available]
     if unknown:
         parser.error(f"unknown language code(s) {unknown}; available: {', '.join(available)}")
     if not args.languages or len(set(args.languages)) != len(args.languages):
         parser.error(f"--languages needs distinct codes, got {args.languages}")
-    if min(args.steps, args.batch_size, args.log_every, args.context, args.threads) < 1:
-        parser.error("--steps, --batch-size, --log-every, --context and --threads must be >= 1")
-    if args.d_model % args.n_head:
+    positive = ("steps", "batch_size", "grad_accum", "log_every", "context", "threads")
+    if min(getattr(args, name) for name in positive) < 1:
+        parser.error(f"{', '.join('--' + n.replace('_', '-') for n in positive)} must be >= 1")
+    if args.model == "tiny" and args.d_model % args.n_head:
         parser.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
     if args.warmup is None:
         args.warmup = max(1, args.steps // 10)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
+    if (args.resume or args.ckpt_every or args.stop_after) and args.out is None:
+        parser.error("--resume, --ckpt-every and --stop-after need --out")
+    if args.engine == "single":
+        args.ranks = args.ranks or len(args.languages)
+        return args
+    if args.ranks is not None:
+        parser.error("--ranks is for --engine single; with DDP the ranks are torchrun's")
     missing = [name for name in TORCHRUN_ENV if name not in os.environ]
     if missing:
         parser.error(
             f"the torchrun environment is missing ({', '.join(missing)} unset); "
-            f"this script runs one process per rank, launch it as:\n  {LAUNCH}"
+            f"this script runs one process per rank, launch it as:\n  {LAUNCH}\n"
+            "or use --engine single for one process"
         )
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
     if args.device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if local_rank >= torch.cuda.device_count():
             raise SystemExit(
                 f"--device cuda: LOCAL_RANK {local_rank} needs cuda:{local_rank}, but only "
@@ -259,14 +463,16 @@ def main(argv: list[str] | None = None) -> None:
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "cpu:gloo,cuda:nccl"  # gloo for the hook's small host-side exchange
     else:
         device = torch.device("cpu")
         torch.set_num_threads(args.threads)  # the ranks share the machine's cores
-        backend = "gloo"
+    if args.engine == "single":
+        train(args, 0, args.ranks, device)
+        return
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"  # gloo: host exchange
     # device_id binds NCCL to this rank's GPU up front (and tells barrier() which one to use).
     dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    train(args, rank, world, device)
+    train(args, dist.get_rank(), dist.get_world_size(), device)
     # Wait until every rank is done before tearing down. The barrier also gives gloo's worker
     # threads (waiting here for the GIL) time to drop the tensors of the last collective: one
     # still holding them once the interpreter shuts down aborts the process (SIGABRT).
@@ -276,6 +482,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
     master = rank == 0
+    distributed = args.engine == "ddp"
     langs, n_langs = args.languages, len(args.languages)
     rotate = world < n_langs
 
@@ -283,39 +490,76 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         if master:
             print(message, flush=True)
 
-    # Data: identical splits on every rank (udhr_split is deterministic).
-    texts = load_udhr(langs + args.unseen)
-    train_data: dict[str, Tensor] = {}
-    valid_data: dict[str, Tensor] = {}
-    for code, paragraphs in texts.items():
-        train_part, valid_part = udhr_split(paragraphs, args.valid_fraction)
-        train_data[code], valid_data[code] = encode(train_part), encode(valid_part)
-        if len(train_data[code]) <= args.context:
-            raise ValueError(f"{code}: {len(train_data[code])} training bytes < context")
-
     # Same seed everywhere, so every rank builds the same initial model (DDP would broadcast
-    # rank 0's anyway); the batches come from a per-rank stream seeded by (seed, rank).
+    # rank 0's anyway); the batches come from per-rank streams seeded by (seed, rank).
     torch.manual_seed(args.seed)
-    cfg = GPTConfig(args.context, args.n_layer, args.n_head, args.d_model)
-    model = GPT(cfg).to(device)
-    batches = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)
+    model, codec = build_model(args)
+    model.to(device)
+    run = Run(args, rank, world, world if distributed else 1, distributed, device, model)
+    generators = {
+        r: torch.Generator().manual_seed(args.seed * 1_000_003 + r) for r in run.local_ranks
+    }
 
-    ddp = DDP(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        bucket_cap_mb=args.bucket_cap_mb,
-    )
-    state = None
-    if args.weighting != "ddp":
-        # Static assignment: declare the whole map once; rotation: each rank sets it every step.
-        static_map = (
-            None if rotate else [langs[language_index(r, 0, world, n_langs)] for r in range(world)]
-        )
-        state = BucketMOOState(objective_of_rank=static_map, weighting=args.weighting)
-        register_bucket_moo_hook(ddp, state)
+    texts = load_texts(args)
+    train_data = {c: torch.tensor(codec.encode("\n".join(texts[c]["train"]))) for c in langs}
+    for code, data in train_data.items():
+        if len(data) <= args.context:
+            raise ValueError(f"{code}: {len(data)} training tokens <= context {args.context}")
+    valid = {c: eval_set(t["valid"], codec, args.eval_bytes) for c, t in texts.items()}
+    test = {c: eval_set(t["test"], codec, args.eval_bytes) for c, t in texts.items()}
 
-    # Decay matrices only (nanoGPT): biases, LayerNorms and position embeddings stay undecayed.
+    if args.dtype == "bf16" or (
+        args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    ):
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext()
+
     params = [p for p in model.parameters() if p.requires_grad]
+    # Diagnostics on rank 0 only: they read the Gramian every rank already has.
+    diagnostics = None
+    if master and (args.weighting != "ddp" or not distributed):
+        diagnostics = Diagnostics(
+            log_every=args.diag_every,
+            path=args.out / "diagnostics.jsonl" if args.out else None,
+            keep=False,
+            objectives=langs,
+        )
+    state: BucketMOOState | None = None
+    engine: SingleDeviceMOO | None = None
+    ddp: DDP | None = None
+    if distributed:
+        # find_unused_parameters=True: DDP keeps the bucket partition it starts with (no rebuild
+        # after step 1), so a resumed run reduces exactly as an uninterrupted one and
+        # --engine single can reproduce the partition (ddp_bucket_partition).
+        ddp = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=args.bucket_cap_mb,
+            find_unused_parameters=True,
+        )
+        if args.weighting != "ddp":
+            # Static assignment: declare the whole map once; rotation: each rank sets it per step.
+            static_map = (
+                None
+                if rotate
+                else [langs[language_index(r, 0, world, n_langs)] for r in range(world)]
+            )
+            state = BucketMOOState(
+                static_map, args.weighting, granularity=args.granularity, diagnostics=diagnostics
+            )
+            register_bucket_moo_hook(ddp, state)
+    else:
+        engine = SingleDeviceMOO(
+            params,
+            None if args.weighting == "ddp" else args.weighting,
+            granularity=args.granularity,
+            bucket_cap_mb=args.bucket_cap_mb,
+            diagnostics=diagnostics,
+        )
+    forward = ddp if ddp is not None else model
+
+    # Decay matrices only (nanoGPT): biases, norms and position embeddings stay undecayed.
     optimizer = torch.optim.AdamW(
         [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
@@ -325,126 +569,250 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         betas=(0.9, 0.95),
     )
 
+    # -- resume ---------------------------------------------------------------------------------
+    start, history = 0, {"losses": [], "evals": []}
+    ckpt_path = args.out / "ckpt.pt" if args.out else None
+    if args.resume and ckpt_path is not None and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        current = checkpoint_config(args, world)
+        for key, value in ckpt["config"].items():
+            if current[key] != value:
+                raise SystemExit(
+                    f"{ckpt_path} was saved with {key}={value!r}, not {current[key]!r}"
+                )
+        model.load_state_dict(ckpt["model"], strict=False)  # trainable params; the rest is fixed
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if state is not None:
+            state.load_state_dict(ckpt["moo"])
+        if engine is not None:
+            engine.load_state_dict(ckpt["moo"])
+        for r, generator in generators.items():
+            generator.set_state(ckpt["generators"][r])
+        start, history = ckpt["step"], ckpt["history"]
+    elif master and args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in ("log.jsonl", "diagnostics.jsonl", "summary.json"):
+            (args.out / name).unlink(missing_ok=True)  # a fresh run starts fresh files
+
+    def write_log(record: dict) -> None:
+        if master and args.out is not None:
+            with (args.out / "log.jsonl").open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(step: int) -> None:
+        states = {r: g.get_state() for r, g in generators.items()}
+        if distributed:  # every rank's batch stream goes into the one file
+            gathered: list[dict[int, Tensor] | None] = [None] * world
+            dist.all_gather_object(gathered, states)
+            states = {r: s for part in gathered for r, s in part.items()}
+        if not master:
+            return
+        moo = state.state_dict() if state is not None else engine.state_dict() if engine else {}
+        ckpt = {
+            "step": step,
+            "config": checkpoint_config(args, world),
+            "model": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(),
+            "moo": moo,
+            "generators": [states[r] for r in range(world)],
+            "history": history,
+        }
+        torch.save(ckpt, ckpt_path.with_suffix(".tmp"))
+        ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # never a half-written checkpoint
+
     n_params = sum(p.numel() for p in params)
+    buckets = ddp_bucket_partition(params, args.bucket_cap_mb)
+    names = {id(p): n for n, p in model.named_parameters()}
+    if master and args.out is not None:
+        bucket_names = [[names[id(params[i])] for i in bucket] for bucket in buckets]
+        (args.out / "buckets.json").write_text(json.dumps(bucket_names, indent=0) + "\n")
     log(
-        f"{world} ranks on {device.type} ({dist.get_backend()}), weighting={args.weighting}, "
-        f"{n_params / 1e3:.1f}k params, bucket cap {args.bucket_cap_mb} MB, "
-        f"{args.steps} steps x {args.batch_size} x {args.context} bytes per rank"
+        f"{world} {'ranks' if distributed else 'emulated ranks'} on {device.type} "
+        f"({dist.get_backend() if distributed else 'single-device engine'}), "
+        f"weighting={args.weighting}, granularity={args.granularity}, model={args.model}, "
+        f"{n_params / 1e6:.3f}M trainable params in {len(buckets)} buckets "
+        f"(cap {args.bucket_cap_mb} MB), {args.steps} steps x {args.grad_accum} x "
+        f"{args.batch_size} x {args.context} tokens per rank, data={args.data}"
     )
     if rotate:
         log(
-            f"languages: {' '.join(langs)}, rotating: rank r trains language (r + step*{world}) "
-            f"mod {n_langs}"
+            f"languages: {' '.join(langs)}, rotating: "
+            f"rank r trains language (r + step*{world}) mod {n_langs}"
         )
     else:
         log(
             "rank -> language: "
             + "  ".join(f"{r}:{langs[language_index(r, 0, world, n_langs)]}" for r in range(world))
         )
-    log("train bytes: " + "  ".join(f"{c} {len(train_data[c])}" for c in langs))
+    log("train tokens: " + "  ".join(f"{c} {len(train_data[c])}" for c in langs))
     log(f"unseen (eval only): {' '.join(args.unseen) or '-'}")
+    if start:
+        log(f"resumed from {ckpt_path} at step {start}")
 
-    bpb_start = evaluate(model, valid_data, rank, world, device)
+    def eval_and_log(step: int, split: str, sets: dict[str, EvalSet]) -> dict[str, float]:
+        bpb = evaluate(run, sets, autocast)
+        history["evals"].append({"step": step, "split": split, "bpb": bpb})
+        write_log({"kind": "eval", "step": step, "split": split, "bpb": bpb})
+        log(f"eval {split} @ {step}: " + "  ".join(f"{c} {v:.3f}" for c, v in bpb.items()))
+        return bpb
+
+    if start == 0 and args.eval_start:
+        eval_and_log(0, "test", test)
+        if args.eval_every:
+            eval_and_log(0, "valid", valid)
 
     # Losses stay on the device until a log step gathers them (no host sync every step).
-    step_losses = torch.zeros(args.steps, device=device)
-    losses: list[dict[str, float]] = []  # per step: language -> loss (mean over its ranks)
-    logged = 0
-    log("train loss, nats per byte (each language's mean since the previous line):")
+    step_losses = torch.zeros(args.steps, len(run.local_ranks), device=device)
+    logged = start
+    end = min(args.steps, args.stop_after or args.steps)
+    progress = Progress(args.steps, master)
+    log("train loss, nats per token (each language's mean since the previous line):")
     t0 = time.perf_counter()
-    for step in range(args.steps):
-        lang = langs[language_index(rank, step, world, n_langs)]
-        if state is not None and rotate:
-            state.set_objective(lang)  # before backward: the hook reads it at bucket 0
+    for step in range(start, end):
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-
-        x, y = get_batch(train_data[lang], args.batch_size, args.context, batches)
-        _, loss = ddp(x.to(device), y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP (or the hook) combines the gradients of all languages here
+        for slot, r in enumerate(run.local_ranks):
+            lang = langs[language_index(r, step, world, n_langs)]
+            if state is not None and rotate:
+                state.set_objective(lang)  # before backward: the hook reads it at bucket 0
+            for micro in range(args.grad_accum):
+                x, y = get_batch(train_data[lang], args.batch_size, args.context, generators[r])
+                last = micro == args.grad_accum - 1
+                sync = contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
+                with sync:
+                    with autocast:
+                        _, loss = forward(x.to(device), y.to(device))
+                    # DDP (or the hook) combines the languages' gradients in the last backward.
+                    (loss / args.grad_accum).backward()
+                step_losses[step, slot] += loss.detach() / args.grad_accum
+            if engine is not None:
+                engine.add_gradient(lang)
+        if engine is not None:
+            engine.combine()  # what DDP + the hook did inside backward
         if args.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
-        step_losses[step] = loss.detach()
+        optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        if done % args.log_every and done != 1 and done != args.steps:
-            continue
-        # Gather every rank's losses since the last log line; the schedule says which language
-        # each value belongs to, so ranks of the same language are averaged.
-        window = step_losses[logged:done].contiguous()
-        gathered = [torch.empty_like(window) for _ in range(world)]
-        dist.all_gather(gathered, window)
-        per_rank = torch.stack(gathered).tolist()
-        for offset, s in enumerate(range(logged, done)):
-            sums: dict[str, list[float]] = {}
-            for r in range(world):
-                sums.setdefault(langs[language_index(r, s, world, n_langs)], []).append(
-                    per_rank[r][offset]
-                )
-            losses.append({c: sum(v) / len(v) for c, v in sums.items()})
-        shown = []
-        for code in langs:
-            values = [step_loss[code] for step_loss in losses[logged:] if code in step_loss]
-            shown.append(f"{code} {sum(values) / len(values):.3f}" if values else f"{code}   -  ")
-        logged = done
-        elapsed = time.perf_counter() - t0
-        log(f"step {done:4d}/{args.steps} | {'  '.join(shown)} | lr {lr:.1e} | {elapsed:5.1f}s")
+        progress.update(done, start, f"lr {lr:.1e}")
+        if done % args.log_every == 0 or done in (1, end):
+            # Gather every rank's losses since the last log line; the schedule says which language
+            # each value belongs to, so ranks of the same language are averaged.
+            window = step_losses[logged:done].T.contiguous()  # [local ranks, steps]
+            if distributed:
+                gathered = [torch.empty_like(window) for _ in range(world)]
+                dist.all_gather(gathered, window)
+                window = torch.cat(gathered)
+            per_rank = window.tolist()
+            for offset, s in enumerate(range(logged, done)):
+                sums: dict[str, list[float]] = {}
+                for r in range(world):
+                    lang = langs[language_index(r, s, world, n_langs)]
+                    sums.setdefault(lang, []).append(per_rank[r][offset])
+                history["losses"].append({c: sum(v) / len(v) for c, v in sums.items()})
+            mean_losses = {}
+            for code in langs:
+                values = [s[code] for s in history["losses"][logged:done] if code in s]
+                if values:
+                    mean_losses[code] = sum(values) / len(values)
+            shown = "  ".join(
+                f"{c} {mean_losses[c]:.3f}" if c in mean_losses else f"{c}   -  " for c in langs
+            )
+            elapsed = time.perf_counter() - t0
+            write_log(
+                {"kind": "train", "step": done, "lr": lr, "loss": mean_losses, "time": elapsed}
+            )
+            logged = done
+            log(f"step {done:4d}/{args.steps} | {shown} | lr {lr:.1e} | {elapsed:6.1f}s")
+        if args.eval_every and done % args.eval_every == 0 and done != args.steps:
+            eval_and_log(done, "valid", valid)
+        if args.ckpt_every and (done % args.ckpt_every == 0 or done == end):
+            save_checkpoint(done)
     train_time = time.perf_counter() - t0
+    if diagnostics is not None:
+        diagnostics.pull()
+    if end < args.steps:
+        log(f"stopped after step {end} (--stop-after); continue with --resume")
+        return
 
-    bpb = evaluate(model, valid_data, rank, world, device)
-    seen_mean = sum(bpb[c] for c in langs) / n_langs
-    unseen_mean = sum(bpb[c] for c in args.unseen) / len(args.unseen) if args.unseen else None
-    n_valid = math.ceil(round(args.valid_fraction * len(texts[langs[0]]), 9))
-    log(f"\nbits per byte on held-out paragraphs (last {n_valid} of {len(texts[langs[0]])}):")
+    if args.eval_every:
+        eval_and_log(args.steps, "valid", valid)
+    # The step-0 test evaluation (absent with --no-eval-start).
+    starts = [e["bpb"] for e in history["evals"] if e["step"] == 0 and e["split"] == "test"]
+    bpb_start: dict[str, float] = starts[0] if starts else {}
+    bpb = eval_and_log(args.steps, "test", test)
+    unseen = args.unseen
+
+    def mean(codes: list[str], values: dict[str, float]) -> float | None:
+        return sum(values[c] for c in codes) / len(codes) if codes and values else None
+
+    def cell(value: float | None) -> str:
+        return f"{value:7.3f}" if value is not None else "      -"
+
+    log(f"\nbits per byte on held-out text (test split, <= {args.eval_bytes} bytes per language):")
     log(f"{'lang':<14}{'set':<8}{'start':>7}{'final':>7}")
-    for code in langs + args.unseen:
+    for code in langs + unseen:
         kind = "seen" if code in langs else "unseen"
-        log(f"{code:<14}{kind:<8}{bpb_start[code]:7.3f}{bpb[code]:7.3f}")
-    log(f"{'mean':<14}{'seen':<8}{sum(bpb_start[c] for c in langs) / n_langs:7.3f}{seen_mean:7.3f}")
-    if unseen_mean is not None:
-        start_unseen = sum(bpb_start[c] for c in args.unseen) / len(args.unseen)
-        log(f"{'mean':<14}{'unseen':<8}{start_unseen:7.3f}{unseen_mean:7.3f}")
+        log(f"{code:<14}{kind:<8}{cell(bpb_start.get(code))}{cell(bpb[code])}")
+    for kind, codes in (("seen", langs), ("unseen", unseen)):
+        if codes:
+            log(f"{'mean':<14}{kind:<8}{cell(mean(codes, bpb_start))}{cell(mean(codes, bpb))}")
+
+    probe = separability(run, test) if args.probe and master else None
+    if probe is not None:
+        log(
+            "language separability per layer (probe accuracy / variance ratio): "
+            + "  ".join(
+                f"{i}:{p['probe_accuracy']:.2f}/{p['variance_ratio']:.2f}"
+                for i, p in enumerate(probe)
+            )
+        )
 
     comm: dict[str, object]
     if state is not None:
         sent, ring = state.ledger.last_step_bytes(), state.ledger.last_step_allreduce_bytes()
-        buckets = len(state.ledger.last_step)
-        comm = {"hook_bytes": sent, "allreduce_bytes": ring, "buckets": buckets}
+        n_buckets = len(state.ledger.last_step)
+        comm = {"hook_bytes": sent, "allreduce_bytes": ring, "buckets": n_buckets}
         log(
-            f"\ncomm, rank 0, last step: hook sent {sent / 1e3:.1f} kB over {buckets} buckets; "
+            f"\ncomm, rank 0, last step: hook sent {sent / 1e3:.1f} kB over {n_buckets} buckets; "
             f"a ring all-reduce of the same buckets sends {ring / 1e3:.1f} kB "
             f"({sent / ring:.3f}x)"
         )
-    else:
+    elif distributed:
         ring = ring_allreduce_bytes(n_params, 4, world)
         comm = {"allreduce_bytes": ring}
         log(f"\ncomm, rank 0, last step: plain DDP ring all-reduce, ~{ring / 1e3:.1f} kB (no hook)")
-    log(f"done in {train_time:.1f}s of training ({train_time / args.steps * 1e3:.0f} ms/step)")
+    else:
+        comm = {}
+    per_step = train_time / max(end - start, 1)
+    log(f"done in {train_time:.1f}s of training ({per_step * 1e3:.0f} ms/step)")
 
-    if master and args.json:
-        result = {
-            "config": vars(args) | {"world_size": world},
+    if master and args.out is not None:
+        summary = {
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+            | {"world_size": world},
             "steps": [
-                {"step": s + 1, "lr": lr_at(s, args), "loss": step_loss}
-                for s, step_loss in enumerate(losses)
+                {"step": s + 1, "lr": lr_at(s, args), "loss": loss}
+                for s, loss in enumerate(history["losses"])
             ],
+            "evals": history["evals"],
             "eval": {
                 code: {
                     "set": "seen" if code in langs else "unseen",
-                    "bpb_start": bpb_start[code],
+                    "bpb_start": bpb_start.get(code),
                     "bpb": bpb[code],
                 }
-                for code in langs + args.unseen
+                for code in langs + unseen
             },
-            "mean_bpb": {"seen": seen_mean, "unseen": unseen_mean},
+            "mean_bpb": {"seen": mean(langs, bpb), "unseen": mean(unseen, bpb)},
+            "probe": probe,
             "comm": comm,
             "train_seconds": train_time,
+            "resumed_at": start or None,
         }
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=1)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":
