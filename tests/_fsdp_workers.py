@@ -232,8 +232,12 @@ def train_fsdp(rank: int, world_size: int, scenario: FSDPScenario) -> dict[str, 
     }
 
 
-def train_scenarios(rank: int, world_size: int, scenarios: list[FSDPScenario]) -> list[dict]:
-    return [train_fsdp(rank, world_size, scenario) for scenario in scenarios]
+def train_scenarios(
+    rank: int, world_size: int, scenarios: list[FSDPScenario], checks: tuple[Callable, ...] = ()
+) -> tuple[list[dict], dict[str, Any]]:
+    """Every scenario, then every ``check(rank, world_size)`` (sharing the launch)."""
+    trained = [train_fsdp(rank, world_size, scenario) for scenario in scenarios]
+    return trained, {check.__name__: check(rank, world_size) for check in checks}
 
 
 def mean_vs_native(rank: int, world_size: int, objective_of_rank: tuple, steps: int) -> dict:
@@ -352,6 +356,9 @@ def install_errors(rank: int, world_size: int) -> dict[str, str]:
         )
     )
     errors["scaling_changed"] = scaling_changed_after_install(rank, world_size)
+    errors["hsdp_1d_mesh"] = _error_of(
+        lambda: install_fsdp_moo(fsdp2(), BucketMOOState(), hsdp_mesh=other_mesh)
+    )
     return errors
 
 
@@ -362,6 +369,25 @@ def scaling_changed_after_install(rank: int, world_size: int) -> str:
     fully_shard(model)
     install_fsdp_moo(model, BucketMOOState())
     model[0].set_gradient_divide_factor(float(world_size))
+    x, target = batch(rank, 0, 0, torch.float32)
+    loss = nn.functional.mse_loss(model(x), target)
+    outcome = _error_of(loss.backward)
+    del model, loss
+    gc.collect()
+    return outcome
+
+
+def hsdp_mixed_replica(rank: int, world_size: int) -> str:
+    """HSDP 2 × 2, and rank 1 switches its objective away from its replica's: every rank raises
+    at the first unit of the step (no hang)."""
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    model = make_model((7,), torch.float32)
+    fully_shard(model[0], mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+    state = BucketMOOState(["en"] * (world_size // 2) + ["de"] * (world_size // 2))
+    install_fsdp_moo(model, state, hsdp_mesh=mesh)
+    if rank == 1:
+        state.set_objective("ja")
     x, target = batch(rank, 0, 0, torch.float32)
     loss = nn.functional.mse_loss(model(x), target)
     outcome = _error_of(loss.backward)

@@ -19,6 +19,7 @@ from _fsdp_workers import (
     MOMENTUM,
     UNIT_PARAMETERS,
     FSDPScenario,
+    hsdp_mixed_replica,
     install_errors,
     mean_vs_native,
     train_scenarios,
@@ -64,14 +65,20 @@ ALL = [(world_size, s) for world_size, scenarios in SCENARIOS.items() for s in s
 IDS = [s.name for _, s in ALL]
 
 
+#: Checks run in the same launch as the scenarios (launching is the slow part).
+CHECKS = {4: (hsdp_mixed_replica,), 3: ()}
+
+
 @functools.cache
-def results_for(world_size: int) -> list[list[dict[str, Any]]]:
-    return run_distributed(world_size, train_scenarios, SCENARIOS[world_size], timeout=300)
+def results_for(world_size: int) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
+    return run_distributed(
+        world_size, train_scenarios, SCENARIOS[world_size], CHECKS[world_size], timeout=300
+    )
 
 
 def results(world_size: int, scenario: FSDPScenario) -> list[dict[str, Any]]:
     index = SCENARIOS[world_size].index(scenario)
-    return [per_rank[index] for per_rank in results_for(world_size)]
+    return [trained[index] for trained, _ in results_for(world_size)]
 
 
 def layout_segments(scenario: FSDPScenario, sizes: tuple[int, ...], numel: int, world_size: int):
@@ -310,8 +317,17 @@ def test_unsupported_combinations_fail_at_install_time() -> None:
     assert errors["fsdp1_twice"].startswith("ValueError: FSDP unit 0 ('root') already has a comm")
     assert errors["fsdp1_hybrid"].startswith("ValueError: FSDP unit 1 ('0') uses HYBRID_SHARD")
     assert "other_group" not in per_rank[1]
+    assert errors["hsdp_1d_mesh"].startswith("ValueError: hsdp_mesh must be the 2-D")
     # The divide factor changed after install: backward raises on every rank (no hang).
     for rank_errors in per_rank:
         error = rank_errors["scaling_changed"]
         assert error.startswith("ValueError: FSDP unit 1 ('0'): FSDP asked for a reduce-scatter")
         assert "gradient divide factor 2.0" in error
+
+
+def test_hsdp_replica_with_two_objectives_raises_on_every_rank() -> None:
+    """Rank 1 trains another objective than its replica: every rank raises at the first unit."""
+    for _, checks in results_for(4):
+        error = checks["hsdp_mixed_replica"]
+        assert error.startswith("ValueError: HSDP with bucket-MOO needs one objective per replica")
+        assert "ranks [0, 1]" in error
