@@ -70,7 +70,9 @@ def bucket_moo_hook(
             ]
         else:
             segments, contexts = None, [replace(context, problem=indices)]
-        combination = solve_shards(comm, shards, averaging, state.weighting, contexts, segments)
+        combination = solve_shards(
+            comm, shards, averaging, state.weighting, contexts, segments, state.kernels
+        )
         if state.diagnostics is not None:
             state.diagnostics.record(
                 state.iter,

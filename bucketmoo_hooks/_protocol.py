@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._compat import all_gather_single
+from ._kernels import fused_kernels
 from ._ledger import BucketTraffic
 from .weightings import Weighting, WeightingContext
 
@@ -148,6 +149,7 @@ def solve_shards(
     weighting: Weighting,
     contexts: Sequence[WeightingContext],
     segments: Sequence[Segment] | None = None,
+    kernels: str = "auto",
 ) -> ShardCombination:
     """Steps 2–6: group-average, partial Gramians, one all-reduce, weights, combined slice.
 
@@ -157,7 +159,16 @@ def solve_shards(
         contexts: One weighting context per problem (per segment).
         segments: Independent problems within the slice (:func:`shard_segments`); ``None`` is one
             problem for the whole slice (bucket granularity).
+        kernels: ``"auto"``, ``"torch"`` or ``"cuda"``: whether the fused CUDA kernels
+            (:mod:`._kernels`) or the torch functions above do the compute (``BucketMOOState``).
     """
+    fused = fused_kernels(kernels, shards, averaging, segments)
+    if fused is not None:  # the same steps; A_j is recomputed from S_j instead of stored
+        gramians = fused.partial_gramians()
+        comm.all_reduce(gramians).wait()
+        given = None if fused.solves(weighting) else segment_weights(weighting, gramians, contexts)
+        weights, update = fused.combine(gramians, weighting, given)
+        return ShardCombination(update, gramians, weights)
     objectives = objective_shards(shards, averaging)
     if segments is None:
         segments = [(0, objectives.shape[1])]

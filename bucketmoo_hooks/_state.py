@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ._compat import all_gather_single
 from ._diagnostics import Diagnostics
+from ._kernels import check_kernels
 from ._ledger import CommLedger
 from ._objectives import ObjectiveMap, objective_key
 from .weightings import Weighting, get_weighting
@@ -65,6 +66,13 @@ class BucketMOOState:
             bucket Gramians (the paper's global-MOO baseline); every bucket's objective slices
             (``L·⌈n/R⌉`` fp32 per bucket) are held until the last bucket, so memory grows with
             the model (:attr:`held_bytes`).
+        kernels: Where a bucket's compute (group averages, Gramian, weights, combination) runs.
+            ``"auto"`` (default): the fused CUDA kernels (README, "CUDA kernels") for CUDA buckets
+            when CuPy is installed (``pip install bucketmoo_hooks[cuda]``) and the bucket is
+            supported, else the torch path; the choice is logged once. ``"torch"``: always the
+            torch path. ``"cuda"``: always the kernels (raises ``RuntimeError`` here without CuPy
+            or a GPU, and in the hook for a bucket they cannot run). ``granularity="global"``
+            always uses the torch path.
 
     Attributes:
         iter: Synchronised backward passes completed (advanced on the last bucket of each step).
@@ -88,6 +96,7 @@ class BucketMOOState:
         "granularity",
         "held_bytes",
         "iter",
+        "kernels",
         "ledger",
         "objective_of_rank",
         "process_group",
@@ -101,6 +110,7 @@ class BucketMOOState:
         process_group: dist.ProcessGroup | None = None,
         granularity: str = "bucket",
         diagnostics: Diagnostics | None = None,
+        kernels: str = "auto",
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -126,6 +136,7 @@ class BucketMOOState:
         self.weighting: Weighting = get_weighting(weighting)
         self.process_group = process_group
         self.granularity = granularity
+        self.kernels = check_kernels(kernels)
         if diagnostics is not None and not isinstance(diagnostics, Diagnostics):
             raise TypeError(
                 f"diagnostics must be a bucketmoo_hooks.Diagnostics or None, "
