@@ -1,0 +1,351 @@
+#!/usr/bin/env python
+"""Tables and plots of a fine-tuning grid written by ``benchmarks/finetune_grid.sh``.
+
+    python scripts/analyze_finetune.py runs/finetune/tiny --out benchmarks/results/finetune/tiny
+
+Reads ``<root>/<method>-s<seed>/`` run directories (``summary.json``, ``log.jsonl``,
+``diagnostics.jsonl``, ``buckets.json`` from ``finetune_multilingual.py --out``) and writes:
+
+- ``results.md`` / ``results.json``: final held-out bits per byte per language (mean ± standard
+  deviation over seeds), seen and unseen means, and each method's difference from plain DDP;
+- ``loss_curves.png``: per language, the training loss per method (mean over seeds; band: min–max)
+  and, when the runs evaluated periodically, the validation bits per byte;
+- ``cosine_heatmaps.png``: language-pair gradient cosine per bucket (≈ layer group) in the
+  early, middle and late thirds of training (method given by ``--cosine-method``, default DDP:
+  the control's Gramians, which no weighting has shaped);
+- ``pair_cosine.png``: every pair's cosine over training, averaged over buckets;
+- ``separability.png`` (runs with ``--probe``): per layer, how linearly separable the languages
+  are in the hidden states (probe accuracy and between-language variance ratio) per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ORDER = ["ddp", "mean", "mgda", "pcgrad", "gradvac", "cagrad", "upgrad", "imtl_g"]
+
+
+def load_runs(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """method -> runs (summary + parsed logs), in seed order; runs without a summary skipped."""
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for directory in sorted(root.iterdir()):
+        match = re.fullmatch(r"(.+)-s(\d+)", directory.name)
+        if not match or not (directory / "summary.json").is_file():
+            continue
+        run = json.loads((directory / "summary.json").read_text())
+        run["seed"] = int(match.group(2))
+        run["diagnostics"] = _jsonl(directory / "diagnostics.jsonl")
+        buckets = directory / "buckets.json"
+        run["buckets"] = json.loads(buckets.read_text()) if buckets.is_file() else []
+        runs[match.group(1)].append(run)
+    return dict(sorted(runs.items(), key=lambda kv: (_rank(kv[0]), kv[0])))
+
+
+def _rank(method: str) -> int:
+    return ORDER.index(method) if method in ORDER else len(ORDER)
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """Markdown table of final test bits per byte, and the same numbers as a dict."""
+    first = next(iter(runs.values()))[0]
+    codes = list(first["eval"])
+    kinds = {c: first["eval"][c]["set"] for c in codes}
+    start = next(
+        (r["eval"] for rs in runs.values() for r in rs if r["eval"][codes[0]]["bpb_start"]), None
+    )
+    columns = [*codes, "seen", "unseen"]
+
+    def values(run: dict[str, Any], column: str) -> float:
+        if column in ("seen", "unseen"):
+            return run["mean_bpb"][column]
+        return run["eval"][column]["bpb"]
+
+    data: dict[str, Any] = {"columns": columns, "sets": kinds, "methods": {}}
+    header = "| method | seeds | " + " | ".join(
+        f"{c} ({kinds[c]})" if c in kinds else f"mean {c}" for c in columns
+    )
+    lines = [header + " |", "|" + " --- |" * (len(columns) + 2)]
+    if start is not None:
+        start_row = [start[c]["bpb_start"] for c in codes]
+        seen = [start[c]["bpb_start"] for c in codes if kinds[c] == "seen"]
+        unseen = [start[c]["bpb_start"] for c in codes if kinds[c] == "unseen"]
+        start_row += [statistics.fmean(seen), statistics.fmean(unseen) if unseen else float("nan")]
+        lines.append("| start (step 0) | – | " + " | ".join(f"{v:.3f}" for v in start_row) + " |")
+        data["start"] = dict(zip(columns, start_row, strict=True))
+    ddp = (
+        {c: _stats([values(r, c) for r in runs["ddp"]])[0] for c in columns}
+        if "ddp" in runs
+        else None
+    )
+    for method, method_runs in runs.items():
+        cells, entry = [], {}
+        for column in columns:
+            mean, std = _stats([values(r, column) for r in method_runs])
+            entry[column] = {"mean": mean, "std": std}
+            delta = f" ({mean - ddp[column]:+.3f})" if ddp is not None and method != "ddp" else ""
+            cells.append(f"{mean:.3f} ± {std:.3f}{delta}")
+        seeds = ",".join(str(r["seed"]) for r in method_runs)
+        lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
+        data["methods"][method] = entry | {"seeds": [r["seed"] for r in method_runs]}
+    return "\n".join(lines) + "\n", data
+
+
+def _colors(methods: list[str]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def plot_loss_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    first = next(iter(runs.values()))[0]
+    seen = [c for c, e in first["eval"].items() if e["set"] == "seen"]
+    codes = list(first["eval"])
+    has_valid = any(e["split"] == "valid" for e in first["evals"])
+    rows = 2 if has_valid else 1
+    figure, axes = plt.subplots(
+        rows, len(codes), figsize=(3.2 * len(codes), 3.0 * rows), squeeze=False
+    )
+    colors = _colors(list(runs))
+    for method, method_runs in runs.items():
+        for j, code in enumerate(codes):
+            if code in seen:
+                curves = [[s["loss"].get(code) for s in r["steps"]] for r in method_runs]
+                steps = range(1, len(curves[0]) + 1)
+                smooth = [_smooth(curve) for curve in curves]
+                mean = [statistics.fmean(v) for v in zip(*smooth, strict=True)]
+                low = [min(v) for v in zip(*smooth, strict=True)]
+                high = [max(v) for v in zip(*smooth, strict=True)]
+                ax = axes[0][j]
+                ax.plot(steps, mean, color=colors[method], label=method, lw=1.2)
+                ax.fill_between(steps, low, high, color=colors[method], alpha=0.15, lw=0)
+            if has_valid:
+                points = defaultdict(list)
+                for r in method_runs:
+                    for e in r["evals"]:
+                        if e["split"] == "valid":
+                            points[e["step"]].append(e["bpb"][code])
+                xs = sorted(points)
+                axes[rows - 1][j].plot(
+                    xs,
+                    [statistics.fmean(points[x]) for x in xs],
+                    "o-",
+                    ms=3,
+                    color=colors[method],
+                    label=method,
+                    lw=1.2,
+                )
+    for j, code in enumerate(codes):
+        axes[0][j].set_title(f"{code} ({first['eval'][code]['set']})")
+        if code not in seen:
+            axes[0][j].text(0.5, 0.5, "not trained", ha="center", transform=axes[0][j].transAxes)
+            axes[0][j].set_axis_off()
+        axes[0][j].set_xlabel("step")
+        if has_valid:
+            axes[1][j].set_xlabel("step")
+    axes[0][0].set_ylabel("train loss (nats/token, smoothed)")
+    if has_valid:
+        axes[1][0].set_ylabel("valid bits per byte")
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _smooth(values: list[float | None], width: int = 10) -> list[float]:
+    """Trailing mean over the last ``width`` defined values (rotation leaves gaps)."""
+    out, window = [], []
+    for value in values:
+        if value is not None:
+            window = [*window[-(width - 1) :], value]
+        out.append(statistics.fmean(window) if window else float("nan"))
+    return out
+
+
+def bucket_label(names: list[str]) -> str:
+    """``L2–3`` for a bucket of transformer blocks 2 and 3, else its first parameter's name."""
+    layers = sorted(
+        {int(m.group(1)) for n in names if (m := re.search(r"(?:blocks|layers)\.(\d+)\.", n))}
+    )
+    rest = [n for n in names if not re.search(r"(?:blocks|layers)\.\d+\.", n)]
+    label = ""
+    if layers:
+        label = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}–{layers[-1]}"
+    if rest:
+        short = rest[0].removeprefix("lm.").removeprefix("model.")
+        label = f"{label}+{short}" if label else short
+    return label
+
+
+def cosine_by_phase(
+    runs: list[dict[str, Any]],
+) -> tuple[list[str], list[int], list[list[list[list[float]]]], list[str]]:
+    """Mean pair-cosine matrix per (phase, bucket) over the runs' diagnostics."""
+    records = [
+        d for r in runs for d in r["diagnostics"] if "bucket" in d and d["parameter"] is None
+    ]
+    objectives = records[0]["objectives"]
+    buckets = sorted({d["bucket"] for d in records})
+    last = max(d["step"] for d in records) + 1
+    phases = ["early", "middle", "late"]
+    sums = defaultdict(lambda: [[0.0] * len(objectives) for _ in objectives])
+    counts: dict[tuple[int, int], int] = defaultdict(int)
+    for d in records:
+        phase = min(2, 3 * d["step"] // last)
+        order = [d["objectives"].index(o) for o in objectives]
+        for a, ia in enumerate(order):
+            for b, ib in enumerate(order):
+                sums[phase, d["bucket"]][a][b] += d["cosine"][ia][ib]
+        counts[phase, d["bucket"]] += 1
+    grid = [
+        [[[v / max(counts[p, b], 1) for v in row] for row in sums[p, b]] for b in buckets]
+        for p in range(3)
+    ]
+    return objectives, buckets, grid, phases
+
+
+def plot_cosine_heatmaps(runs: list[dict[str, Any]], method: str, path: Path) -> dict[str, Any]:
+    objectives, buckets, grid, phases = cosine_by_phase(runs)
+    names = runs[0]["buckets"]
+    labels = [bucket_label(names[b]) if b < len(names) else f"b{b}" for b in buckets]
+    figure, axes = plt.subplots(
+        3, len(buckets), figsize=(1.7 * len(buckets) + 1, 5.6), squeeze=False
+    )
+    image = None
+    for p in range(3):
+        for j in range(len(buckets)):
+            ax = axes[p][j]
+            image = ax.imshow(grid[p][j], vmin=-1, vmax=1, cmap="RdBu_r")
+            ax.set_xticks(range(len(objectives)), objectives, fontsize=6, rotation=90)
+            ax.set_yticks(range(len(objectives)), objectives if j == 0 else [], fontsize=6)
+            if p == 0:
+                ax.set_title(f"b{buckets[j]} {labels[j]}", fontsize=7)
+        axes[p][0].set_ylabel(phases[p], fontsize=9)
+    figure.suptitle(
+        f"language-pair gradient cosine per bucket ({method}; rows: thirds of training)"
+    )
+    figure.colorbar(image, ax=axes, shrink=0.6)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    pairs = {}
+    for a in range(len(objectives)):
+        for b in range(a + 1, len(objectives)):
+            pairs[f"{objectives[a]}~{objectives[b]}"] = statistics.fmean(
+                grid[p][j][a][b] for p in range(3) for j in range(len(buckets))
+            )
+    return {"buckets": dict(zip([f"b{b}" for b in buckets], labels, strict=True)), "pairs": pairs}
+
+
+def plot_pair_cosine(runs: list[dict[str, Any]], method: str, path: Path) -> None:
+    per_step: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for d in run["diagnostics"]:
+            if "bucket" not in d:
+                continue
+            names = d["objectives"]
+            for a in range(len(names)):
+                for b in range(a + 1, len(names)):
+                    pair = "~".join(sorted((names[a], names[b])))
+                    per_step[pair][d["step"]].append(d["cosine"][a][b])
+    figure, ax = plt.subplots(figsize=(7, 3.6))
+    for pair, steps in sorted(per_step.items()):
+        xs = sorted(steps)
+        ax.plot(xs, _smooth([statistics.fmean(steps[x]) for x in xs], 5), label=pair, lw=1.2)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cosine (mean over buckets)")
+    ax.set_title(f"language-pair gradient cosine over training ({method})")
+    ax.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_separability(runs: dict[str, list[dict[str, Any]]], path: Path) -> dict[str, Any]:
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    colors = _colors(list(runs))
+    data = {}
+    for method, method_runs in runs.items():
+        probes = [r["probe"] for r in method_runs if r.get("probe")]
+        if not probes:
+            continue
+        data[method] = {}
+        for ax, key in zip(axes, ("probe_accuracy", "variance_ratio"), strict=True):
+            per_layer = list(zip(*[[layer[key] for layer in p] for p in probes], strict=True))
+            means = [statistics.fmean(v) for v in per_layer]
+            ax.errorbar(
+                range(len(means)),
+                means,
+                yerr=[_stats(list(v))[1] for v in per_layer],
+                color=colors[method],
+                label=method,
+                marker="o",
+                ms=3,
+                capsize=2,
+                lw=1.2,
+            )
+            data[method][key] = means
+    axes[0].set_ylabel("linear probe accuracy (language ID)")
+    axes[1].set_ylabel("between-language variance / total")
+    for ax in axes:
+        ax.set_xlabel("layer (0 = embeddings)")
+    axes[0].legend(fontsize=8)
+    figure.suptitle("language separability of mean-pooled hidden states (test windows)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path, help="grid directory with <method>-s<seed>/ runs")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cosine-method", default="ddp", help="whose Gramians the heatmaps show")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.root)
+    if not runs:
+        raise SystemExit(f"no finished runs (summary.json) under {args.root}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    markdown, data = table(runs)
+    plot_loss_curves(runs, args.out / "loss_curves.png")
+    cosine_runs = [r for r in runs.get(args.cosine_method, []) if r["diagnostics"]]
+    if cosine_runs:
+        data["cosine"] = plot_cosine_heatmaps(
+            cosine_runs, args.cosine_method, args.out / "cosine_heatmaps.png"
+        )
+        plot_pair_cosine(cosine_runs, args.cosine_method, args.out / "pair_cosine.png")
+        pairs = ", ".join(
+            f"{p} {v:+.3f}"
+            for p, v in sorted(data["cosine"]["pairs"].items(), key=lambda kv: -kv[1])
+        )
+        markdown += f"\nMean pair cosine ({args.cosine_method}, all buckets and steps): {pairs}\n"
+    if any(r.get("probe") for rs in runs.values() for r in rs):
+        data["separability"] = plot_separability(runs, args.out / "separability.png")
+    data["train_seconds"] = {m: [r["train_seconds"] for r in rs] for m, rs in runs.items()}
+    (args.out / "results.md").write_text(markdown)
+    (args.out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
