@@ -168,11 +168,10 @@ class BucketMOOReduceScatter(ReduceScatter):
         hybrid = self._hybrid
         assert hybrid is not None
         # Without a reduce-scatter (one rank per replica), FSDP calls the hook directly.
-        traffic, world_map = self._pending or self._open(output)
+        traffic, objective_map = self._pending or self._open(output)
         self._pending = None
         comm = UnitComm(hybrid.replicate_group, traffic, hybrid.shard_group)
         shards = scatter_shards(comm, output)
-        objective_map = hybrid.replica_map(world_map)
         averaging = self.state._averaging_matrix(objective_map, output.device)
         averaging = averaging / hybrid.shard_group.size()
         segments = None
@@ -189,7 +188,12 @@ class BucketMOOReduceScatter(ReduceScatter):
             output.copy_(padded[:numel])
 
     def _open(self, flat: Tensor) -> tuple[BucketTraffic, ObjectiveMap]:
+        """Open the unit (and the step at a backward pass's first unit): its traffic record, and
+        the objective map of the ranks the protocol runs over (HSDP: the replicate group, checked
+        here, before any collective of the unit)."""
         objective_map = self._steps.objective_map(self.state.group, self.unit)
+        if self._hybrid is not None:
+            objective_map = self._hybrid.replica_map(objective_map)
         traffic = self.state.ledger.open_bucket(self.unit.index, flat.numel(), flat.element_size())
         return traffic, objective_map
 
@@ -325,7 +329,9 @@ def install_fsdp_moo(
         current = getattr(param_group, "_reduce_scatter_comm", None)
         if isinstance(current, BucketMOOReduceScatter):
             raise ValueError(f"{label} already has bucket-MOO installed; install it once")
-        if type(current).__name__ not in ("DefaultReduceScatter", "NoneType"):
+        # FSDP's own reduce-scatters (default, process-group or symmetric-memory buffers) are
+        # what bucket-MOO replaces; anyone else's is not ours to drop.
+        if current is not None and not type(current).__module__.startswith("torch."):
             raise ValueError(
                 f"{label} already has a custom reduce-scatter ({type(current).__name__}); "
                 "FSDP runs one per unit"

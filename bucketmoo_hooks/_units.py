@@ -55,7 +55,10 @@ class BackwardSteps:
     bucket 0. It closes in an autograd final callback queued at that moment; autograd runs final
     callbacks in the order they were queued, so it runs after FSDP's own end-of-backward callback
     (queued before backward started), which may still reduce the root unit. Backward passes that
-    reduce nothing (``set_requires_gradient_sync(False)``, ``no_sync()``) open no step.
+    reduce nothing (``set_requires_gradient_sync(False)``, ``no_sync()``) open no step. A nested
+    backward pass (reentrant activation checkpointing) is a graph task of its own and so a step
+    of its own: every rank splits alike, so the combination stays right, only the step count
+    grows.
     """
 
     __slots__ = ("_task", "state")
