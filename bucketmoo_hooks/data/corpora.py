@@ -94,9 +94,11 @@ def build_gnome_corpus(
         seen: set[str] = set() if language == "en" else set(english)
         splits: dict[str, list[str]] = {split: [] for split in SPLITS}
         for name in sorted(pages):
-            kept = [p for p in pages[name] if p not in seen]
-            seen.update(kept)
-            splits[page_split(name)] += kept
+            split = splits[page_split(name)]
+            for paragraph in pages[name]:
+                if paragraph not in seen:
+                    seen.add(paragraph)
+                    split.append(paragraph)
         corpus[language] = splits
     return corpus
 
