@@ -49,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from bucketmoo_hooks import (
     BucketMOOState,
     Diagnostics,
+    Weighting,
     register_bucket_moo_hook,
     ring_allreduce_bytes,
     weighting_names,
@@ -57,6 +58,7 @@ from bucketmoo_hooks.data import load_udhr, udhr_languages, udhr_split
 from bucketmoo_hooks.data.corpora import cache_dir, corpus_languages, load_corpus
 from bucketmoo_hooks.probe import language_separability
 from bucketmoo_hooks.single_device import SingleDeviceMOO, ddp_bucket_partition
+from bucketmoo_hooks.weightings import MGDA
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LAUNCH = "torchrun --nproc-per-node 4 scripts/finetune_multilingual.py [options]"
@@ -327,9 +329,17 @@ class Run:
         return range(self.world) if not self.distributed else range(self.rank, self.rank + 1)
 
 
+def weighting_of(args: argparse.Namespace) -> str | Weighting:
+    """The weighting by name, or MGDA normalising gradients as ``--mgda-normalization`` says."""
+    if args.weighting == "mgda" and args.mgda_normalization != "none":
+        return MGDA(normalization=args.mgda_normalization)
+    return args.weighting
+
+
 def checkpoint_config(args: argparse.Namespace, world: int) -> dict[str, object]:
     """What a resumed run must share with the run that saved the checkpoint."""
-    keys = ("engine", "weighting", "granularity", "languages", "model", "seed", "steps", "data")
+    keys = ("engine", "weighting", "mgda_normalization", "granularity", "languages", "model")
+    keys += ("seed", "steps", "data")
     return {key: vars(args)[key] for key in keys} | {"world": world}
 
 
@@ -378,6 +388,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--train-layers", type=int, default=0, help="pretrained: train the top N blocks (0: all)")
     add("--weighting", choices=["ddp", *weighting_names()], default="mgda", help="ddp: no hook")
     add("--granularity", choices=["bucket", "parameter", "global"], default="bucket")
+    add("--mgda-normalization", choices=["none", "l2"], default="none", help="MGDA on unit grads")
     add("--steps", type=int, default=400)
     add("--batch-size", type=int, default=32, help="windows per rank per micro-batch")
     add("--grad-accum", type=int, default=1, help="micro-batches per step (DDP no_sync)")
@@ -516,12 +527,12 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         autocast = contextlib.nullcontext()
 
     params = [p for p in model.parameters() if p.requires_grad]
-    # Diagnostics on rank 0 only: they read the Gramian every rank already has.
+    # Diagnostics on rank 0 only (they read the Gramian every rank already has), into OUT.
     diagnostics = None
-    if master and (args.weighting != "ddp" or not distributed):
+    if master and args.out is not None and (args.weighting != "ddp" or not distributed):
         diagnostics = Diagnostics(
             log_every=args.diag_every,
-            path=args.out / "diagnostics.jsonl" if args.out else None,
+            path=args.out / "diagnostics.jsonl",
             keep=False,
             objectives=langs,
         )
@@ -546,13 +557,16 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                 else [langs[language_index(r, 0, world, n_langs)] for r in range(world)]
             )
             state = BucketMOOState(
-                static_map, args.weighting, granularity=args.granularity, diagnostics=diagnostics
+                static_map,
+                weighting_of(args),
+                granularity=args.granularity,
+                diagnostics=diagnostics,
             )
             register_bucket_moo_hook(ddp, state)
     else:
         engine = SingleDeviceMOO(
             params,
-            None if args.weighting == "ddp" else args.weighting,
+            None if args.weighting == "ddp" else weighting_of(args),
             granularity=args.granularity,
             bucket_cap_mb=args.bucket_cap_mb,
             diagnostics=diagnostics,
@@ -629,7 +643,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     log(
         f"{world} {'ranks' if distributed else 'emulated ranks'} on {device.type} "
         f"({dist.get_backend() if distributed else 'single-device engine'}), "
-        f"weighting={args.weighting}, granularity={args.granularity}, model={args.model}, "
+        f"weighting={weighting_of(args)}, granularity={args.granularity}, model={args.model}, "
         f"{n_params / 1e6:.3f}M trainable params in {len(buckets)} buckets "
         f"(cap {args.bucket_cap_mb} MB), {args.steps} steps x {args.grad_accum} x "
         f"{args.batch_size} x {args.context} tokens per rank, data={args.data}"
