@@ -134,7 +134,8 @@ def solve_unit(
 
     ``shards`` is ``S_j ∈ ℝ^{R×c}``. ``segments`` (``granularity="parameter"`` only): where each
     of the unit's parameters lies in the slice, one per entry of ``unit.parameter_problems``.
-    Records diagnostics like the DDP hook.
+    Records diagnostics like the DDP hook; the state's ``kernels`` choose the fused CUDA kernels
+    or the torch path, as for DDP.
     """
     context = WeightingContext(state.iter, unit.index, objective_map.objectives)
     if segments is None:
@@ -144,7 +145,9 @@ def solve_unit(
             replace(context, segment=s, problem=problem)
             for s, problem in enumerate(unit.parameter_problems)
         ]
-    combination = solve_shards(comm, shards, averaging, state.weighting, contexts, segments)
+    combination = solve_shards(
+        comm, shards, averaging, state.weighting, contexts, segments, state.kernels
+    )
     if state.diagnostics is not None:
         state.diagnostics.record(
             state.iter,
