@@ -22,43 +22,45 @@ static_assert(kWarps * kPairs * 8 <= kObjectives * kTile * 4, "reduction scratch
 
 // Ranks sorted by objective (stable), by warp 0: plan_row[i] is the i-th rank, plan_coef[i] its
 // coefficient, plan_flush[i] its objective if it is the last rank of that objective, else -1.
+// A counting sort over chunks of 32 ranks (__match_any_sync groups a chunk's lanes by objective);
+// `next` and `end` ([L] each) are scratch.
 __device__ __forceinline__ void sort_rank_plan(int ranks, const int* group, const float* coef,
-                                               int* plan_row, float* plan_coef, int* plan_flush) {
+                                               int* plan_row, float* plan_coef, int* plan_flush,
+                                               int* next, int* end) {
     if (threadIdx.x >= 32) return;
-    const unsigned lane = lane_id();
+    const int lane = static_cast<int>(lane_id());
     const unsigned below = (1u << lane) - 1u;
-    int count[kObjectives];
-#pragma unroll
-    for (int l = 0; l < kObjectives; ++l) count[l] = 0;
+    if (lane < kObjectives) next[lane] = 0;
+    __syncwarp();
     for (int base = 0; base < ranks; base += 32) {
-        const int objective = base + static_cast<int>(lane) < ranks ? group[base + lane] : -1;
-#pragma unroll
+        const int objective = base + lane < ranks ? group[base + lane] : -1;
+        const unsigned peers = __match_any_sync(kFullMask, objective);
+        if (objective >= 0 && (peers & below) == 0) next[objective] += __popc(peers);
+        __syncwarp();
+    }
+    if (lane == 0) {  // counts → first position of each objective, and one past its last
+        int total = 0;
         for (int l = 0; l < kObjectives; ++l) {
-            count[l] += __popc(__ballot_sync(kFullMask, objective == l));
+            const int count = next[l];
+            next[l] = total;
+            total += count;
+            end[l] = total;
         }
     }
-    int offset[kObjectives];
-    int total = 0;
-#pragma unroll
-    for (int l = 0; l < kObjectives; ++l) {
-        offset[l] = total;
-        total += count[l];
-    }
+    __syncwarp();
     for (int base = 0; base < ranks; base += 32) {
-        const int rank = base + static_cast<int>(lane);
+        const int rank = base + lane;
         const int objective = rank < ranks ? group[rank] : -1;
-#pragma unroll
-        for (int l = 0; l < kObjectives; ++l) {
-            const unsigned members = __ballot_sync(kFullMask, objective == l);
-            if (objective == l) {
-                const int position = offset[l] + __popc(members & below);
-                plan_row[position] = rank;
-                plan_coef[position] = coef[rank];
-                plan_flush[position] = position == offset[l] + count[l] - 1 ? l : -1;
-            }
-            offset[l] += __popc(members);
-            count[l] -= __popc(members);
+        const unsigned peers = __match_any_sync(kFullMask, objective);
+        if (objective >= 0) {
+            const int position = next[objective] + __popc(peers & below);
+            plan_row[position] = rank;
+            plan_coef[position] = coef[rank];
+            plan_flush[position] = position == end[objective] - 1 ? objective : -1;
         }
+        __syncwarp();
+        if (objective >= 0 && (peers & below) == 0) next[objective] += __popc(peers);
+        __syncwarp();
     }
 }
 
@@ -75,11 +77,14 @@ extern "C" __global__ void __launch_bounds__(kBlock)
     float* coef = reinterpret_cast<float*>(group + ranks);
 
     const int tid = threadIdx.x;
-    // An objective with no rank keeps a_ℓ = 0: its row is never flushed.
-    for (int i = tid; i < kObjectives * kTile; i += kBlock) tile[i] = 0.f;
     const bool bad = read_rank_groups(averaging, ranks, group, coef);
-    sort_rank_plan(ranks, group, coef, plan_row, plan_coef, plan_flush);
+    int* scratch_next = reinterpret_cast<int*>(tile);  // the tile is free until the plan is built
+    sort_rank_plan(ranks, group, coef, plan_row, plan_coef, plan_flush, scratch_next,
+                   scratch_next + kObjectives);
     __syncthreads();
+    // Each thread zeroes exactly the tile entries of its own columns (i ≡ tid mod kBlock), which
+    // only it reads: an objective with no rank keeps a_ℓ = 0, as its row is never flushed.
+    for (int i = tid; i < kObjectives * kTile; i += kBlock) tile[i] = 0.f;
 
     const Item item = read_item(table, segments, blockIdx.x);
     const long long end = bad ? item.lo : item.hi;  // a bad M leaves the plan incomplete
@@ -91,7 +96,7 @@ extern "C" __global__ void __launch_bounds__(kBlock)
         float run[kColumns];
 #pragma unroll
         for (int u = 0; u < kColumns; ++u) run[u] = 0.f;
-#pragma unroll 4
+#pragma unroll 8
         for (int i = 0; i < ranks; ++i) {
             const storage_t* row = shards + static_cast<long long>(plan_row[i]) * columns;
             const float coefficient = plan_coef[i];

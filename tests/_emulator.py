@@ -9,6 +9,7 @@ whole Python launch path (work tables, shared-memory sizes, argument order) here
 
 import ctypes
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -80,13 +81,13 @@ class EmulatedBackend:
         header = (EMULATOR_DIR / "emulator.hpp").read_text()
         digest = hashlib.sha256("\0".join([harness, header, *options]).encode()).hexdigest()[:24]
         library = self.cache_dir / f"{source.replace('.', '_')}-{digest}.so"
-        if not library.exists():
-            cpp = library.with_suffix(".cpp")
-            cpp.write_text(harness)
+        if not library.exists():  # per-process scratch names, atomic rename: ranks may race
+            scratch = library.with_suffix(f".{os.getpid()}")
+            scratch.with_suffix(".cpp").write_text(harness)
             command = [
-                "g++", "-O1", "-fPIC", "-shared", "-DBMOO_EMULATE", *options,
-                f"-I{EMULATOR_DIR}", "-x", "c++", str(cpp), "-o", str(library.with_suffix(".tmp")),
+                "g++", "-O1", "-fPIC", "-shared", "-DBMOO_EMULATE", *options, f"-I{EMULATOR_DIR}",
+                "-x", "c++", str(scratch.with_suffix(".cpp")), "-o", str(scratch),
             ]  # fmt: skip
             subprocess.run(command, check=True, capture_output=True, text=True)
-            library.with_suffix(".tmp").rename(library)
+            scratch.rename(library)
         return library

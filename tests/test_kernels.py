@@ -21,6 +21,7 @@ from bucketmoo_hooks import BucketMOOState
 from bucketmoo_hooks._kernels import (
     KERNEL_CHOICES,
     MAX_RANKS,
+    FusedBucket,
     _select,
     check_kernels,
     fused_kernels,
@@ -45,7 +46,8 @@ BUILDS = [
     (2, torch.bfloat16),
     (3, torch.float16),
     (8, torch.bfloat16),
-    (9, torch.float32),
+    (12, torch.float32),
+    (13, torch.bfloat16),
     (16, torch.float16),
     (16, torch.bfloat16),
 ]
@@ -163,6 +165,39 @@ def test_chunks_fill_the_device_in_whole_granules() -> None:
         assert chunk % GRANULE == 0 and chunk >= MIN_CHUNK
         assert -(-columns // chunk) <= 4 * 132
     assert chunk_columns(2**26, 132) < 2**17  # long runs per block, but not one block per SM
+
+
+class RecordingBackend:
+    """Records launches instead of running them."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[str, int, int, list]] = []
+
+    def module(self, source: str, options: tuple[str, ...], device: torch.device):
+        return self
+
+    def multiprocessors(self, device: torch.device) -> int:
+        return 132
+
+    def launch(self, kernel: str, grid: int, shared: int, args: list) -> None:
+        self.launches.append((kernel, grid, shared, args))
+
+
+def test_launches_fit_a_hopper_multiprocessor_at_the_limits() -> None:
+    """L = 16 objectives over R = 1024 ranks: shared memory within sm_90's 227 KiB per block,
+    one block per item of the (int32) work table."""
+    ranks = MAX_RANKS
+    averaging = torch.zeros(MAX_OBJECTIVES, ranks)
+    averaging[torch.arange(ranks) % MAX_OBJECTIVES, torch.arange(ranks)] = 1 / 64
+    backend = RecordingBackend()
+    fused = FusedBucket(backend, torch.zeros(ranks, 2**20), averaging, None)
+    fused.combine(fused.partial_gramians(), MGDA(), None)
+    names, grids, shared = zip(*[launch[:3] for launch in backend.launches], strict=True)
+    assert names == ("gramian_partials", "gramian_reduce", "solve_combine")
+    assert max(shared) <= 227 * 1024
+    items = -(-(2**20) // chunk_columns(2**20, 132))
+    assert grids == (items, 1, items) and fused.items == items
+    assert fused.table.dtype == torch.int32
 
 
 def test_only_exact_mgda_and_mean_are_solved_in_the_kernel() -> None:

@@ -14,6 +14,8 @@ from ._sources import BLOCK, kernel_source
 
 # CuPy has no bfloat16 and DLPack export keeps the dtype: 16-bit floats travel as their bits.
 _AS_BITS = (torch.bfloat16, torch.float16)
+# Dynamic shared memory a kernel gets without opting in (cudaFuncSetAttribute).
+_DEFAULT_SHARED = 48 * 1024
 
 
 def _to_cupy(argument: KernelArgument) -> object:
@@ -33,6 +35,7 @@ class CupyModule:
         self._module = module
         self._device = device
         self._kernels: dict[str, cupy.RawKernel] = {}
+        self._shared_limit: dict[str, int] = {}
 
     def launch(self, kernel: str, grid: int, shared: int, args: Sequence[KernelArgument]) -> None:
         function = self._kernels.get(kernel)
@@ -47,6 +50,9 @@ class CupyModule:
             cupy.cuda.Device(index),
             cupy.cuda.ExternalStream(stream, index),
         ):
+            if shared > self._shared_limit.get(kernel, _DEFAULT_SHARED):
+                function.max_dynamic_shared_size_bytes = shared  # L ≥ 13: up to 84 KiB
+                self._shared_limit[kernel] = shared
             function((grid,), (BLOCK,), tuple(_to_cupy(a) for a in args), shared_mem=shared)
 
 

@@ -24,10 +24,11 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
 
 def columns_per_thread(num_objectives: int) -> int:
-    """Columns each thread owns per tile: two while the register triangle is small (more loads
-    in flight per thread), one from ``L = 9`` on, where the ``L(L+1)/2`` accumulators fill the
-    register file."""
-    return 2 if num_objectives <= 8 else 1
+    """Columns each thread owns per tile. The ``L(L+1)/2`` fp32 accumulators of kernel 1 limit the
+    blocks per multiprocessor (ptxas: 64 registers at ``L = 8``, 128 at 12, 254 at 16), so from
+    ``L = 13`` on, with one block per multiprocessor, each thread keeps four columns' loads in
+    flight instead of two to cover the memory latency."""
+    return 2 if num_objectives <= 12 else 4
 
 
 def read_source(name: str) -> str:

@@ -267,6 +267,19 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
 
 inline unsigned __ballot_sync(unsigned mask, int predicate) { return emu::ballot(mask, predicate); }
 inline int __any_sync(unsigned mask, int predicate) { return emu::ballot(mask, predicate) != 0; }
+
+inline unsigned __match_any_sync(unsigned mask, int value) {
+    emu::Block& b = *emu::block;
+    const unsigned warp_base = emu::current->thread & ~31u;
+    b.slots[emu::current->thread] = static_cast<std::uint32_t>(value);
+    emu::wait_warp(mask);
+    unsigned out = 0;
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        if (b.slots[warp_base + lane] == static_cast<std::uint32_t>(value)) out |= 1u << lane;
+    }
+    emu::wait_warp(mask);
+    return out;
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 inline float __int_as_float(int x) {

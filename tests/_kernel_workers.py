@@ -1,0 +1,36 @@
+"""Functions run on every rank by the kernel tests (module level: spawned processes import them)."""
+
+from pathlib import Path
+
+import torch
+from _emulator import EmulatedBackend
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from bucketmoo_hooks import BucketMOOState, _protocol, register_bucket_moo_hook
+from bucketmoo_hooks._kernels import FusedBucket
+
+
+def train_with_emulated_kernels(
+    rank: int, world_size: int, granularity: str, emulate: bool, cache_dir: str
+) -> list[torch.Tensor]:
+    """Two steps of DDP under the hook; with ``emulate``, every bucket's compute runs in the
+    kernels on the CPU emulator. Returns the gradients the hook wrote at the last step."""
+    if emulate:
+        backend = EmulatedBackend(Path(cache_dir))
+
+        def emulated(choice, shards, averaging, segments):
+            return FusedBucket(backend, shards, averaging, segments)
+
+        _protocol.fused_kernels = emulated
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 301), nn.Tanh(), nn.Linear(301, 7))
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.004)
+    state = BucketMOOState(objective_of_rank=[0, 1, 0][:world_size], granularity=granularity)
+    register_bucket_moo_hook(ddp, state)
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        ddp.zero_grad()
+        inputs = torch.randn(8, 10, generator=generator)
+        ddp(inputs).sin().sum().backward()
+    return [parameter.grad.clone() for parameter in model.parameters()]
