@@ -263,20 +263,26 @@ def train_with_checkpoint(
     steps: range,
     checkpoint: str,
     save_after: int | None,
+    weighting: Weighting,
+    load_hook_state: bool = True,
 ) -> torch.Tensor:
     """Train ``steps`` under the hook (resuming from ``checkpoint`` if ``steps`` does not start at
     0), saving model, optimizer and hook state after step ``save_after``; return the parameters.
     """
     model = make_model((31, 17), torch.float32)
     ddp = DistributedDataParallel(model, **ddp_options)
-    state = BucketMOOState(["en", "de", "en", "ja"][:world_size], granularity="bucket")
+    objectives = ["en", "de", "ja", "en"][:world_size]
+    state = BucketMOOState(objectives, weighting=weighting, granularity="bucket")
     register_bucket_moo_hook(ddp, state)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     if steps.start > 0:
         saved = torch.load(f"{checkpoint}/rank{rank}.pt", weights_only=True)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        state.load_state_dict(saved["hook"])
+        if load_hook_state:
+            state.load_state_dict(saved["hook"])
+        else:  # what a resume that forgot the hook state would do (only the step counter)
+            state.iter = saved["hook"]["iter"]
     for step in steps:
         x, target = batch(rank, step, 0, torch.float32)
         nn.functional.mse_loss(ddp(x), target).backward()

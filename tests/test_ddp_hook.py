@@ -22,7 +22,7 @@ from _ddp_workers import (
 from _distributed import run_distributed
 
 from bucketmoo_hooks import objective_key, reference, ring_allreduce_bytes, weighting_names
-from bucketmoo_hooks.weightings import get_weighting
+from bucketmoo_hooks.weightings import MGDA, GradVac, NashMTL, Weighting, get_weighting
 
 PER_STEP = (
     (0, 1, 2, 3),
@@ -77,7 +77,7 @@ SCENARIOS: dict[int, list[Scenario]] = {
             granularity="global",
             dtype=torch.bfloat16,
         ),
-        # Every weighting through the real hook (stateful GradVac over several steps).
+        # Every weighting through the real hook (stateful GradVac and Nash-MTL over several steps).
         *(
             Scenario(f"r4_{name}", objective_of_rank=(0, 1, 2, 2), weighting=name, steps=3)
             for name in (
@@ -88,6 +88,7 @@ SCENARIOS: dict[int, list[Scenario]] = {
                 "upgrad",
                 "dualproj",
                 "aligned_mtl",
+                "nash_mtl",
             )
         ),
         # Realistic bucket sizes (thousands of elements) for the byte budget.
@@ -354,15 +355,29 @@ def test_diagnostics_match_the_reference(world_size: int, scenario: Scenario) ->
         )
 
 
-def test_resume_from_checkpoint_is_bitwise_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "weighting", [MGDA(), GradVac(beta=0.5), NashMTL(iterations=1)], ids=lambda w: w.name
+)
+def test_resume_from_checkpoint_is_bitwise_identical(tmp_path: Path, weighting: Weighting) -> None:
     """Model + optimizer + hook state saved after step 2 and loaded by fresh processes: steps 3–5
     give the parameters of an uninterrupted run bit for bit. (find_unused_parameters=True makes
-    DDP's first bucketing after the restart equal to its rebuilt one; see README.)"""
+    DDP's first bucketing after the restart equal to its rebuilt one; see README.)
+
+    GradVac's targets and Nash-MTL's warm starts (1 Newton iteration, so the start matters) are
+    in the hook state: resuming without it gives other parameters.
+    """
     options = {"bucket_cap_mb": 0.001, "find_unused_parameters": True}
-    full = run_distributed(3, train_with_checkpoint, options, range(6), str(tmp_path), 2)
-    resumed = run_distributed(3, train_with_checkpoint, options, range(3, 6), str(tmp_path), None)
+    full = run_distributed(3, train_with_checkpoint, options, range(6), str(tmp_path), 2, weighting)
+    resumed = run_distributed(
+        3, train_with_checkpoint, options, range(3, 6), str(tmp_path), None, weighting
+    )
     for uninterrupted, restarted in zip(full, resumed, strict=True):
         assert torch.equal(uninterrupted, restarted)
+    if isinstance(weighting, GradVac | NashMTL):  # stateful
+        forgetful = run_distributed(
+            3, train_with_checkpoint, options, range(3, 6), str(tmp_path), None, weighting, False
+        )
+        assert not torch.equal(full[0], forgetful[0])
 
 
 @pytest.mark.parametrize("granularity", ["bucket", "parameter", "global"])

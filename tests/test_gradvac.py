@@ -100,5 +100,6 @@ def test_bad_arguments_and_states() -> None:
     with pytest.raises(ValueError, match="not a GradVac state"):
         GradVac().load_state_dict({"ema": []})
     bad = {"targets": [{"problem": [0], "objectives": [1, 2], "cosines": torch.zeros(3, 3)}]}
-    with pytest.raises(ValueError, match=r"cosines must be a \[2, 2\] tensor"):
+    expected = r"cosines must be a tensor of shape \[2, 2\] \(one row per objective\), got \[3, 3\]"
+    with pytest.raises(ValueError, match=expected):
         GradVac().load_state_dict(bad)

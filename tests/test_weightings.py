@@ -15,6 +15,7 @@ from bucketmoo_hooks.weightings import (
     CallableWeighting,
     DualProj,
     Mean,
+    NashMTL,
     PCGrad,
     UPGrad,
     Weighting,
@@ -269,7 +270,7 @@ def test_duality_gap_of_a_vertex() -> None:
 
 # -- the other methods: shared helpers -------------------------------------------------------------
 
-NEW_METHODS = ("pcgrad", "cagrad", "imtl_g", "upgrad", "dualproj", "aligned_mtl")
+NEW_METHODS = ("pcgrad", "cagrad", "imtl_g", "upgrad", "dualproj", "aligned_mtl", "nash_mtl")
 
 
 def normalised(gramian: torch.Tensor) -> torch.Tensor:
@@ -344,6 +345,7 @@ def test_degenerate_gramians_give_finite_weights(name: str) -> None:
         DualProj(reg_eps=0.5),
         AlignedMTL(scale_mode="rmse"),
         MGDA(iterations=4, normalization="l2"),
+        NashMTL(iterations=5, normalization="none"),
     ],
     ids=repr,
 )

@@ -21,6 +21,7 @@ from ._gradvac import GradVac
 from ._imtl_g import IMTLG
 from ._mean import Mean
 from ._mgda import MGDA, duality_gap, min_norm_weights
+from ._nash_mtl import NashMTL
 from ._pcgrad import PCGrad
 from ._upgrad import UPGrad
 
@@ -33,6 +34,7 @@ __all__ = [
     "DualProj",
     "GradVac",
     "Mean",
+    "NashMTL",
     "PCGrad",
     "UPGrad",
     "Weighting",

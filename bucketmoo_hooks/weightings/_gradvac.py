@@ -1,4 +1,3 @@
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -7,14 +6,7 @@ from torch import Tensor
 from ._base import Weighting, WeightingContext
 from ._pcgrad import PCGrad
 from ._solvers import normalise_by_trace
-
-
-@dataclass(slots=True)
-class _Targets:
-    """EMA target cosines of one problem over every objective it has seen."""
-
-    objectives: list[int]  # objective keys, the rows and columns of ``cosines``
-    cosines: Tensor  # φ̂, [K, K] float64
+from ._tables import ObjectiveTable, Problem, load_tables, tables_state
 
 
 class GradVac(Weighting):
@@ -53,7 +45,7 @@ class GradVac(Weighting):
             raise ValueError(f"beta must be a number in (0, 1], got {beta!r}")
         self.beta = float(beta)
         self._order = PCGrad(seed)
-        self._targets: dict[tuple[int, ...] | None, _Targets] = {}
+        self._targets: dict[Problem, ObjectiveTable] = {}
 
     def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
         num_objectives = gramian.shape[0]
@@ -65,7 +57,9 @@ class GradVac(Weighting):
         problem = None if context is None else context.problem
         objectives = tuple(range(num_objectives)) if context is None else context.objectives
         g, _ = normalise_by_trace(gramian)
-        index, targets = self._lookup(problem, objectives, g.device)
+        table = self._targets.setdefault(problem, ObjectiveTable.empty(ndim=2))
+        index = table.index(objectives, g.device, fill=0.0)
+        targets = table.values
         target = targets[index][:, index]
 
         ranks = self._order.visiting_ranks(num_objectives, context, g.device)
@@ -91,50 +85,13 @@ class GradVac(Weighting):
         targets[index[:, None], index[None, :]] = target
         return coefficients.mean(dim=0).to(gramian.dtype)
 
-    def _lookup(
-        self, problem: tuple[int, ...] | None, objectives: tuple[int, ...], device: torch.device
-    ) -> tuple[Tensor, Tensor]:
-        """Rows of ``objectives`` in the problem's target matrix (grown for new objectives)."""
-        entry = self._targets.get(problem)
-        if entry is None:
-            entry = self._targets[problem] = _Targets([], torch.zeros(0, 0, dtype=torch.float64))
-        new = [key for key in objectives if key not in entry.objectives]
-        if entry.cosines.device != device:
-            entry.cosines = entry.cosines.to(device)
-        if new:
-            entry.objectives += new
-            entry.cosines = torch.nn.functional.pad(entry.cosines, (0, len(new), 0, len(new)))
-        index = torch.tensor([entry.objectives.index(key) for key in objectives])
-        if device.type != "cpu":  # pinned + non-blocking: no host synchronisation
-            index = index.pin_memory().to(device, non_blocking=True)
-        return index, entry.cosines
-
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "targets": [
-                {
-                    "problem": None if problem is None else list(problem),
-                    "objectives": list(entry.objectives),
-                    "cosines": entry.cosines.cpu(),
-                }
-                for problem, entry in self._targets.items()
-            ]
-        }
+        return {"targets": tables_state(self._targets, "cosines")}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if set(state_dict) != {"targets"}:
             raise ValueError(f"not a GradVac state: keys {sorted(state_dict)}")
-        targets = {}
-        for entry in state_dict["targets"]:
-            cosines, objectives = entry["cosines"], list(entry["objectives"])
-            if not isinstance(cosines, Tensor) or cosines.shape != (len(objectives),) * 2:
-                raise ValueError(
-                    f"GradVac state for problem {entry['problem']}: cosines must be a "
-                    f"[{len(objectives)}, {len(objectives)}] tensor"
-                )
-            problem = None if entry["problem"] is None else tuple(entry["problem"])
-            targets[problem] = _Targets(objectives, cosines.to(torch.float64))
-        self._targets = targets
+        self._targets = load_tables(state_dict["targets"], "cosines", ndim=2, owner="GradVac")
 
     def __repr__(self) -> str:
         return f"GradVac(beta={self.beta}, seed={self._order.seed})"

@@ -4,6 +4,7 @@ import torch
 from torch import Tensor
 
 from ._base import Weighting, WeightingContext
+from ._solvers import normalise_by_trace, unit_gramian
 
 # Added to the trace-normalised Gramian on the support: makes every equality-constrained
 # subproblem strictly convex (duplicated or collinear objectives share their weight equally)
@@ -84,13 +85,10 @@ class MGDA(Weighting):
         iterations = 2 * num_objectives if self.iterations is None else self.iterations
         if self.normalization == "none":
             return min_norm_weights(gramian, iterations).to(gramian.dtype)
-        g = gramian.to(torch.float64)
-        g = g / g.diagonal().sum().clamp_min(torch.finfo(torch.float64).tiny)
-        norms = g.diagonal().clamp_min(0.0).sqrt()
-        inverse = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
-        unit_weights = min_norm_weights(g * inverse[:, None] * inverse[None, :], iterations)
+        unit, inverse = unit_gramian(normalise_by_trace(gramian)[0])
+        unit_weights = min_norm_weights(unit, iterations)
         # Trace-normalised norms are ≤ 1, so the rescaled weights sum to ≥ 1: no division by 0.
-        weights = torch.where(norms > 0, unit_weights * inverse, unit_weights)
+        weights = torch.where(inverse > 0, unit_weights * inverse, unit_weights)
         return (weights / weights.sum()).to(gramian.dtype)
 
     def __repr__(self) -> str:

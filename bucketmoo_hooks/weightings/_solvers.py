@@ -21,9 +21,11 @@ __all__ = [
     "lower_bounded_qp",
     "noise_level",
     "normalise_by_trace",
+    "positive_definite_ridge",
     "regularise",
     "significant_eigh",
     "uniform_if_zero",
+    "unit_gramian",
 ]
 
 # Primal feasibility tolerance of the active-set method (weights), and its optimality tolerance
@@ -61,6 +63,15 @@ def normalise_by_trace(gramian: Tensor) -> tuple[Tensor, Tensor]:
     return g / torch.where(nonzero, trace, 1.0), nonzero
 
 
+def unit_gramian(g: Tensor) -> tuple[Tensor, Tensor]:
+    """The Gramian of the unit gradients ``ḡ_i / ‖ḡ_i‖`` and the ``1 / ‖ḡ_i‖``, for a
+    trace-normalised ``g`` (float64). A zero gradient gets a zero row and column, and 0 as inverse.
+    """
+    norms = g.diagonal().clamp_min(0.0).sqrt()
+    inverse = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
+    return g * inverse[:, None] * inverse[None, :], inverse
+
+
 def noise_level(dtype: torch.dtype, num_objectives: int) -> float:
     """``L·max(ε_dtype, 1e-13)``: the relative size below which a Gramian's structure is round-off.
 
@@ -86,6 +97,24 @@ def regularise(g: Tensor, ridge: float) -> Tensor:
     subproblem strictly convex, so duplicated or collinear objectives share their weight equally.
     """
     return g + torch.diag_embed(ridge * g.diagonal().clamp_min(0.0) + 1e-30)
+
+
+def positive_definite_ridge(g: Tensor, floor: float, rungs: int = 12) -> Tensor:
+    """A ridge ``r`` such that ``g + r·I`` is safely positive definite: ``4ρ``, with ``ρ`` the first
+    of ``floor·4^k`` (``k < rungs``) for which a Cholesky factorisation of ``g + ρI`` succeeds.
+
+    ``floor`` (e.g. :func:`noise_level`) covers the storage round-off of the input's dtype, but a
+    Gramian accumulated in lower precision than it is stored (a float32 Gramian cast to float64,
+    a long fp32 reduction) can have negative eigenvalues larger than that; the ladder finds the
+    ridge that covers them. All rungs are factorised in one batched ``cholesky_ex`` and the first
+    success is picked on the device: no host synchronisation. If every rung fails (the input is
+    not a Gramian), the largest ridge is returned.
+    """
+    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+    ridges = floor * 4.0 ** torch.arange(rungs, dtype=g.dtype, device=g.device)
+    succeeded = torch.linalg.cholesky_ex(g + ridges[:, None, None] * eye).info == 0
+    first = torch.where(succeeded.any(), succeeded.int().argmax(), rungs - 1)
+    return 4.0 * ridges[first]
 
 
 def uniform_if_zero(weights: Tensor, nonzero: Tensor) -> Tensor:
