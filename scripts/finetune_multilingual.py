@@ -214,7 +214,7 @@ def load_texts(args: argparse.Namespace) -> dict[str, dict[str, list[str]]]:
 
 @dataclass
 class EvalSet:
-    tokens: Tensor  # [bos, tokens of the text]: every token of the text is predicted
+    tokens: Tensor  # the text's tokens: every one is predicted once
     n_bytes: int  # UTF-8 bytes of the text: bits per byte = nats / n_bytes / ln 2
 
 
@@ -227,27 +227,36 @@ def eval_set(paragraphs: list[str], codec: Codec, max_bytes: int) -> EvalSet:
             break
         kept.append(paragraph)
     text = "\n".join(kept)
-    tokens = torch.tensor([codec.bos, *codec.encode(text)], dtype=torch.long)
-    return EvalSet(tokens, len(text.encode("utf-8")))
+    return EvalSet(torch.tensor(codec.encode(text)), len(text.encode("utf-8")))
+
+
+def with_bos(targets: Tensor, bos: int) -> Tensor:
+    """Inputs for next-token targets ``[B, T]``: BOS, then the targets shifted by one.
+
+    Every window starts with BOS, in training and evaluation alike: pretrained LMs (Gemma above
+    all) expect it, and every target, the first included, is then predicted.
+    """
+    return torch.cat([torch.full_like(targets[:, :1], bos), targets[:, :-1]], dim=1)
 
 
 def get_batch(
-    data: Tensor, batch_size: int, context: int, generator: torch.Generator
+    data: Tensor, batch_size: int, context: int, bos: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
-    """Random windows of ``context + 1`` tokens: inputs and next-token targets."""
-    starts = torch.randint(len(data) - context, (batch_size, 1), generator=generator)
-    windows = data[starts + torch.arange(context + 1)]
-    return windows[:, :-1], windows[:, 1:]
+    """Random windows of ``context`` tokens: inputs (from BOS) and next-token targets."""
+    starts = torch.randint(len(data) - context + 1, (batch_size, 1), generator=generator)
+    targets = data[starts + torch.arange(context)]
+    return with_bos(targets, bos), targets
 
 
-def windows(tokens: Tensor, context: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Non-overlapping windows: every token after the first is predicted exactly once."""
-    n = len(tokens) - 1
-    full = n // context * context
+def windows(tokens: Tensor, context: int, bos: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Non-overlapping windows (inputs, targets): every token is predicted exactly once."""
+    full = len(tokens) // context * context
     if full:
-        yield tokens[:full].view(-1, context), tokens[1 : full + 1].view(-1, context)
-    if full < n:  # the tail, as one shorter window
-        yield tokens[full:n].view(1, -1), tokens[full + 1 :].view(1, -1)
+        targets = tokens[:full].view(-1, context)
+        yield with_bos(targets, bos), targets
+    if full < len(tokens):  # the tail, as one shorter window
+        targets = tokens[full:].view(1, -1)
+        yield with_bos(targets, bos), targets
 
 
 def language_index(rank: int, step: int, world: int, n_languages: int) -> int:
@@ -266,9 +275,11 @@ def language_index(rank: int, step: int, world: int, n_languages: int) -> int:
 
 
 @torch.no_grad()
-def nats(model: nn.Module, data: EvalSet, context: int, batch: int, device: torch.device) -> float:
+def nats(
+    model: nn.Module, data: EvalSet, context: int, bos: int, batch: int, device: torch.device
+) -> float:
     total = 0.0
-    for x, y in windows(data.tokens, context):
+    for x, y in windows(data.tokens, context, bos):
         for i in range(0, len(x), batch):
             logits, _ = model(x[i : i + batch].to(device))
             total += next_token_loss(logits, y[i : i + batch].to(device), "sum").item()
@@ -284,7 +295,9 @@ def evaluate(
     with autocast:
         for i, (code, data) in enumerate(sets.items()):
             if i % run.world_processes == run.rank:
-                stats[i] = nats(run.model, data, run.args.context, run.args.eval_batch, run.device)
+                stats[i] = nats(
+                    run.model, data, run.args.context, run.bos, run.args.eval_batch, run.device
+                )
                 stats[i] /= sets[code].n_bytes * math.log(2)
     if run.distributed:
         dist.all_reduce(stats)
@@ -298,7 +311,7 @@ def separability(run: Run, sets: dict[str, EvalSet]) -> list[dict[str, float]]:
     run.model.eval()
     features: list[dict[str, Tensor]] = []
     for code, data in sets.items():
-        x, _ = next(windows(data.tokens, run.args.context))
+        x, _ = next(windows(data.tokens, run.args.context, run.bos))
         states = run.model.hidden_states(x[: run.args.probe_windows].to(run.device))
         if not features:
             features = [{} for _ in states]
@@ -322,6 +335,7 @@ class Run:
     distributed: bool
     device: torch.device
     model: nn.Module  # the bare model (DDP's .module)
+    bos: int  # the token every window starts with
 
     @property
     def local_ranks(self) -> range:
@@ -506,7 +520,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     torch.manual_seed(args.seed)
     model, codec = build_model(args)
     model.to(device)
-    run = Run(args, rank, world, world if distributed else 1, distributed, device, model)
+    run = Run(args, rank, world, world if distributed else 1, distributed, device, model, codec.bos)
     generators = {
         r: torch.Generator().manual_seed(args.seed * 1_000_003 + r) for r in run.local_ranks
     }
@@ -514,8 +528,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     texts = load_texts(args)
     train_data = {c: torch.tensor(codec.encode("\n".join(texts[c]["train"]))) for c in langs}
     for code, data in train_data.items():
-        if len(data) <= args.context:
-            raise ValueError(f"{code}: {len(data)} training tokens <= context {args.context}")
+        if len(data) < args.context:
+            raise ValueError(f"{code}: {len(data)} training tokens < context {args.context}")
     valid = {c: eval_set(t["valid"], codec, args.eval_bytes) for c, t in texts.items()}
     test = {c: eval_set(t["test"], codec, args.eval_bytes) for c, t in texts.items()}
 
@@ -691,7 +705,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             if state is not None and rotate:
                 state.set_objective(lang)  # before backward: the hook reads it at bucket 0
             for micro in range(args.grad_accum):
-                x, y = get_batch(train_data[lang], args.batch_size, args.context, generators[r])
+                x, y = get_batch(
+                    train_data[lang], args.batch_size, args.context, codec.bos, generators[r]
+                )
                 last = micro == args.grad_accum - 1
                 sync = contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
                 with sync:
