@@ -9,6 +9,8 @@ rank's own (accumulated) gradient as computed by a plain, non-distributed copy o
 import copy
 import gc
 import itertools
+import os
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -339,3 +341,31 @@ def problem_keys(rank: int, world_size: int, granularity: str, known_order: bool
         "contexts": [(c.step, c.bucket, c.segment, c.problem) for c in weighting.contexts],
         "registered_order": registered._parameter_index == position,
     }
+
+
+def train_until_fault(
+    rank: int, world_size: int, fault: str, faulty_rank: int, fault_step: int
+) -> dict[str, Any]:
+    """Train under the hook; rank ``faulty_rank`` dies (``"die"``) or stalls (``"stall"``) at the
+    start of step ``fault_step``. The others report the error their backward raised and how long
+    they waited for it."""
+    model = make_model((31, 17), torch.float32)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.001)
+    register_bucket_moo_hook(ddp, BucketMOOState(["en", "de", "ja", "en"][:world_size]))
+    for step in range(fault_step + 1):
+        x, target = batch(rank, step, 0, torch.float32)
+        if step == fault_step and rank == faulty_rank:
+            if fault == "die":
+                os._exit(1)
+            time.sleep(3600)
+        loss = nn.functional.mse_loss(ddp(x), target)
+        started = time.monotonic()
+        try:
+            loss.backward()
+        except Exception as error:
+            return {
+                "step": step,
+                "error": f"{type(error).__name__}: {error}",
+                "waited": time.monotonic() - started,
+            }
+    return {"step": fault_step, "error": None, "waited": 0.0}

@@ -29,6 +29,8 @@ def _worker(
     store_dir: str,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
+    collective_timeout: datetime.timedelta = COLLECTIVE_TIMEOUT,
+    faulty: bool = False,
 ) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -41,10 +43,14 @@ def _worker(
             init_method=f"file://{out / 'store'}",
             rank=rank,
             world_size=world_size,
-            timeout=COLLECTIVE_TIMEOUT,
+            timeout=collective_timeout,
         )
         result = fn(rank, world_size, *args)
-        torch.save(result, out / f"result{rank}.pt")
+        torch.save(result, out / f"partial{rank}.pt")
+        os.replace(out / f"partial{rank}.pt", out / f"result{rank}.pt")  # appears complete
+        if faulty:
+            # Peers may be dead: no barrier, and no destructors that talk to them.
+            os._exit(0)
     except BaseException:
         (out / f"error{rank}.txt").write_text(traceback.format_exc())
         raise
@@ -95,3 +101,48 @@ def run_distributed(
             torch.load(Path(store_dir) / f"result{rank}.pt", weights_only=True)
             for rank in range(world_size)
         ]
+
+
+def run_with_faults(
+    world_size: int,
+    fn: Callable[..., Any],
+    *args: Any,
+    survivors: set[int],
+    collective_timeout: float,
+    timeout: float = 180.0,
+) -> tuple[dict[int, Any], float]:
+    """Run ``fn(rank, world_size, *args)`` where the ranks outside ``survivors`` die or stall on
+    purpose; the collectives time out after ``collective_timeout`` seconds.
+
+    Returns each survivor's result and the seconds until the last survivor returned (measured
+    from the start of the processes, so it includes start-up); the other ranks are then killed.
+    """
+    with tempfile.TemporaryDirectory(prefix="bucketmoo-") as store_dir:
+        out = Path(store_dir)
+        timeouts = datetime.timedelta(seconds=collective_timeout)
+        context = mp.start_processes(
+            _worker,
+            args=(world_size, "gloo", store_dir, fn, args, timeouts, True),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        start = time.monotonic()
+        try:
+            while not all((out / f"result{r}.pt").exists() for r in survivors):
+                if any(out.glob("error*.txt")) or time.monotonic() - start > timeout:
+                    break
+                time.sleep(0.1)
+            elapsed = time.monotonic() - start
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        errors = sorted(out.glob("error*.txt"))
+        if errors:
+            details = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors)
+            raise AssertionError(f"{fn.__name__} raised on some rank:\n{details}")
+        missing = [r for r in survivors if not (out / f"result{r}.pt").exists()]
+        if missing:
+            raise TimeoutError(f"ranks {missing} of {fn.__name__} hung for {timeout:.0f} s")
+        return {r: torch.load(out / f"result{r}.pt", weights_only=True) for r in survivors}, elapsed
