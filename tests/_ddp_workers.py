@@ -369,3 +369,32 @@ def train_until_fault(
                 "waited": time.monotonic() - started,
             }
     return {"step": fault_step, "error": None, "waited": 0.0}
+
+
+def replica_agreement(
+    rank: int, world_size: int, weightings: list[str], steps: int, snapshot_at: int
+) -> dict[str, Any]:
+    """Train ``steps`` steps per weighting (SGD with momentum; language groups of different
+    sizes); count the steps after which every rank's parameters were bitwise equal. Returns the
+    count and the parameters after step ``snapshot_at`` per weighting."""
+    objectives = ["en", "de", "ja", "en"][:world_size]
+    outcome: dict[str, Any] = {}
+    for name in weightings:
+        model = make_model((13,), torch.float32)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.0005, find_unused_parameters=True)
+        register_bucket_moo_hook(ddp, BucketMOOState(objectives, weighting=name))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        agreeing, snapshot = 0, None
+        for step in range(steps):
+            x, target = batch(rank, step, 0, torch.float32)
+            nn.functional.mse_loss(ddp(x), target).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+            everyone = torch.empty(world_size * flat.numel())
+            all_gather_single(everyone, flat)
+            agreeing += all(torch.equal(row, flat) for row in everyone.view(world_size, -1))
+            if step == snapshot_at:
+                snapshot = flat.clone()
+        outcome[name] = {"agreeing_steps": agreeing, "snapshot": snapshot}
+    return outcome
