@@ -19,7 +19,7 @@ from test_ddp_hook import expected_outputs, objective_ids, relative_error
 
 from bucketmoo_hooks import weighting_names
 
-EXAMPLES = int(os.environ.get("BUCKETMOO_FUZZ_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("BUCKETMOO_FUZZ_EXAMPLES", "10"))
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 IDS = st.sampled_from(["en", "de", "ja", "ko", 0, 1])
 
@@ -66,18 +66,33 @@ def check(world_size: int, batch: list[Scenario]) -> int:
     return buckets
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_hook_equals_reference_on_random_setups(world_size: int) -> None:
+def draw_setups(world_size: int, count: int) -> list[Scenario]:
+    """``count`` setups as Hypothesis generates them (derandomised: the same ones every run).
+
+    Hypothesis runs the collecting function once per example, so its usual variety applies; the
+    examples then run together in one spawn of processes, which is why nothing is shrunk.
+    """
+    drawn: list[Scenario] = []
+
     @settings(
-        max_examples=1,
+        max_examples=count,
         derandomize=True,
         phases=[Phase.generate],
         deadline=None,
         suppress_health_check=list(HealthCheck),
         database=None,
     )
-    @given(st.lists(scenarios(world_size), min_size=EXAMPLES, max_size=EXAMPLES))
-    def run(batch: list[Scenario]) -> None:
-        assert check(world_size, batch) >= len(batch)
+    @given(scenarios(world_size))
+    def collect(scenario: Scenario) -> None:
+        drawn.append(scenario)
 
-    run()
+    collect()
+    return drawn
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_hook_equals_reference_on_random_setups(world_size: int) -> None:
+    setups = draw_setups(world_size, EXAMPLES)
+    assert len(setups) == EXAMPLES
+    assert len({s.weighting for s in setups}) > 1 and len({s.dtype for s in setups}) > 1
+    assert check(world_size, setups) >= len(setups)
