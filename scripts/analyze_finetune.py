@@ -7,7 +7,8 @@ Reads ``<root>/<method>-s<seed>/`` run directories (``summary.json``, ``log.json
 ``diagnostics.jsonl``, ``buckets.json`` from ``finetune_multilingual.py --out``) and writes:
 
 - ``results.md`` / ``results.json``: final held-out bits per byte per language (mean ± standard
-  deviation over seeds), seen and unseen means, and each method's difference from plain DDP;
+  deviation over seeds), seen and unseen means, each method's difference from plain DDP, and per
+  bucket the control's pair cosines and how far each method's weights are from uniform;
 - ``loss_curves.png``: per language, the training loss per method (mean over seeds; band: min–max)
   and, when the runs evaluated periodically, the validation bits per byte;
 - ``cosine_heatmaps.png``: language-pair gradient cosine per bucket (≈ layer group) in the
@@ -316,6 +317,60 @@ def plot_separability(runs: dict[str, list[dict[str, Any]]], path: Path) -> dict
     return data
 
 
+def _mean_norm(record: dict[str, Any]) -> float:
+    """‖(1/L) Σ_ℓ ḡ_ℓ‖ from a diagnostics record's cosines and norms."""
+    norms, cosine = record["norms"], record["cosine"]
+    total = sum(
+        cosine[a][b] * norms[a] * norms[b] for a in range(len(norms)) for b in range(len(norms))
+    )
+    return max(total, 0.0) ** 0.5 / len(norms)
+
+
+def bucket_table(runs: dict[str, list[dict[str, Any]]], cosine_method: str) -> str:
+    """Per bucket: how much the languages conflict (the control's Gramians) and, per MOO method,
+    how far its weights are from uniform (mean over steps of max_ℓ w_ℓ / min_ℓ w_ℓ) and how long
+    its update is against the plain mean of the same gradients (‖d‖ / ‖mean‖)."""
+    records = [
+        d
+        for r in runs.get(cosine_method, [])
+        for d in r["diagnostics"]
+        if "bucket" in d and d["parameter"] is None
+    ]
+    if not records:
+        return ""
+    names = runs[cosine_method][0]["buckets"]
+    methods = [m for m in runs if m != cosine_method and any(r["diagnostics"] for r in runs[m])]
+    header = "| bucket | mean pair cosine | min pair cosine | steps with a negative pair |"
+    header += "".join(f" {m}: max/min weight, ‖d‖/‖mean‖ |" for m in methods)
+    lines = [header, "|" + " --- |" * (4 + len(methods))]
+    for bucket in sorted({d["bucket"] for d in records}):
+        mine = [d for d in records if d["bucket"] == bucket]
+        pairs = [
+            [d["cosine"][a][b] for a in range(len(d["cosine"])) for b in range(a)] for d in mine
+        ]
+        flat = [c for row in pairs for c in row]
+        negative = sum(min(row) < 0 for row in pairs) / len(pairs)
+        label = bucket_label(names[bucket]) if bucket < len(names) else f"b{bucket}"
+        cells = [f"b{bucket} {label}", f"{statistics.fmean(flat):+.3f}", f"{min(flat):+.3f}"]
+        cells.append(f"{negative:.0%}")
+        for method in methods:
+            theirs = [
+                d
+                for r in runs[method]
+                for d in r["diagnostics"]
+                if d.get("bucket") == bucket and d["parameter"] is None
+            ]
+            ratios = [max(d["weights"]) / max(min(d["weights"]), 1e-3) for d in theirs]
+            shrink = [d["update_norm"] / max(_mean_norm(d), 1e-30) for d in theirs]
+            cells.append(
+                f"{statistics.fmean(ratios):.2f} / {statistics.fmean(shrink):.2f}"
+                if theirs
+                else "–"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="grid directory with <method>-s<seed>/ runs")
@@ -339,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
             for p, v in sorted(data["cosine"]["pairs"].items(), key=lambda kv: -kv[1])
         )
         markdown += f"\nMean pair cosine ({args.cosine_method}, all buckets and steps): {pairs}\n"
+        markdown += "\nPer bucket (weight ratio capped at 1000 where a weight is ~0):\n\n"
+        markdown += bucket_table(runs, args.cosine_method)
     if any(r.get("probe") for rs in runs.values() for r in rs):
         data["separability"] = plot_separability(runs, args.out / "separability.png")
     data["train_seconds"] = {m: [r["train_seconds"] for r in rs] for m, rs in runs.items()}
