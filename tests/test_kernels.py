@@ -200,6 +200,17 @@ def test_launches_fit_a_hopper_multiprocessor_at_the_limits() -> None:
     assert fused.table.dtype == torch.int32
 
 
+def test_mismatched_shapes_are_refused_before_any_launch() -> None:
+    backend = RecordingBackend()
+    for shards, averaging in [
+        (torch.zeros(3, 10), torch.ones(2, 4)),
+        (torch.zeros(30), torch.ones(2, 3)),
+    ]:
+        with pytest.raises(ValueError, match=r"shards must be \[R, c\] and averaging \[L, R\]"):
+            FusedBucket(backend, shards, averaging, None)
+    assert not backend.launches
+
+
 def test_only_exact_mgda_and_mean_are_solved_in_the_kernel() -> None:
     class Tweaked(MGDA):
         pass

@@ -88,6 +88,9 @@ class FusedBucket:
         averaging: ``M`` ``[L, R]``: every column exactly one nonzero (the averaging matrix).
         segments: Independent problems in the slice (:func:`~.._protocol.shard_segments`), or
             ``None`` for one problem over the whole slice.
+
+    Raises:
+        ValueError: ``shards`` is not ``[R, c]`` or ``averaging`` not ``[L, R]``.
     """
 
     def __init__(
@@ -97,6 +100,11 @@ class FusedBucket:
         averaging: Tensor,
         segments: Sequence[Segment] | None,
     ) -> None:
+        if shards.ndim != 2 or averaging.ndim != 2 or averaging.shape[1] != shards.shape[0]:
+            raise ValueError(
+                f"shards must be [R, c] and averaging [L, R], got {tuple(shards.shape)} and "
+                f"{tuple(averaging.shape)}"
+            )
         self.shards = shards.contiguous()
         self.averaging = averaging.to(device=shards.device, dtype=torch.float32).contiguous()
         self.num_objectives, self.ranks = self.averaging.shape
