@@ -398,3 +398,69 @@ def replica_agreement(
                 snapshot = flat.clone()
         outcome[name] = {"agreeing_steps": agreeing, "snapshot": snapshot}
     return outcome
+
+
+class FixedGradients(nn.Module):
+    """Parameters whose gradient is whatever vector the rank feeds in: loss = Σ_k ⟨p_k, v_k⟩."""
+
+    def __init__(self, sizes: tuple[int, ...], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(torch.zeros(n, dtype=dtype)) for n in sizes)
+
+    def forward(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        return sum((p * v).sum() for p, v in zip(self.weights, vectors, strict=True))
+
+
+def degenerate_steps(
+    rank: int,
+    world_size: int,
+    runs: list[tuple[torch.Tensor, str]],
+    sizes: tuple[int, ...],
+    objective_of_rank: tuple[Hashable, ...],
+) -> list[list[dict[str, Any]]]:
+    """Per ``(gradients, weighting)`` of ``runs``: one step in which rank ``r``'s gradient is
+    ``gradients[r]`` (split into parameters of ``sizes``, each in its own bucket); returns every
+    bucket's input, output and parameters."""
+    return [
+        degenerate_step(rank, world_size, gradients, sizes, objective_of_rank, weighting)
+        for gradients, weighting in runs
+    ]
+
+
+def degenerate_step(
+    rank: int,
+    world_size: int,
+    gradients: torch.Tensor,
+    sizes: tuple[int, ...],
+    objective_of_rank: tuple[Hashable, ...],
+    weighting: str,
+) -> list[dict[str, Any]]:
+    model = FixedGradients(sizes, gradients.dtype)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=1e-6, find_unused_parameters=True)
+    state = BucketMOOState(objective_of_rank, weighting=weighting)
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    state._parameter_index = position  # as register_bucket_moo_hook does
+    records = []
+
+    def capture(
+        state: BucketMOOState, bucket: dist.GradBucket
+    ) -> torch.futures.Future[torch.Tensor]:
+        local = bucket.buffer().clone()
+        gathered = local.new_empty(world_size * local.numel())
+        all_gather_single(gathered, local)
+        future = bucket_moo_hook(state, bucket)
+        records.append(
+            {
+                "index": bucket.index(),
+                "params": [position[id(p)] for p in bucket.parameters()],
+                "inputs": gathered.view(world_size, -1),
+                "future": future,
+            }
+        )
+        return future
+
+    ddp.register_comm_hook(state, capture)
+    ddp(list(gradients[rank].split(list(sizes)))).backward()
+    for record in records:
+        record["output"] = record.pop("future").value().clone()
+    return records
