@@ -464,3 +464,31 @@ def degenerate_step(
     for record in records:
         record["output"] = record.pop("future").value().clone()
     return records
+
+
+def grad_scaler_run(
+    rank: int, world_size: int, weightings: list[str], bad_step: int, bad_rank: int
+) -> dict[str, Any]:
+    """Train 4 steps with a real ``GradScaler`` per weighting; at ``bad_step`` rank ``bad_rank``'s
+    gradient has an inf (an fp16 overflow). Records the scale and parameters after every step."""
+    outcome: dict[str, Any] = {}
+    for name in weightings:
+        model = make_model((13,), torch.float32)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.0005, find_unused_parameters=True)
+        register_bucket_moo_hook(ddp, BucketMOOState(["en", "de", "ja", "en"][:world_size], name))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scales, params = [], []
+        for step in range(4):
+            x, target = batch(rank, step, 0, torch.float32)
+            loss = nn.functional.mse_loss(ddp(x), target)
+            if step == bad_step and rank == bad_rank:
+                loss = loss * torch.tensor(float("inf"))
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            scales.append(scaler.get_scale())
+            params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        outcome[name] = {"scales": scales, "params": params}
+    return outcome
