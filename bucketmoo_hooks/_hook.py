@@ -1,11 +1,13 @@
 # No ``from __future__ import annotations`` here: DDP inspects the hook's annotations and only
 # accepts the real ``dist.GradBucket`` / ``Future[Tensor]`` objects, not strings.
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from ._ledger import BucketTraffic
 from ._protocol import (
     BucketComm,
     combine_segments,
@@ -17,6 +19,7 @@ from ._protocol import (
     solve_shards,
 )
 from ._state import BucketMOOState
+from ._worker import unwrap_outcome
 from .weightings import WeightingContext
 
 
@@ -32,6 +35,11 @@ def bucket_moo_hook(
     holds the ``L`` objective gradients of the whole bucket. Every slice of the result is produced
     by exactly one rank, so replicas stay bitwise identical.
 
+    With ``state.overlap`` (default) the hook returns at once, as ``allreduce_hook`` does, and
+    backward goes on while the bucket is reduced: CUDA buckets are reduced on a side stream, CPU
+    (gloo) buckets on the state's worker thread (README, "Overlap"). An error there is raised by
+    ``backward()`` as a ``RuntimeError`` naming the bucket, the step and the original error.
+
     Example::
 
         >>> state = BucketMOOState(objective_of_rank=[0, 0, 1, 1], weighting="mgda")
@@ -44,46 +52,101 @@ def bucket_moo_hook(
             f"bucket_moo_hook needs floating-point gradients, got a {buffer.dtype} bucket"
         )
     # DDP's reducer launches buckets strictly in index order, so bucket 0 opens every step.
-    objective_map = state._begin_step(group) if bucket.index() == 0 else state._step_map
+    opens_step = bucket.index() == 0
+    objective_map = state._begin_step(group) if opens_step else state._step_map
     if objective_map is None:
         raise RuntimeError(f"bucket_moo_hook saw bucket {bucket.index()} before bucket 0 of a step")
-
-    comm = BucketComm(
-        group, state.ledger.open_bucket(bucket.index(), buffer.numel(), buffer.element_size())
+    # Everything the reduction needs from the bucket and the state is read here, on the autograd
+    # thread, so that the reduction can run elsewhere.
+    job = _Bucket(
+        buffer=buffer,
+        index=bucket.index(),
+        is_last=bucket.is_last(),
+        step=state.iter,
+        objectives=objective_map.objectives,
+        averaging=state._averaging_matrix(objective_map, buffer.device),
+        sizes=[p.numel() for p in bucket.parameters()],
+        positions=state._parameter_positions(bucket),
+        traffic=state.ledger.open_bucket(bucket.index(), buffer.numel(), buffer.element_size()),
     )
-    shards = scatter_shards(comm, buffer)
-    context = WeightingContext(state.iter, bucket.index(), objective_map.objectives)
-    averaging = state._averaging_matrix(objective_map, buffer.device)
-    indices = state._parameter_positions(bucket)
+    if not state.overlap:
+        return _reduce(state, group, job)
+    if buffer.is_cuda:
+        # ``work.wait()`` on NCCL makes the current stream wait: on the side stream, backward's
+        # stream runs on while the bucket is exchanged; DDP's wait on the future orders it after.
+        side = state._side_stream(buffer.device)
+        side.wait_stream(torch.cuda.current_stream(buffer.device))
+        with torch.cuda.stream(side):
+            return _reduce(state, group, job)
+    worker = state._overlap_worker(group)
+    return worker.submit(job.step, job.index, opens_step, lambda: _reduce(state, worker.group, job))
+
+
+@dataclass(frozen=True, slots=True)
+class _Bucket:
+    """One bucket to reduce, as read from DDP's ``GradBucket`` and the state at hook time."""
+
+    buffer: torch.Tensor
+    index: int
+    is_last: bool
+    step: int
+    objectives: tuple
+    averaging: torch.Tensor  # M, [L, R]
+    sizes: list[int]  # elements of each parameter, in bucket order
+    positions: tuple[int, ...] | None  # the parameters' positions in model.parameters()
+    traffic: BucketTraffic
+
+
+def _reduce(
+    state: BucketMOOState, group: dist.ProcessGroup, job: _Bucket
+) -> torch.futures.Future[torch.Tensor]:
+    """Steps 1–7 on one bucket over ``group``; the future resolves to the combined bucket.
+
+    Closes the step after the last bucket's collectives are issued (and counted).
+    """
+    try:
+        return _reduce_bucket(state, group, job)
+    except BaseException as error:
+        # Global MOO: the held buckets' futures would never complete, and DDP waits on them.
+        held, state._held = state._held, []
+        for h in held:
+            h.outcome.set_result(error)
+        raise
+
+
+def _reduce_bucket(
+    state: BucketMOOState, group: dist.ProcessGroup, job: _Bucket
+) -> torch.futures.Future[torch.Tensor]:
+    comm = BucketComm(group, job.traffic)
+    shards = scatter_shards(comm, job.buffer)
+    context = WeightingContext(job.step, job.index, job.objectives)
     if state.granularity == "global":
-        context = replace(context, problem=() if indices is not None else None)
-        future = _hold_until_last_bucket(state, bucket, comm, shards, averaging, context)
+        context = replace(context, problem=() if job.positions is not None else None)
+        future = _hold_until_last_bucket(state, job, comm, shards, context)
     else:
         if state.granularity == "parameter":
-            parameters = bucket.parameters()
-            segments = shard_segments(
-                [p.numel() for p in parameters], group.rank(), shards.shape[1]
-            )
+            segments = shard_segments(job.sizes, group.rank(), shards.shape[1])
+            problems = job.positions or [None] * len(job.sizes)
             contexts = [
-                replace(context, segment=s, problem=None if indices is None else (indices[s],))
-                for s in range(len(parameters))
+                replace(context, segment=s, problem=None if p is None else (p,))
+                for s, p in enumerate(problems)
             ]
         else:
-            segments, contexts = None, [replace(context, problem=indices)]
+            segments, contexts = None, [replace(context, problem=job.positions)]
         combination = solve_shards(
-            comm, shards, averaging, state.weighting, contexts, segments, state.kernels
+            comm, shards, job.averaging, state.weighting, contexts, segments, state.kernels
         )
         if state.diagnostics is not None:
             state.diagnostics.record(
-                state.iter,
-                bucket.index(),
-                objective_map.objectives,
+                job.step,
+                job.index,
+                job.objectives,
                 combination.gramians,
                 combination.weights,
                 segmented=segments is not None,
             )
-        future = _gather_into(buffer, comm, combination.update)
-    if bucket.is_last():
+        future = _gather_into(job.buffer, comm, combination.update)
+    if job.is_last:
         state._end_step()
     return future
 
@@ -97,7 +160,13 @@ def _gather_into(
         return comm.all_gather(buffer, update).get_future().then(lambda _: buffer)
     padded = buffer.new_empty(update.numel() * comm.world_size)
     future = comm.all_gather(padded, update).get_future()
-    return future.then(lambda _: buffer.copy_(padded[:numel]))
+
+    def unpad(_: torch.futures.Future) -> torch.Tensor:
+        if padded.is_cuda:  # read on the callback's stream: keep the block until that is done
+            padded.record_stream(torch.cuda.current_stream(padded.device))
+        return buffer.copy_(padded[:numel])
+
+    return future.then(unpad)
 
 
 @dataclass(slots=True)
@@ -108,15 +177,15 @@ class _HeldBucket:
     comm: BucketComm
     objectives: torch.Tensor  # A_j, [L, c]
     gramian: torch.Tensor  # the bucket's all-reduced Gramian, [1, L, L]
-    future: torch.futures.Future[torch.Tensor]
+    # Completed with the combined bucket or an error; DDP holds ``outcome.then(unwrap_outcome)``.
+    outcome: torch.futures.Future
 
 
 def _hold_until_last_bucket(
     state: BucketMOOState,
-    bucket: dist.GradBucket,
+    job: _Bucket,
     comm: BucketComm,
     shards: torch.Tensor,
-    averaging: torch.Tensor,
     context: WeightingContext,
 ) -> torch.futures.Future[torch.Tensor]:
     """Global MOO: all-reduce each bucket's Gramian as it comes, hold its slice, and at the last
@@ -125,25 +194,23 @@ def _hold_until_last_bucket(
     DDP waits for the buckets' futures only after backward, so the earlier ones can complete
     when the last bucket has been seen.
     """
-    buffer = bucket.buffer()
-    objectives = objective_shards(shards, averaging)
+    buffer = job.buffer
+    objectives = objective_shards(shards, job.averaging)
     gramian = partial_gramians(objectives, [(0, objectives.shape[1])])
     comm.all_reduce(gramian).wait()
     devices = [buffer.device] if buffer.is_cuda else None
     state._held.append(
         _HeldBucket(buffer, comm, objectives, gramian, torch.futures.Future(devices=devices))
     )
-    if not bucket.is_last():
-        return state._held[-1].future
+    if not job.is_last:
+        return state._held[-1].outcome.then(unwrap_outcome)
 
-    held, state._held = state._held, []
+    held = state._held  # cleared once every gather is issued: an error fails them all
     state.held_bytes = sum(h.objectives.numel() * h.objectives.element_size() for h in held)
     total = torch.stack([h.gramian for h in held]).sum(dim=0)
     weights = segment_weights(state.weighting, total, [context])
     if state.diagnostics is not None:  # one record: the whole model is one problem
-        state.diagnostics.record(
-            state.iter, -1, context.objectives, total, weights, segmented=False
-        )
+        state.diagnostics.record(job.step, -1, context.objectives, total, weights, segmented=False)
     gathers = [
         _gather_into(
             h.buffer,
@@ -152,10 +219,23 @@ def _hold_until_last_bucket(
         )
         for h in held
     ]
+    state._held = []
     # The earlier buckets' futures, already handed to DDP, complete with their gathers.
     for h, gather in zip(held[:-1], gathers[:-1], strict=True):
-        gather.then(lambda done, pending=h.future: pending.set_result(done.value()))
+        gather.add_done_callback(functools.partial(_complete, h.outcome))
     return gathers[-1]
+
+
+def _complete(
+    target: torch.futures.Future[torch.Tensor], source: torch.futures.Future[torch.Tensor]
+) -> None:
+    """Give the outcome future ``target`` the outcome of the completed ``source``."""
+    try:
+        value = source.value()
+    except BaseException as error:
+        target.set_result(error)
+    else:
+        target.set_result(value)
 
 
 def register_bucket_moo_hook(model: DistributedDataParallel, state: BucketMOOState) -> None:

@@ -11,6 +11,7 @@ from ._diagnostics import Diagnostics
 from ._kernels import check_kernels
 from ._ledger import CommLedger
 from ._objectives import ObjectiveMap, objective_key
+from ._worker import BucketWorker
 from .weightings import Weighting, get_weighting
 
 # Distinct (objective map, device) pairs whose averaging matrix is kept; per-step sampling of
@@ -24,6 +25,8 @@ _TRANSIENT = (
     "_step_map",
     "_held",
     "_parameter_index",
+    "_side_streams",
+    "_worker",
 )
 GRANULARITIES = ("bucket", "parameter", "global")
 _STATE_DICT_VERSION = 1
@@ -73,6 +76,13 @@ class BucketMOOState:
             torch path. ``"cuda"``: always the kernels (raises ``RuntimeError`` here without CuPy
             or a GPU, and in the hook for a bucket they cannot run). ``granularity="global"``
             always uses the torch path.
+        overlap: Let backward run on while the DDP hook reduces a bucket (default ``True``), as
+            ``allreduce_hook`` does: CUDA buckets are reduced on a side stream, CPU (gloo)
+            buckets on a worker thread of this state that reduces them in order over a copy of
+            the process group (created at the first bucket, like the host group; the thread
+            stops when the state is garbage-collected, at exit, or on :meth:`close`). ``False``
+            reduces every bucket in the hook body, blocking backward while its collectives run.
+            Results are bitwise the same either way; FSDP paths are unaffected.
 
     Attributes:
         iter: Synchronised backward passes completed (advanced on the last bucket of each step).
@@ -91,7 +101,9 @@ class BucketMOOState:
         "_metadata_group",
         "_objective",
         "_parameter_index",
+        "_side_streams",
         "_step_map",
+        "_worker",
         "diagnostics",
         "granularity",
         "held_bytes",
@@ -99,6 +111,7 @@ class BucketMOOState:
         "kernels",
         "ledger",
         "objective_of_rank",
+        "overlap",
         "process_group",
         "weighting",
     )
@@ -111,6 +124,7 @@ class BucketMOOState:
         granularity: str = "bucket",
         diagnostics: Diagnostics | None = None,
         kernels: str = "auto",
+        overlap: bool = True,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -137,6 +151,9 @@ class BucketMOOState:
         self.process_group = process_group
         self.granularity = granularity
         self.kernels = check_kernels(kernels)
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool, got {overlap!r}")
+        self.overlap = overlap
         if diagnostics is not None and not isinstance(diagnostics, Diagnostics):
             raise TypeError(
                 f"diagnostics must be a bucketmoo_hooks.Diagnostics or None, "
@@ -154,6 +171,8 @@ class BucketMOOState:
         self._step_map: ObjectiveMap | None = None
         # id(parameter) → position in model.parameters(), set by register_bucket_moo_hook.
         self._parameter_index: dict[int, int] | None = None
+        self._worker: BucketWorker | None = None
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.ledger = CommLedger()
         if dist.is_initialized() or process_group is not None:
             self._check_world_size(self.group.size())
@@ -327,6 +346,42 @@ class BucketMOOState:
             )
         return self._metadata_group
 
+    def _overlap_worker(self, group: dist.ProcessGroup) -> BucketWorker:
+        """The worker thread for CPU buckets, with its copy of ``group`` (made on first use, at
+        bucket 0, where every rank of the group creates it alike)."""
+        if self._worker is not None and not self._worker.closed:
+            return self._worker
+        if self._worker is not None:  # closed: a new thread on the same copy of the group
+            self._worker = BucketWorker(self._worker.group)
+            return self._worker
+        copy = dist.new_group(
+            ranks=dist.get_process_group_ranks(group),
+            backend="gloo",
+            use_local_synchronization=True,
+        )
+        if copy.rank() != group.rank():  # new_group sorts the ranks, as torch's groups are
+            raise RuntimeError(
+                "bucket_moo_hook's overlap needs a process group whose ranks are in ascending "
+                "order; pass BucketMOOState(overlap=False) for this group"
+            )
+        self._worker = BucketWorker(copy)
+        return self._worker
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._side_streams.get(device)
+        if stream is None:
+            stream = self._side_streams[device] = torch.cuda.Stream(device)
+        return stream
+
+    def close(self) -> None:
+        """Stop the overlap worker thread, if any, once the buckets handed to it are reduced.
+
+        Optional: it also stops when the state is garbage-collected and at interpreter exit.
+        A later CPU bucket starts a new thread (on the same copy of the process group).
+        """
+        if self._worker is not None:
+            self._worker.close()
+
     def _averaging_matrix(self, objective_map: ObjectiveMap, device: torch.device) -> Tensor:
         cache_key = (objective_map.keys, device)
         matrix = self._averaging.get(cache_key)
@@ -351,6 +406,8 @@ class BucketMOOState:
         self._step_map = None
         self._held = []
         self._parameter_index = None
+        self._worker = None
+        self._side_streams = {}
         for slot, value in state.items():
             setattr(self, slot, value)
 

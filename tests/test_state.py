@@ -43,6 +43,7 @@ def test_objective_of_rank_is_kept_as_given() -> None:
         ({"weighting": 0.5}, TypeError, "weighting must be a name"),
         ({"process_group": "world"}, TypeError, "process_group must be a"),
         ({"granularity": "layer"}, ValueError, "granularity must be one of"),
+        ({"overlap": "yes"}, TypeError, "overlap must be a bool"),
     ],
 )
 def test_bad_construction_arguments(kwargs: dict, error: type, message: str) -> None:
@@ -148,3 +149,13 @@ def test_malformed_state_dicts_are_refused() -> None:
             state.load_state_dict({**good, "iter": bad})
     with pytest.raises(ValueError, match="MGDA is stateless but the checkpoint holds"):
         state.load_state_dict({**good, "weighting_state": {"ema": torch.zeros(2)}})
+
+
+def test_pickling_keeps_the_overlap_choice_but_not_the_worker() -> None:
+    state = BucketMOOState(overlap=False)
+    assert BucketMOOState().overlap
+    restored = pickle.loads(pickle.dumps(state))
+    assert restored.overlap is False
+    assert restored._worker is None
+    assert restored._side_streams == {}
+    assert "overlap" not in state.state_dict()  # a runtime choice, like kernels

@@ -1,0 +1,48 @@
+"""Overlap of the DDP hook with backward (``BucketMOOState(overlap=True)``, the default) on gloo:
+the hook returns at once, a worker thread reduces the buckets in order, results and bytes are
+bitwise those of the blocking hook, errors reach ``backward()`` on every rank, and the thread
+stops cleanly."""
+
+import pytest
+import torch
+from _distributed import run_distributed
+from _overlap_workers import hook_body_times, overlap_on_and_off, worker_error, worker_shutdown
+
+
+@pytest.mark.parametrize("granularity", ["bucket", "parameter", "global"])
+def test_overlap_gives_the_blocking_hook_bit_for_bit(granularity: str) -> None:
+    # find_unused_parameters=True: DDP all-reduces its unused-parameter map on the autograd
+    # thread after the last bucket, while the worker may still be exchanging buckets.
+    for rank_result in run_distributed(3, overlap_on_and_off, granularity):
+        overlapped, blocking = rank_result["True"], rank_result["False"]
+        assert torch.equal(overlapped["params"], blocking["params"])
+        assert overlapped["ledgers"] == blocking["ledgers"]
+        assert overlapped["iter"] == blocking["iter"] == 4
+        assert overlapped["held_bytes"] == blocking["held_bytes"]
+        assert (overlapped["held_bytes"] > 0) == (granularity == "global")
+
+
+def test_hook_returns_before_the_bucket_is_reduced() -> None:
+    delay = 0.2
+    for times in run_distributed(2, hook_body_times, delay):
+        assert len(times["True"]) == len(times["False"]) > 2
+        assert max(times["True"]) < delay / 2, times["True"]
+        assert min(times["False"]) >= delay, times["False"]
+
+
+@pytest.mark.parametrize(("granularity", "bad"), [("bucket", 1), ("global", -1)])
+def test_worker_errors_reach_backward_on_every_rank(granularity: str, bad: int) -> None:
+    """The weighting fails once, in step 1, on every rank: that backward raises (global MOO: at
+    the last bucket, with every earlier bucket held), and training goes on."""
+    for result in run_distributed(2, worker_error, granularity, bad, timeout=120):
+        [error] = result["errors"]
+        assert "BucketHookError: bucket_moo_hook failed on bucket" in error
+        assert "of step 1: " in error
+        assert "ValueError: weighting broke on bucket" in error
+        # A failed step does not advance the step counter (as with the blocking hook).
+        assert result["iter"] == 2
+
+
+def test_worker_thread_starts_and_stops() -> None:
+    for seen in run_distributed(2, worker_shutdown):
+        assert seen == {"before": 0, "training": 1, "closed": 0, "restarted": 1, "collected": 0}
