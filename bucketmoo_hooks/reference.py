@@ -91,6 +91,7 @@ def bucket_update(
     step: int = 0,
     bucket: int = 0,
     problem: tuple[int, ...] | None = (),
+    segment: int | None = None,
 ) -> Tensor:
     """What :func:`bucket_moo_hook` returns for a bucket whose per-rank gradients are ``grads``.
 
@@ -99,15 +100,16 @@ def bucket_update(
         objective_of_rank: Objective id of every row (default: every row its own objective).
         weighting: As for :class:`BucketMOOState`. Pass one instance over many calls to carry
             the state of a stateful weighting (e.g. GradVac's targets) from step to step.
-        step, bucket, problem: Passed to the weighting in its :class:`WeightingContext`;
-            ``problem`` keys the state of stateful weightings (the hook uses the positions of
-            the bucket's parameters in ``model.parameters()``).
+        step, bucket, problem, segment: Passed to the weighting in its
+            :class:`WeightingContext`; ``problem`` keys the state of stateful weightings (the hook
+            uses the positions of the bucket's parameters in ``model.parameters()``), ``segment``
+            is the parameter's position in its bucket with ``granularity="parameter"``.
 
     Returns:
         The combined update ``[n]`` in the dtype of ``grads``.
     """
     objective_grads, objective_map = objective_gradients(grads, objective_of_rank)
-    context = WeightingContext(step, bucket, objective_map.objectives, problem=problem)
+    context = WeightingContext(step, bucket, objective_map.objectives, segment, problem)
     return combine(objective_grads, weighting, context).update.to(grads.dtype)
 
 

@@ -154,8 +154,20 @@ def expected_outputs(
             expected += update.split([r["inputs"].shape[1] for r in in_step])
         for record in in_step:
             if scenario.granularity == "parameter":  # every parameter on its own
-                sizes = record["sizes"]
-                expected.append(reference.model_update(record["inputs"], sizes, ids, weighting))
+                pieces = record["inputs"].split(record["sizes"], dim=1)
+                updates = [
+                    reference.bucket_update(
+                        piece,
+                        ids,
+                        weighting,
+                        step=step,
+                        bucket=record["index"],
+                        problem=(record["params"][segment],),
+                        segment=segment,
+                    )
+                    for segment, piece in enumerate(pieces)
+                ]
+                expected.append(torch.cat(updates))
             elif scenario.granularity == "bucket":
                 update = reference.bucket_update(
                     record["inputs"],
