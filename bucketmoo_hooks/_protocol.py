@@ -93,9 +93,21 @@ def shard_segments(sizes: Sequence[int], rank: int, shard: int) -> list[Segment]
 
 
 def objective_shards(shards: Tensor, averaging: Tensor) -> Tensor:
-    """Step 2: ``A_j = M S_j ∈ ℝ^{L×c}``, in fp32 even for bf16/fp16 buckets (fp64 stays fp64)."""
+    """Step 2: ``A_j = M S_j ∈ ℝ^{L×c}``, in fp32 even for bf16/fp16 buckets (fp64 stays fp64).
+
+    When every rank is its own objective, in rank order, ``M`` is the identity and ``A_j`` is
+    ``S_j`` itself: on CPU, where the check costs no device synchronisation, the product (a
+    pass over the bucket, the hook's largest compute on gloo) is skipped.
+    """
     compute_dtype = torch.promote_types(shards.dtype, torch.float32)
+    if averaging.device.type == "cpu" and _is_identity(averaging):
+        return shards.to(compute_dtype)
     return averaging.to(compute_dtype) @ shards.to(compute_dtype)
+
+
+def _is_identity(matrix: Tensor) -> bool:
+    rows, columns = matrix.shape
+    return rows == columns and torch.equal(matrix, torch.eye(rows, dtype=matrix.dtype))
 
 
 def partial_gramians(objectives: Tensor, segments: Sequence[Segment]) -> Tensor:

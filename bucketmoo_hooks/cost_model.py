@@ -1,0 +1,314 @@
+"""Alpha–beta cost model of the gradient reduction: bytes and time per rank per step.
+
+Bytes are exact: what one rank sends under the bandwidth-optimal algorithm of each collective
+that a method issues (ring all-reduce ``2(R−1)/R·n·b``; all-to-all and reduce-scatter
+``(R−1)/R·n·b``; all-gather ``(R−1)·n_in·b``), bucket by bucket, rounded as the counter of
+``benchmarks/comm_overhead.py`` rounds them, which checks them against gloo
+(``tests/test_comm_benchmark.py``). NCCL's ring and pairwise algorithms send the same bytes.
+
+Time is a model, for NCCL on GPU clusters of ``gpus_per_node`` GPUs joined by one NIC per GPU
+(:class:`Cluster`, defaults: H100 SXM nodes, NVLink within a node, 400 Gb/s InfiniBand between
+nodes). Every collective costs a latency term plus its bytes over the bottleneck link:
+
+- ring all-reduce, reduce-scatter and all-gather: one latency per ring step; bandwidth NVLink's
+  within a node and, across nodes, all the node's NICs together (NCCL runs one ring per NIC, so
+  a node sends only ``(R−1)/R`` of the data across, whatever ``G``). An all-reduce costs the
+  smaller of the ring and a tree (``2⌈log₂R⌉`` latencies, NCCL's choice for small messages).
+- all-to-all: the ``G−1`` chunks for the own node go over NVLink while the ``R−G`` chunks for
+  other nodes leave through the sender's own NIC, at the same time; one latency plus a per-peer
+  overhead (one send/receive pair per peer). A node thus sends ``G·(R−G)/R`` of the data across,
+  about ``G`` times a ring: equal bytes per rank, but across nodes the shard-Gramian protocol's
+  all-to-all is bisection-bound where the reduce-scatter it replaces is not.
+- the hook's compute runs at ``memory_bandwidth``: the fused CUDA kernels read the ``R×c``
+  received slices twice (partial Gramian, then combination) and write the ``c`` combined ones.
+
+The collectives of one step run one after the other on the communication stream (DDP issues
+buckets in order), so a step's communication time is their sum; how much of it backward hides
+depends on the compute, which this model leaves out. Run ``python -m bucketmoo_hooks.cost_model``
+for the table of 8–512 GPUs in the README.
+"""
+
+import argparse
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+METHODS = (
+    "allreduce",  # DDP allreduce_hook
+    "bucket_moo",  # bucket_moo_hook, any granularity (global MOO sends the same bytes)
+    "naive",  # all-gather every rank's bucket, solve locally
+    "powersgd",  # torch's PowerSGD hook (needs the parameter shapes)
+    "fsdp_reduce_scatter",  # FSDP's own reduce-scatter of a unit
+    "fsdp_moo",  # the library's FSDP reduce-scatter
+)
+# (step, config digest, objective key) as int64, all-gathered at the first bucket of a step.
+EXCHANGE_BYTES = 3 * 8
+
+
+def ring_all_reduce(nbytes: int, world_size: int) -> int:
+    return 2 * (world_size - 1) * nbytes // world_size
+
+
+def shard(numel: int, world_size: int) -> int:
+    """``c = ⌈n/R⌉``: the slice of a bucket one rank combines."""
+    return -(-numel // world_size)
+
+
+def _powersgd_sizes(
+    shapes: Sequence[Sequence[int]], rank: int, min_compression_rate: float
+) -> tuple[int, int, int]:
+    """Elements of the uncompressed tensors, of all ``P`` and of all ``Q`` in a bucket, as
+    torch's ``powerSGD_hook`` splits it."""
+    uncompressed = p_size = q_size = 0
+    for shape in shapes:
+        rows = shape[0] if shape else 1
+        cols = math.prod(shape) // rows if rows else 0
+        k = min(rows, cols, rank)
+        if (rows + cols) * k * min_compression_rate < rows * cols:
+            p_size, q_size = p_size + rows * k, q_size + cols * k
+        else:
+            uncompressed += rows * cols
+    return uncompressed, p_size, q_size
+
+
+def bucket_bytes(
+    method: str,
+    numel: int,
+    world_size: int,
+    num_objectives: int,
+    element_size: int = 4,
+    *,
+    shapes: Sequence[Sequence[int]] | None = None,
+    problems: int = 1,
+    powersgd_rank: int = 1,
+    min_compression_rate: float = 2.0,
+) -> dict[str, int]:
+    """Bytes one rank sends for one bucket (a DDP bucket, or an FSDP unit of ``numel`` elements
+    padded to ``R·c``), by collective.
+
+    Args:
+        problems: Weight vectors per bucket: 1, or the number of parameters for
+            ``granularity="parameter"`` (``problems·L²`` Gramian numbers).
+        shapes: The bucket's parameter shapes (``method="powersgd"`` only).
+    """
+    r, b = world_size, element_size
+    c = shard(numel, r)
+    # fp64 buckets keep an fp64 Gramian; everything narrower accumulates in fp32.
+    gramian = ring_all_reduce(problems * num_objectives**2 * max(4, b), r)
+    if method == "allreduce":
+        return {"all_reduce": ring_all_reduce(numel * b, r)}
+    if method == "bucket_moo":
+        return {"all_to_all": (r - 1) * c * b, "all_reduce": gramian, "all_gather": (r - 1) * c * b}
+    if method == "naive":
+        return {"all_gather": (r - 1) * numel * b}
+    if method == "fsdp_reduce_scatter":
+        return {"reduce_scatter": (r - 1) * c * b}
+    if method == "fsdp_moo":
+        return {"all_to_all": (r - 1) * c * b, "all_reduce": gramian}
+    if method == "powersgd":
+        if shapes is None:
+            raise ValueError("method='powersgd' needs the bucket's parameter shapes")
+        sizes = _powersgd_sizes(shapes, powersgd_rank, min_compression_rate)
+        return {"all_reduce": sum(ring_all_reduce(n * b, r) for n in sizes)}
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def step_bytes(
+    method: str,
+    buckets: Sequence[int],
+    world_size: int,
+    num_objectives: int,
+    element_size: int = 4,
+    *,
+    shapes: Sequence[Sequence[Sequence[int]]] | None = None,
+) -> dict[str, int]:
+    """Bytes one rank sends in one step over ``buckets`` (their element counts), by collective,
+    including the per-step objective exchange of the library's methods (an all-gather)."""
+    total: dict[str, int] = {}
+    for i, numel in enumerate(buckets):
+        extra = {"shapes": shapes[i]} if shapes is not None else {}
+        sent = bucket_bytes(method, numel, world_size, num_objectives, element_size, **extra)
+        for collective, nbytes in sent.items():
+            total[collective] = total.get(collective, 0) + nbytes
+    if method in ("bucket_moo", "fsdp_moo"):
+        total["all_gather"] = total.get("all_gather", 0) + (world_size - 1) * EXCHANGE_BYTES
+    return total
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Link parameters of a GPU cluster (defaults: H100 SXM nodes, NDR InfiniBand).
+
+    Attributes:
+        gpus_per_node: GPUs sharing NVLink.
+        intra_bandwidth: Bytes/s one GPU sends over NVLink (NCCL bus bandwidth).
+        inter_bandwidth: Bytes/s one GPU sends over its NIC (400 Gb/s at ~90 %).
+        intra_latency: Seconds per ring step within a node.
+        inter_latency: Seconds per ring step across nodes.
+        peer_overhead: Seconds per peer of an all-to-all (one send/receive pair each).
+        memory_bandwidth: Bytes/s of GPU memory, for the hook's compute.
+    """
+
+    gpus_per_node: int = 8
+    intra_bandwidth: float = 360e9
+    inter_bandwidth: float = 45e9
+    intra_latency: float = 2e-6
+    inter_latency: float = 5e-6
+    peer_overhead: float = 1e-6
+    memory_bandwidth: float = 3.0e12
+
+    def _ring(self, world_size: int) -> tuple[float, float]:
+        """(latency per step, bandwidth per GPU) of NCCL's rings over ``world_size`` GPUs.
+
+        Across nodes NCCL runs one ring per NIC (rail), each carrying its share of the data, so a
+        ring's bandwidth is the node's NICs together, ``gpus_per_node × inter_bandwidth``, up to
+        NVLink's."""
+        if world_size <= self.gpus_per_node:
+            return self.intra_latency, self.intra_bandwidth
+        node_bandwidth = self.gpus_per_node * self.inter_bandwidth
+        return self.inter_latency, min(self.intra_bandwidth, node_bandwidth)
+
+    def collective_time(self, collective: str, nbytes: int, world_size: int) -> float:
+        """Seconds for one collective in which each rank sends ``nbytes`` (as :func:`bucket_bytes`
+        counts them)."""
+        r = world_size
+        if r == 1 or nbytes == 0:
+            return 0.0
+        latency, bandwidth = self._ring(r)
+        if collective == "all_reduce":
+            ring = 2 * (r - 1) * latency + nbytes / bandwidth
+            tree = 2 * math.ceil(math.log2(r)) * latency + nbytes / bandwidth
+            return min(ring, tree)
+        if collective in ("all_gather", "reduce_scatter"):
+            return (r - 1) * latency + nbytes / bandwidth
+        if collective == "all_to_all":
+            # Every chunk for another node leaves through the sender's own NIC: no ring can
+            # share it out, so across nodes the all-to-all runs at one NIC's bandwidth.
+            local = min(r, self.gpus_per_node)
+            chunk = nbytes / (r - 1)
+            over_nvlink = (local - 1) * chunk / self.intra_bandwidth
+            over_nic = (r - local) * chunk / self.inter_bandwidth
+            return latency + (r - 1) * self.peer_overhead + max(over_nvlink, over_nic)
+        raise ValueError(f"unknown collective {collective!r}")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One method's predicted communication per rank per step.
+
+    Attributes:
+        bytes: By collective.
+        comm_time: Seconds of collectives (serial on the communication stream).
+        compute_time: Seconds of the hook's own compute (memory-bound passes).
+        held_bytes: What global MOO holds until the last bucket (``L·c`` fp32 per bucket).
+    """
+
+    method: str
+    world_size: int
+    bytes: dict[str, int] = field(default_factory=dict)
+    comm_time: float = 0.0
+    compute_time: float = 0.0
+    held_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    @property
+    def time(self) -> float:
+        return self.comm_time + self.compute_time
+
+
+def ddp_buckets(parameters: int, bucket_cap_mb: float = 25.0, element_size: int = 4) -> list[int]:
+    """DDP's bucket sizes for a model of ``parameters`` elements: the first bucket is capped at
+    ~1 MiB (DESIGN.md §3), the rest at ``bucket_cap_mb``."""
+    first = min(parameters, 2**20 // element_size)
+    cap = int(bucket_cap_mb * 2**20) // element_size
+    rest = parameters - first
+    return [first] + [cap] * (rest // cap) + ([rest % cap] if rest % cap else [])
+
+
+def predict(
+    method: str,
+    buckets: Sequence[int],
+    world_size: int,
+    num_objectives: int,
+    cluster: Cluster | None = None,
+    element_size: int = 2,
+) -> Prediction:
+    """Bytes and time of one step of ``method`` over ``buckets`` (element counts) on
+    ``world_size`` GPUs training ``num_objectives`` languages (default: bf16 gradients).
+    ``powersgd`` is not predicted here (its bytes depend on the parameter shapes)."""
+    if method == "powersgd":
+        raise ValueError("predict() covers the methods without shapes; use bucket_bytes")
+    cluster = cluster or Cluster()
+    comm = compute = 0.0
+    held = 0
+    total: dict[str, int] = {}
+    for numel in buckets:
+        sent = bucket_bytes(method, numel, world_size, num_objectives, element_size)
+        for collective, nbytes in sent.items():
+            total[collective] = total.get(collective, 0) + nbytes
+            comm += cluster.collective_time(collective, nbytes, world_size)
+        c = shard(numel, world_size)
+        if method in ("bucket_moo", "fsdp_moo"):
+            # The fused kernels read the received R×c slices twice (Gramian, then combination).
+            compute += (2 * world_size + 1) * c * element_size / cluster.memory_bandwidth
+            held += num_objectives * c * 4
+        elif method == "naive":  # the same on every rank, over the whole bucket
+            compute += (2 * world_size + 1) * numel * element_size / cluster.memory_bandwidth
+    if method in ("bucket_moo", "fsdp_moo"):
+        exchange = (world_size - 1) * EXCHANGE_BYTES
+        total["all_gather"] = total.get("all_gather", 0) + exchange
+        comm += cluster.collective_time("all_gather", exchange, world_size)
+    return Prediction(
+        method, world_size, total, comm, compute, held if method == "bucket_moo" else 0
+    )
+
+
+def table(
+    parameters: int,
+    num_objectives: int,
+    world_sizes: Sequence[int],
+    cluster: Cluster | None = None,
+    bucket_cap_mb: float = 25.0,
+) -> str:
+    """Markdown: DDP and FSDP, per world size, predicted bytes and time and their ratios."""
+    cluster = cluster or Cluster()
+    buckets = ddp_buckets(parameters, bucket_cap_mb, element_size=2)
+    lines = [
+        f"{parameters / 1e9:g}B parameters, bf16 gradients, {len(buckets)} buckets of ≤ "
+        f"{bucket_cap_mb:g} MiB, L = {num_objectives}; {cluster}",
+        "",
+        "| GPUs | all-reduce GiB | ms | bucket MOO × bytes | × time | naive × bytes | × time "
+        "| FSDP RS ms | FSDP MOO × time | global MOO held GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in world_sizes:
+        base = predict("allreduce", buckets, r, num_objectives, cluster)
+        moo = predict("bucket_moo", buckets, r, num_objectives, cluster)
+        naive = predict("naive", buckets, r, num_objectives, cluster)
+        rs = predict("fsdp_reduce_scatter", buckets, r, num_objectives, cluster)
+        fsdp = predict("fsdp_moo", buckets, r, num_objectives, cluster)
+        lines.append(
+            f"| {r} | {base.total_bytes / 2**30:.2f} | {1e3 * base.time:.1f} | "
+            f"{moo.total_bytes / base.total_bytes:.4f} | {moo.time / base.time:.2f} | "
+            f"{naive.total_bytes / base.total_bytes:.1f} | {naive.time / base.time:.1f} | "
+            f"{1e3 * rs.time:.1f} | {fsdp.time / rs.time:.2f} | {moo.held_bytes / 2**30:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Predicted communication cost on NCCL clusters")
+    parser.add_argument("--parameters", type=float, default=1e9)
+    parser.add_argument("--objectives", type=int, default=8)
+    parser.add_argument("--gpus", default="8,16,32,64,128,256,512")
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    args = parser.parse_args()
+    world_sizes = [int(g) for g in args.gpus.split(",")]
+    print(table(int(args.parameters), args.objectives, world_sizes, None, args.bucket_cap_mb))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""``benchmarks/comm_overhead.py`` end to end on a tiny model (2 and 3 gloo ranks, a few steps),
+and its measured byte counts against the cost model (``bucketmoo_hooks.cost_model``)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bucketmoo_hooks import cost_model
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "comm_overhead.py"
+TINY = [
+    *("--layers=1", "--d-model=32", "--context=16", "--batch=1"),
+    *("--steps=2", "--warmup=3", "--memory-steps=1"),
+]
+_spec = importlib.util.spec_from_file_location("comm_overhead", BENCHMARK)
+assert _spec is not None and _spec.loader is not None
+_benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_benchmark)
+METHODS: tuple[str, ...] = _benchmark.METHODS
+HOOK = set(_benchmark.HOOK_METHODS)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("comm_overhead")
+    command = [
+        sys.executable,
+        str(BENCHMARK),
+        "sweep",
+        *TINY,
+        "--worlds=2,3",
+        "--sizes=1",
+        "--size-world=2",
+        f"--out={out}",
+        "--name=smoke",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        pytest.fail(f"{' '.join(command)} failed:\n{done.stderr[-5000:]}")
+    return out, json.loads((out / "smoke.json").read_text())
+
+
+def rows(result: dict[str, Any], world_size: int) -> dict[str, dict[str, Any]]:
+    return {r["method"]: r for r in result["rows"] if r["world_size"] == world_size}
+
+
+def test_sweep_writes_the_table_the_json_and_the_plot(sweep: tuple[Path, dict]) -> None:
+    out, result = sweep
+    assert (out / "smoke.png").stat().st_size > 10_000
+    table = (out / "smoke.md").read_text()
+    assert result["command"] in table
+    assert {"cpu", "cores", "torch"} <= set(result["machine"])
+    assert set(result["load_average_1min"]) == {"before", "after"}
+    # Every method at the table's world size, the blocking hook only there.
+    assert set(rows(result, 2)) == set(METHODS)
+    assert set(rows(result, 3)) == set(METHODS) - {"mean-blocking", "mgda-blocking"}
+    for row in result["rows"]:
+        assert row["step_ms"]["p10"] <= row["step_ms"]["median"] <= row["step_ms"]["p90"]
+        assert row["time_ratio"] > 0
+        # The memory pass runs at the size sweep's world size only.
+        assert (row["transient_mb"] is not None) == (row["world_size"] == 2)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_measured_bytes_meet_the_budget(sweep: tuple[Path, dict], world_size: int) -> None:
+    measured = rows(sweep[1], world_size)
+    num_objectives = world_size  # every rank its own language
+    buckets = len(measured["mgda"]["buckets"])
+    gramians = buckets * cost_model.ring_all_reduce(num_objectives**2 * 4, world_size)
+    allreduce = measured["allreduce"]["algorithm_bytes"]
+    for method in HOOK & set(measured):
+        row = measured[method]
+        # The library's ledger and the independent counter agree; the budget holds.
+        assert row["ledger_bytes"] == row["algorithm_bytes"]
+        assert row["algorithm_bytes"] <= 1.02 * allreduce + gramians + world_size * 24
+    assert measured["naive"]["bytes_ratio"] == pytest.approx(world_size / 2, rel=0.01)
+    assert measured["powersgd"]["bytes_ratio"] < 0.5
+    fsdp, ours = measured["fsdp2"], measured["fsdp2-moo"]
+    assert (
+        ours["algorithm_by_collective"]["all_to_all"]
+        == fsdp["algorithm_by_collective"]["reduce_scatter"]
+    )
+
+
+def gloo_wire_bytes(row: dict[str, Any]) -> int:
+    """What gloo writes for the counted collectives: the bandwidth-optimal bytes, except its
+    reduce-scatter, which sends as much as an all-reduce."""
+    sent = row["algorithm_by_collective"]
+    return sum(sent.values()) + sent.get("reduce_scatter", 0)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_counted_bytes_are_what_the_kernel_saw_gloo_write(
+    sweep: tuple[Path, dict], world_size: int
+) -> None:
+    for method, row in rows(sweep[1], world_size).items():
+        expected = gloo_wire_bytes(row)
+        assert abs(row["wire_bytes"] - expected) <= 0.01 * expected + 8192, method
+
+
+def predicted(method: str, row: dict[str, Any], world_size: int) -> dict[str, int]:
+    buckets = [b["numel"] for b in row["buckets"]]
+    if method in HOOK:
+        return cost_model.step_bytes("bucket_moo", buckets, world_size, world_size)
+    if method == "powersgd":
+        shapes = [b["shapes"] for b in row["buckets"]]
+        return cost_model.step_bytes("powersgd", buckets, world_size, world_size, shapes=shapes)
+    if method == "fsdp2":
+        return cost_model.step_bytes("fsdp_reduce_scatter", buckets, world_size, world_size)
+    if method == "fsdp2-moo":  # FSDP's parameter all-gathers are counted too: compare the rest
+        sent = cost_model.step_bytes("fsdp_moo", buckets, world_size, world_size)
+        return {k: v for k, v in sent.items() if k != "all_gather"}
+    return cost_model.step_bytes(method, buckets, world_size, world_size)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_cost_model_predicts_the_measured_bytes_exactly(
+    sweep: tuple[Path, dict], world_size: int
+) -> None:
+    for method, row in rows(sweep[1], world_size).items():
+        expected = predicted(method, row, world_size)
+        measured = {k: row["algorithm_by_collective"].get(k, 0) for k in expected}
+        assert measured == expected, method
