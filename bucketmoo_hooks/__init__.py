@@ -16,6 +16,7 @@ from ._fsdp2 import BucketMOOReduceScatter, install_fsdp_moo
 from ._hook import bucket_moo_hook, register_bucket_moo_hook
 from ._install import install_bucket_moo
 from ._ledger import BucketTraffic, CommLedger, ring_allreduce_bytes
+from ._nonfinite import NonFiniteGradientError
 from ._objectives import ObjectiveMap, objective_key
 from ._state import BucketMOOState
 from ._units import FSDPUnit
@@ -28,6 +29,7 @@ __all__ = [
     "CommLedger",
     "Diagnostics",
     "FSDPUnit",
+    "NonFiniteGradientError",
     "ObjectiveMap",
     "Weighting",
     "bucket_moo_hook",

@@ -133,8 +133,11 @@ def _reduce_bucket(
             ]
         else:
             segments, contexts = None, [replace(context, problem=job.positions)]
+        check = state._gramian_check(
+            f"bucket {job.index} at step {job.step}", job.objectives, job.averaging
+        )
         combination = solve_shards(
-            comm, shards, job.averaging, state.weighting, contexts, segments, state.kernels
+            comm, shards, job.averaging, state.weighting, contexts, segments, state.kernels, check
         )
         if state.diagnostics is not None:
             state.diagnostics.record(
@@ -198,6 +201,11 @@ def _hold_until_last_bucket(
     objectives = objective_shards(shards, job.averaging)
     gramian = partial_gramians(objectives, [(0, objectives.shape[1])])
     comm.all_reduce(gramian).wait()
+    check = state._gramian_check(
+        f"bucket {job.index} at step {job.step}", job.objectives, job.averaging
+    )
+    if check is not None:
+        check(gramian)
     devices = [buffer.device] if buffer.is_cuda else None
     state._held.append(
         _HeldBucket(buffer, comm, objectives, gramian, torch.futures.Future(devices=devices))

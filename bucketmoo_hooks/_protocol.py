@@ -8,7 +8,7 @@ bucket, and the bytes moved are those of the all-reduce (or reduce-scatter) bein
 ``L²`` fp32 numbers.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +162,7 @@ def solve_shards(
     contexts: Sequence[WeightingContext],
     segments: Sequence[Segment] | None = None,
     kernels: str = "auto",
+    check: Callable[[Tensor], None] | None = None,
 ) -> ShardCombination:
     """Steps 2–6: group-average, partial Gramians, one all-reduce, weights, combined slice.
 
@@ -173,11 +174,15 @@ def solve_shards(
             problem for the whole slice (bucket granularity).
         kernels: ``"auto"``, ``"torch"`` or ``"cuda"``: whether the fused CUDA kernels
             (:mod:`._kernels`) or the torch functions above do the compute (``BucketMOOState``).
+        check: Called with the all-reduced Gramians before they are used (e.g.
+            :func:`._nonfinite.raise_if_nonfinite`).
     """
     fused = fused_kernels(kernels, shards, averaging, segments)
     if fused is not None:  # the same steps; A_j is recomputed from S_j instead of stored
         gramians = fused.partial_gramians()
         comm.all_reduce(gramians).wait()
+        if check is not None:
+            check(gramians)
         given = None if fused.solves(weighting) else segment_weights(weighting, gramians, contexts)
         weights, update = fused.combine(gramians, weighting, given)
         return ShardCombination(update, gramians, weights)
@@ -186,6 +191,8 @@ def solve_shards(
         segments = [(0, objectives.shape[1])]
     gramians = partial_gramians(objectives, segments)
     comm.all_reduce(gramians).wait()  # G[s] = Σ_j P_j[s]
+    if check is not None:
+        check(gramians)
     weights = segment_weights(weighting, gramians, contexts)
     update = combine_segments(weights, objectives, segments, shards.dtype)
     return ShardCombination(update, gramians, weights)

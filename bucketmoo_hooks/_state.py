@@ -1,3 +1,4 @@
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -10,6 +11,7 @@ from ._compat import all_gather_single
 from ._diagnostics import Diagnostics
 from ._kernels import check_kernels
 from ._ledger import CommLedger
+from ._nonfinite import check_nonfinite, raise_if_nonfinite
 from ._objectives import ObjectiveMap, objective_key
 from ._worker import BucketWorker
 from .weightings import Weighting, get_weighting
@@ -83,6 +85,13 @@ class BucketMOOState:
             stops when the state is garbage-collected, at exit, or on :meth:`close`). ``False``
             reduces every bucket in the hook body, blocking backward while its collectives run.
             Results are bitwise the same either way; FSDP paths are unaffected.
+        nonfinite: What a non-finite gradient (an inf or NaN in some rank's bucket) does.
+            ``"propagate"`` (default): it reaches the combined update (``0·inf`` is NaN, so
+            whatever the weights), where AMP's ``GradScaler`` sees it and skips the step on every
+            rank. ``"raise"``: every rank raises
+            :class:`~bucketmoo_hooks.NonFiniteGradientError` at that bucket (the Gramian is
+            all-reduced, so all see it), naming the bucket, the step, the objective and its
+            ranks; costs one host synchronisation per bucket on a GPU.
 
     Attributes:
         iter: Synchronised backward passes completed (advanced on the last bucket of each step).
@@ -110,6 +119,7 @@ class BucketMOOState:
         "iter",
         "kernels",
         "ledger",
+        "nonfinite",
         "objective_of_rank",
         "overlap",
         "process_group",
@@ -125,6 +135,7 @@ class BucketMOOState:
         diagnostics: Diagnostics | None = None,
         kernels: str = "auto",
         overlap: bool = True,
+        nonfinite: str = "propagate",
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -154,6 +165,7 @@ class BucketMOOState:
         if not isinstance(overlap, bool):
             raise TypeError(f"overlap must be a bool, got {overlap!r}")
         self.overlap = overlap
+        self.nonfinite = check_nonfinite(nonfinite)
         if diagnostics is not None and not isinstance(diagnostics, Diagnostics):
             raise TypeError(
                 f"diagnostics must be a bucketmoo_hooks.Diagnostics or None, "
@@ -285,7 +297,13 @@ class BucketMOOState:
     def _config_digest(self, world_size: int) -> int:
         """What all ranks must agree on, besides the step: weighting, granularity, default map."""
         return objective_key(
-            (repr(self.weighting), self.granularity, world_size, self.objective_of_rank)
+            (
+                repr(self.weighting),
+                self.granularity,
+                world_size,
+                self.objective_of_rank,
+                self.nonfinite,
+            )
         )
 
     def _begin_step(self, group: dist.ProcessGroup) -> ObjectiveMap:
@@ -322,6 +340,20 @@ class BucketMOOState:
         self._step_map = ObjectiveMap.from_keys(keys)
         self._held = []  # slices of an interrupted step are stale
         return self._step_map
+
+    def _gramian_check(
+        self, where: str, objectives: tuple[int, ...], averaging: Tensor
+    ) -> Callable[[Tensor], None] | None:
+        """What ``solve_shards`` calls on the all-reduced Gramians (``nonfinite="raise"``)."""
+        if self.nonfinite != "raise":
+            return None
+        ids = self.objective_of_rank or range(averaging.shape[1])
+        names = {objective_key(i): i for i in ids}
+        if self._objective is not None:
+            names[self._objective[1]] = self._objective[0]
+        return functools.partial(
+            raise_if_nonfinite, where=where, objectives=objectives, averaging=averaging, names=names
+        )
 
     def _end_step(self) -> None:
         if self.diagnostics is not None:

@@ -145,8 +145,11 @@ def solve_unit(
             replace(context, segment=s, problem=problem)
             for s, problem in enumerate(unit.parameter_problems)
         ]
+    check = state._gramian_check(
+        f"{unit.label} at step {state.iter}", objective_map.objectives, averaging
+    )
     combination = solve_shards(
-        comm, shards, averaging, state.weighting, contexts, segments, state.kernels
+        comm, shards, averaging, state.weighting, contexts, segments, state.kernels, check
     )
     if state.diagnostics is not None:
         state.diagnostics.record(

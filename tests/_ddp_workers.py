@@ -492,3 +492,28 @@ def grad_scaler_run(
             params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
         outcome[name] = {"scales": scales, "params": params}
     return outcome
+
+
+def nonfinite_raise_run(
+    rank: int, world_size: int, granularity: str, overlap: bool
+) -> dict[str, Any]:
+    """``nonfinite="raise"``: rank 2's loss is inf at step 1; every rank reports what its
+    ``backward()`` raised there (steps 0 and 2 must not raise)."""
+    model = make_model((13,), torch.float32)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.0005, find_unused_parameters=True)
+    objectives = ["en", "de", "ja", "en"][:world_size]
+    state = BucketMOOState(objectives, granularity=granularity, overlap=overlap, nonfinite="raise")
+    register_bucket_moo_hook(ddp, state)
+    errors: dict[int, str] = {}
+    for step in range(2):
+        x, target = batch(rank, step, 0, torch.float32)
+        loss = nn.functional.mse_loss(ddp(x), target)
+        if step == 1 and rank == 2:
+            loss = loss * torch.tensor(float("inf"))
+        try:
+            loss.backward()
+        except RuntimeError as error:
+            errors[step] = str(error)
+    del ddp, loss  # a DDP model whose hook raised must go before the process group
+    gc.collect()
+    return {"errors": errors}

@@ -1,11 +1,15 @@
-"""Non-finite gradients: an overflow on one rank reaches every rank's update, so AMP's
-``GradScaler`` sees it and skips the step on every replica (real gloo processes)."""
+"""Non-finite gradients: by default an overflow on one rank reaches every rank's update, so AMP's
+``GradScaler`` sees it and skips the step on every replica; with ``nonfinite="raise"`` every rank
+raises, naming the bucket, step, objective and ranks (real gloo processes)."""
 
+import re
+
+import pytest
 import torch
-from _ddp_workers import grad_scaler_run
+from _ddp_workers import grad_scaler_run, nonfinite_raise_run
 from _distributed import run_distributed
 
-from bucketmoo_hooks import weighting_names
+from bucketmoo_hooks import BucketMOOState, weighting_names
 
 
 def test_grad_scaler_skips_the_overflowing_step_on_every_rank() -> None:
@@ -20,3 +24,26 @@ def test_grad_scaler_skips_the_overflowing_step_on_every_rank() -> None:
             assert all(torch.isfinite(p).all() for p in params), name
         for rank_result in per_rank[1:]:
             assert torch.equal(rank_result[name]["params"][-1], per_rank[0][name]["params"][-1])
+
+
+@pytest.mark.parametrize(
+    ("granularity", "overlap"), [("bucket", True), ("parameter", False), ("global", True)]
+)
+def test_raise_policy_names_the_bucket_step_objective_and_ranks(
+    granularity: str, overlap: bool
+) -> None:
+    per_rank = run_distributed(3, nonfinite_raise_run, granularity, overlap)
+    for result in per_rank:
+        assert list(result["errors"]) == [1], result  # step 0 went through
+        message = result["errors"][1]
+        assert "NonFiniteGradientError" in message or "not finite" in message, message
+        assert re.search(
+            r"bucket \d+ at step 1: the gradient of objective 'ja' \(ranks \[2\]\)"
+            r" is not finite",
+            message,
+        ), message
+
+
+def test_nonfinite_policy_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"nonfinite must be one of \('propagate', 'raise'\)"):
+        BucketMOOState(nonfinite="skip")
