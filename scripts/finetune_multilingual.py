@@ -371,6 +371,15 @@ class Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.enabled, self.t0 = total, enabled and sys.stderr.isatty(), time.time()
 
+    def start(self) -> None:
+        """Rates count from here (after loading and the first evaluation)."""
+        self.t0 = time.time()
+
+    def clear(self) -> None:
+        """Erase the bar before a log line (the next update draws it again)."""
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+
     def update(self, done: int, first: int, note: str) -> None:
         if not self.enabled:
             return
@@ -510,9 +519,11 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     distributed = args.engine == "ddp"
     langs, n_langs = args.languages, len(args.languages)
     rotate = world < n_langs
+    progress = Progress(args.steps, master)
 
     def log(message: str) -> None:
         if master:
+            progress.clear()
             print(message, flush=True)
 
     # Same seed everywhere, so every rank builds the same initial model (DDP would broadcast
@@ -693,9 +704,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     step_losses = torch.zeros(args.steps, len(run.local_ranks), device=device)
     logged = start
     end = min(args.steps, args.stop_after or args.steps)
-    progress = Progress(args.steps, master)
     log("train loss, nats per token (each language's mean since the previous line):")
     t0 = time.perf_counter()
+    progress.start()
     for step in range(start, end):
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
