@@ -39,6 +39,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
@@ -314,6 +315,23 @@ def timed_reduce_scatters(times: HookTimes) -> Iterator[None]:
             cls.__call__ = original
 
 
+def serialised(hook: Callable) -> Callable:
+    """``hook`` waited for in the hook body: one bucket at a time.
+
+    PowerSGD issues its P and Q all-reduces from future callbacks, which run on gloo's threads
+    as earlier collectives complete; with several buckets in flight the ranks can issue them in
+    different orders, and gloo aborts on the mismatched sizes. Waiting keeps one bucket in
+    flight (its time is then that of a blocking hook: it serves here for its bytes).
+    """
+
+    def wrapped(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        future = hook(state, bucket)
+        future.wait()
+        return future
+
+    return wrapped
+
+
 # -- the straw man ---------------------------------------------------------------------------------
 
 
@@ -391,7 +409,7 @@ def build(
         state = powersgd.PowerSGDState(
             process_group=group, matrix_approximation_rank=1, start_powerSGD_iter=2
         )
-        ddp.register_comm_hook(state, timed_hook(powersgd.powerSGD_hook, times))
+        ddp.register_comm_hook(state, timed_hook(serialised(powersgd.powerSGD_hook), times))
         return ddp, state
     if method == "naive":
         averaging = torch.eye(world_size, device=device)  # every rank its own objective
@@ -438,6 +456,7 @@ def measure(
             if step == config.warmup:
                 counter.reset()
                 wire_start = wire_bytes()
+                faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 ledger_start = 0 if ledger is None else sum(ledger.totals.values())
                 gc.collect()
                 reset_peak(device)
@@ -467,6 +486,7 @@ def measure(
                 samples["latency"].append(times.latency)
                 samples["tail"].append(max(0.0, backward_end - times.last_return))
     wire = wire_bytes() - wire_start
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start
     _, peak = memory_now(device)
     record = {
         "method": method,
@@ -477,6 +497,7 @@ def measure(
         "wire": wire // steps if device.type == "cpu" else None,
         "ledger": None if ledger is None else (sum(ledger.totals.values()) - ledger_start) // steps,
         "held_bytes": getattr(state, "held_bytes", 0),
+        "page_faults": faults // steps,
         "transient_mb": peak - base,
         "buckets": times.buckets,
     }
@@ -590,6 +611,7 @@ def summarise(measurement: dict[str, Any]) -> list[dict[str, Any]]:
                 if first["transient_mb"] is None
                 else max(r["transient_mb"] for r in per_rank),
                 "held_mb": first["held_bytes"] / 2**20,
+                "page_faults": max(r["page_faults"] for r in per_rank),
                 "buckets": first["buckets"],
             }
         )
@@ -658,12 +680,20 @@ def sweep(args: argparse.Namespace) -> None:
         if world_size != args.size_world:
             methods = [m for m in methods if not m.endswith("-blocking")]
         memory = world_size == args.size_world
-        rows += summarise(launch(world_size, args, args.layers, methods, memory))
+        load = load_average()
+        rows += [
+            row | {"load_1min_at_launch": load}
+            for row in summarise(launch(world_size, args, args.layers, methods, memory))
+        ]
     for layers in (int(n) for n in args.sizes.split(",")):
         if layers == args.layers:
             continue
         methods = args.size_methods.split(",")
-        rows += summarise(launch(args.size_world, args, layers, methods, memory=True))
+        load = load_average()
+        rows += [
+            row | {"load_1min_at_launch": load}
+            for row in summarise(launch(args.size_world, args, layers, methods, memory=True))
+        ]
     oversubscribed = [w for w in {r["world_size"] for r in rows} if w > (os.cpu_count() or 1)]
     result = {
         "benchmark": "comm_overhead",

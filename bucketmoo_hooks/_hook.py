@@ -118,7 +118,9 @@ def _reduce_bucket(
     state: BucketMOOState, group: dist.ProcessGroup, job: _Bucket
 ) -> torch.futures.Future[torch.Tensor]:
     comm = BucketComm(group, job.traffic)
-    shards = scatter_shards(comm, job.buffer)
+    # Global MOO holds every bucket's slices: they cannot share the workspace.
+    workspace = None if state.granularity == "global" else state._workspace
+    shards = scatter_shards(comm, job.buffer, workspace)
     context = WeightingContext(job.step, job.index, job.objectives)
     if state.granularity == "global":
         context = replace(context, problem=() if job.positions is not None else None)

@@ -56,19 +56,57 @@ def shard_length(numel: int, world_size: int) -> int:
     return -(-numel // world_size)
 
 
-def scatter_shards(comm: BucketComm, flat: Tensor) -> Tensor:
+class Workspace:
+    """Buffers reused from bucket to bucket for the exchange of CPU buckets, one bucket at a time.
+
+    A fresh bucket-sized tensor on CPU is fresh pages: glibc hands large blocks back to the
+    system when they are freed, so every bucket would page-fault its buffers in again (tens of
+    thousands of faults per step, measured to cost as much as the exchange itself on gloo). Holds
+    at most two buffers of the largest bucket per dtype. Not for CUDA tensors (the caching
+    allocator already reuses blocks, in stream order) and not for slices that outlive the call
+    (global MOO holds them).
+    """
+
+    __slots__ = ("_buffers",)
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def take(self, slot: str, numel: int, dtype: torch.dtype) -> Tensor:
+        """``numel`` elements of buffer ``slot``; its content is whatever the last user left."""
+        buffer = self._buffers.get((slot, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[slot, dtype] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+def scatter_shards(comm: BucketComm, flat: Tensor, workspace: Workspace | None = None) -> Tensor:
     """Step 1: pad ``flat`` to ``R·c`` and all-to-all it; returns ``S_j ∈ ℝ^{R×c}``.
 
-    Row ``r`` of the result is slice ``j`` (this rank's) of rank ``r``'s gradient.
+    Row ``r`` of the result is slice ``j`` (this rank's) of rank ``r``'s gradient. With a
+    ``workspace`` (CPU ``flat`` only), the result lives in it until the next bucket's exchange.
     """
     world_size = comm.world_size
     numel = flat.numel()
     shard = shard_length(numel, world_size)
+    if workspace is not None and flat.device.type != "cpu":
+        workspace = None
+
+    def empty(slot: str) -> Tensor:
+        if workspace is None:
+            return flat.new_empty(world_size * shard)
+        return workspace.take(slot, world_size * shard, flat.dtype)
+
     padded = flat
     if numel != world_size * shard:
-        padded = flat.new_zeros(world_size * shard)
+        padded = empty("input")
+        padded[numel:].zero_()
         padded[:numel].copy_(flat)
-    received = torch.empty_like(padded)
+    received = empty("received")
     comm.all_to_all(received, padded).wait()
     return received.view(world_size, shard)
 

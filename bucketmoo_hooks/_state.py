@@ -13,6 +13,7 @@ from ._kernels import check_kernels
 from ._ledger import CommLedger
 from ._nonfinite import check_nonfinite, raise_if_nonfinite
 from ._objectives import ObjectiveMap, objective_key
+from ._protocol import Workspace
 from ._worker import BucketWorker
 from .weightings import Weighting, get_weighting
 
@@ -29,6 +30,7 @@ _TRANSIENT = (
     "_parameter_index",
     "_side_streams",
     "_worker",
+    "_workspace",
 )
 GRANULARITIES = ("bucket", "parameter", "global")
 _STATE_DICT_VERSION = 1
@@ -113,6 +115,7 @@ class BucketMOOState:
         "_side_streams",
         "_step_map",
         "_worker",
+        "_workspace",
         "diagnostics",
         "granularity",
         "held_bytes",
@@ -185,6 +188,7 @@ class BucketMOOState:
         self._parameter_index: dict[int, int] | None = None
         self._worker: BucketWorker | None = None
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._workspace = Workspace()  # CPU exchange buffers, reused from bucket to bucket
         self.ledger = CommLedger()
         if dist.is_initialized() or process_group is not None:
             self._check_world_size(self.group.size())
@@ -440,6 +444,7 @@ class BucketMOOState:
         self._parameter_index = None
         self._worker = None
         self._side_streams = {}
+        self._workspace = Workspace()
         for slot, value in state.items():
             setattr(self, slot, value)
 

@@ -115,7 +115,9 @@ def _serve(jobs: "queue.SimpleQueue[_Job | None]") -> None:
             )
             continue
         try:
-            _forward(job.run(), job)
+            # Grad mode is per thread: off here, as in autograd's engine where hooks usually run.
+            with torch.no_grad():
+                _forward(job.run(), job)
         except BaseException as error:  # handed to backward() through the future
             failed = True
             job.result.set_result(_wrap(error, job.index, job.step))

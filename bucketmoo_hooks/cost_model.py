@@ -157,6 +157,15 @@ class Cluster:
     peer_overhead: float = 1e-6
     memory_bandwidth: float = 3.0e12
 
+    def describe(self) -> str:
+        return (
+            f"{self.gpus_per_node} GPUs per node, NVLink {self.intra_bandwidth / 1e9:g} GB/s, "
+            f"NIC {self.inter_bandwidth / 1e9:g} GB/s per GPU, ring step "
+            f"{self.intra_latency * 1e6:g}/{self.inter_latency * 1e6:g} µs within/across nodes, "
+            f"{self.peer_overhead * 1e6:g} µs per all-to-all peer, "
+            f"memory {self.memory_bandwidth / 1e12:g} TB/s"
+        )
+
     def _ring(self, world_size: int) -> tuple[float, float]:
         """(latency per step, bandwidth per GPU) of NCCL's rings over ``world_size`` GPUs.
 
@@ -278,7 +287,8 @@ def table(
     buckets = ddp_buckets(parameters, bucket_cap_mb, element_size=2)
     lines = [
         f"{parameters / 1e9:g}B parameters, bf16 gradients, {len(buckets)} buckets of ≤ "
-        f"{bucket_cap_mb:g} MiB, L = {num_objectives}; {cluster}",
+        f"{bucket_cap_mb:g} MiB (FSDP: units of the same sizes), L = {num_objectives}; "
+        f"{cluster.describe()}",
         "",
         "| GPUs | all-reduce GiB | ms | bucket MOO × bytes | × time | naive × bytes | × time "
         "| FSDP RS ms | FSDP MOO × time | global MOO held GiB |",

@@ -43,6 +43,8 @@ def overlap_on_and_off(rank: int, world_size: int, granularity: str) -> dict[str
             "iter": state.iter,
             "ledgers": ledgers,
             "held_bytes": state.held_bytes,
+            "workspace_bytes": state._workspace.nbytes,
+            "largest_bucket_bytes": max(t.numel * t.element_size for t in state.ledger.last_step),
         }
     return runs
 

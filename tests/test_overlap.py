@@ -20,6 +20,12 @@ def test_overlap_gives_the_blocking_hook_bit_for_bit(granularity: str) -> None:
         assert overlapped["iter"] == blocking["iter"] == 4
         assert overlapped["held_bytes"] == blocking["held_bytes"]
         assert (overlapped["held_bytes"] > 0) == (granularity == "global")
+        # Exchange buffers are reused from bucket to bucket: at most an input and an output of
+        # the largest (padded) bucket; global MOO holds its slices instead.
+        for run in (overlapped, blocking):
+            padded = run["largest_bucket_bytes"] + 3 * 4
+            assert run["workspace_bytes"] <= 2 * padded
+            assert (run["workspace_bytes"] > 0) == (granularity != "global")
 
 
 def test_hook_returns_before_the_bucket_is_reduced() -> None:
