@@ -4,10 +4,14 @@ One measurement (launched by torchrun; gloo/CPU, or NCCL when every rank has a G
 
     torchrun --nproc-per-node 4 benchmarks/comm_overhead.py run --out /tmp/r4.json
 
-trains a GPT-style transformer (``--layers``/``--d-model``, default ≈25M parameters) for
-``--steps`` steps under each method of ``--methods`` (all by default, see ``METHODS``), one after
-the other in the same processes, every rank training its own language (objective). The whole
-table, its world-size and model-size sweeps, the JSON, the Markdown and the plot::
+trains a GPT-style transformer (``--layers``/``--d-model``, default ≈25M parameters) under each
+method of ``--methods`` (all by default, see ``METHODS``), one after the other in the same
+processes, every rank training its own language (objective): ``--rounds`` rounds, each method
+``--warmup`` + ``--steps`` steps per round on a fresh model, the order rotated by one method per
+round so that no method always runs first or after the same neighbour (the machine's drift
+and the heap left by the previous method average out); the timed steps of all rounds are
+pooled. The whole table, its world-size and model-size sweeps, the JSON, the Markdown and the
+plot::
 
     python benchmarks/comm_overhead.py sweep            # → benchmarks/results/comm_overhead_*
 
@@ -554,7 +558,17 @@ def run(args: argparse.Namespace) -> None:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    records = [measure(m, config, device, counter, control, args.steps) for m in methods]
+    records = {m: measure(m, config, device, counter, control, args.steps) for m in methods}
+    for round_index in range(1, args.rounds):
+        shift = round_index % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            again = measure(method, config, device, counter, control, args.steps)
+            for key, samples in again["steps"].items():
+                records[method]["steps"][key] += samples
+            records[method]["page_faults"] += again["page_faults"]
+    for record in records.values():
+        record["page_faults"] //= args.rounds
+    records = [records[m] for m in methods]
     if args.memory_steps:
         if device.type == "cpu":
             exact_rss()
@@ -602,6 +616,7 @@ def summarise(measurement: dict[str, Any]) -> list[dict[str, Any]]:
                 "algorithm_by_collective": first["algorithm"],
                 "wire_bytes": first["wire"],
                 "ledger_bytes": first["ledger"],
+                "timed_steps": steps,
                 "step_ms": {k: 1e3 * v for k, v in percentiles(slowest("step")).items()},
                 "backward_ms": 1e3 * statistics.median(slowest("backward")),
                 "hook_body_ms": {k: 1e3 * v for k, v in percentiles(slowest("body")).items()},
@@ -659,6 +674,7 @@ def launch(
             f"--context={args.context}",
             f"--batch={args.batch}",
             f"--steps={args.steps}",
+            f"--rounds={args.rounds}",
             f"--warmup={args.warmup}",
             f"--memory-steps={args.memory_steps if memory else 0}",
             f"--bucket-cap-mb={args.bucket_cap_mb}",
@@ -736,7 +752,8 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         "Bytes per rank per step (algorithm = bandwidth-optimal bytes of the collectives issued, "
         "as NCCL's ring sends them; wire = gloo's TCP payload), ratios to DDP `allreduce_hook` "
         "(FSDP2 rows: to FSDP2's own reduce-scatter). Time: median step of the slowest rank "
-        "(p10–p90), hook body = time the hook blocks autograd, tail = time backward waits after "
+        f"(p10–p90) over {args.rounds} rounds × {args.steps} steps (the method order rotated "
+        "each round), hook body = time the hook blocks autograd, tail = time backward waits after "
         "its last bucket. Memory (memory pass, allocations over 128 KiB mmap-ed): the peak RSS "
         "above the live memory at the start of the measured steps (largest rank), the "
         "difference to the baseline's, and what global MOO holds until its last bucket."
@@ -855,7 +872,13 @@ def main() -> None:
         sub.add_argument("--d-model", type=int, default=512)
         sub.add_argument("--context", type=int, default=64)
         sub.add_argument("--batch", type=int, default=2, help="sequences per rank per step")
-        sub.add_argument("--steps", type=int, default=10, help="timed steps per method")
+        sub.add_argument("--steps", type=int, default=6, help="timed steps per method and round")
+        sub.add_argument(
+            "--rounds",
+            type=int,
+            default=2,
+            help="rounds over the methods, each in a rotated order; their timed steps are pooled",
+        )
         sub.add_argument("--warmup", type=int, default=3)
         sub.add_argument(
             "--memory-steps",
@@ -874,6 +897,9 @@ def main() -> None:
     sweep_parser.add_argument("--out", type=Path, default=RESULTS)
     sweep_parser.add_argument("--name", default="comm_overhead_cpu")
     args = parser.parse_args()
+    for name in ("steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     run(args) if args.command == "run" else sweep(args)
 
 

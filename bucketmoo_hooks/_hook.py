@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ._ledger import BucketTraffic
+from ._objectives import ObjectiveMap
 from ._protocol import (
     BucketComm,
     combine_segments,
@@ -51,20 +52,14 @@ def bucket_moo_hook(
         raise TypeError(
             f"bucket_moo_hook needs floating-point gradients, got a {buffer.dtype} bucket"
         )
-    # DDP's reducer launches buckets strictly in index order, so bucket 0 opens every step.
-    opens_step = bucket.index() == 0
-    objective_map = state._begin_step(group) if opens_step else state._step_map
-    if objective_map is None:
-        raise RuntimeError(f"bucket_moo_hook saw bucket {bucket.index()} before bucket 0 of a step")
-    # Everything the reduction needs from the bucket and the state is read here, on the autograd
-    # thread, so that the reduction can run elsewhere.
+    # Everything the reduction needs from the bucket is read here, on the autograd thread, so
+    # that the reduction can run elsewhere.
     job = _Bucket(
         buffer=buffer,
         index=bucket.index(),
         is_last=bucket.is_last(),
-        step=state.iter,
-        objectives=objective_map.objectives,
-        averaging=state._averaging_matrix(objective_map, buffer.device),
+        # DDP's reducer launches buckets strictly in index order, so bucket 0 opens every step.
+        opens_step=bucket.index() == 0,
         sizes=[p.numel() for p in bucket.parameters()],
         positions=state._parameter_positions(bucket),
         traffic=state.ledger.open_bucket(bucket.index(), buffer.numel(), buffer.element_size()),
@@ -78,8 +73,12 @@ def bucket_moo_hook(
         side.wait_stream(torch.cuda.current_stream(buffer.device))
         with torch.cuda.stream(side):
             return _reduce(state, group, job)
+    # The step's objective exchange runs on the worker too (over its group, in order with its
+    # collectives): done here, it would stall backward until the slowest rank reached bucket 0.
     worker = state._overlap_worker(group)
-    return worker.submit(job.step, job.index, opens_step, lambda: _reduce(state, worker.group, job))
+    return worker.submit(
+        state.iter, job.index, job.opens_step, lambda: _reduce(state, worker.group, job)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +88,7 @@ class _Bucket:
     buffer: torch.Tensor
     index: int
     is_last: bool
-    step: int
-    objectives: tuple
-    averaging: torch.Tensor  # M, [L, R]
+    opens_step: bool  # bucket 0: exchanges the step's objective map first
     sizes: list[int]  # elements of each parameter, in bucket order
     positions: tuple[int, ...] | None  # the parameters' positions in model.parameters()
     traffic: BucketTraffic
@@ -102,10 +99,14 @@ def _reduce(
 ) -> torch.futures.Future[torch.Tensor]:
     """Steps 1–7 on one bucket over ``group``; the future resolves to the combined bucket.
 
-    Closes the step after the last bucket's collectives are issued (and counted).
+    Opens the step (the objective exchange) at bucket 0 and closes it after the last bucket's
+    collectives are issued (and counted).
     """
     try:
-        return _reduce_bucket(state, group, job)
+        objective_map = state._begin_step(group) if job.opens_step else state._step_map
+        if objective_map is None:
+            raise RuntimeError(f"bucket_moo_hook saw bucket {job.index} before bucket 0 of a step")
+        return _reduce_bucket(state, group, job, objective_map)
     except BaseException as error:
         # Global MOO: the held buckets' futures would never complete, and DDP waits on them.
         held, state._held = state._held, []
@@ -115,16 +116,18 @@ def _reduce(
 
 
 def _reduce_bucket(
-    state: BucketMOOState, group: dist.ProcessGroup, job: _Bucket
+    state: BucketMOOState, group: dist.ProcessGroup, job: _Bucket, objective_map: ObjectiveMap
 ) -> torch.futures.Future[torch.Tensor]:
+    step, objectives = state.iter, objective_map.objectives
+    averaging = state._averaging_matrix(objective_map, job.buffer.device)  # M, [L, R]
     comm = BucketComm(group, job.traffic)
     # Global MOO holds every bucket's slices: they cannot share the workspace.
     workspace = None if state.granularity == "global" else state._workspace
     shards = scatter_shards(comm, job.buffer, workspace)
-    context = WeightingContext(job.step, job.index, job.objectives)
+    context = WeightingContext(step, job.index, objectives)
     if state.granularity == "global":
         context = replace(context, problem=() if job.positions is not None else None)
-        future = _hold_until_last_bucket(state, job, comm, shards, context)
+        future = _hold_until_last_bucket(state, job, comm, shards, averaging, context)
     else:
         if state.granularity == "parameter":
             segments = shard_segments(job.sizes, group.rank(), shards.shape[1])
@@ -135,17 +138,15 @@ def _reduce_bucket(
             ]
         else:
             segments, contexts = None, [replace(context, problem=job.positions)]
-        check = state._gramian_check(
-            f"bucket {job.index} at step {job.step}", job.objectives, job.averaging
-        )
+        check = state._gramian_check(f"bucket {job.index} at step {step}", objectives, averaging)
         combination = solve_shards(
-            comm, shards, job.averaging, state.weighting, contexts, segments, state.kernels, check
+            comm, shards, averaging, state.weighting, contexts, segments, state.kernels, check
         )
         if state.diagnostics is not None:
             state.diagnostics.record(
-                job.step,
+                step,
                 job.index,
-                job.objectives,
+                objectives,
                 combination.gramians,
                 combination.weights,
                 segmented=segments is not None,
@@ -191,6 +192,7 @@ def _hold_until_last_bucket(
     job: _Bucket,
     comm: BucketComm,
     shards: torch.Tensor,
+    averaging: torch.Tensor,
     context: WeightingContext,
 ) -> torch.futures.Future[torch.Tensor]:
     """Global MOO: all-reduce each bucket's Gramian as it comes, hold its slice, and at the last
@@ -200,11 +202,11 @@ def _hold_until_last_bucket(
     when the last bucket has been seen.
     """
     buffer = job.buffer
-    objectives = objective_shards(shards, job.averaging)
+    objectives = objective_shards(shards, averaging)
     gramian = partial_gramians(objectives, [(0, objectives.shape[1])])
     comm.all_reduce(gramian).wait()
     check = state._gramian_check(
-        f"bucket {job.index} at step {job.step}", job.objectives, job.averaging
+        f"bucket {job.index} at step {context.step}", context.objectives, averaging
     )
     if check is not None:
         check(gramian)
@@ -220,7 +222,9 @@ def _hold_until_last_bucket(
     total = torch.stack([h.gramian for h in held]).sum(dim=0)
     weights = segment_weights(state.weighting, total, [context])
     if state.diagnostics is not None:  # one record: the whole model is one problem
-        state.diagnostics.record(job.step, -1, context.objectives, total, weights, segmented=False)
+        state.diagnostics.record(
+            context.step, -1, context.objectives, total, weights, segmented=False
+        )
     gathers = [
         _gather_into(
             h.buffer,

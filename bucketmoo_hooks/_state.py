@@ -1,3 +1,4 @@
+import datetime
 import functools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -83,8 +84,12 @@ class BucketMOOState:
         overlap: Let backward run on while the DDP hook reduces a bucket (default ``True``), as
             ``allreduce_hook`` does: CUDA buckets are reduced on a side stream, CPU (gloo)
             buckets on a worker thread of this state that reduces them in order over a copy of
-            the process group (created at the first bucket, like the host group; the thread
-            stops when the state is garbage-collected, at exit, or on :meth:`close`). ``False``
+            the process group (created at the first bucket, like the host group, with the
+            group's timeout; the thread stops when the state is garbage-collected, at exit, or
+            on :meth:`close`). The worker also runs the step's objective exchange, so errors
+            found there (ranks at different steps or configured differently) reach
+            ``backward()`` as a ``RuntimeError`` whose message names the bucket and step. CPU
+            buckets reuse two exchange buffers of the largest bucket, kept by the state. ``False``
             reduces every bucket in the hook body, blocking backward while its collectives run.
             Results are bitwise the same either way; FSDP paths are unaffected.
         nonfinite: What a non-finite gradient (an inf or NaN in some rank's bucket) does.
@@ -377,6 +382,7 @@ class BucketMOOState:
         if self._metadata_group is None:
             self._metadata_group = dist.new_group(
                 ranks=dist.get_process_group_ranks(group),
+                timeout=_group_timeout(group),
                 backend="gloo",
                 use_local_synchronization=True,
             )
@@ -392,6 +398,7 @@ class BucketMOOState:
             return self._worker
         copy = dist.new_group(
             ranks=dist.get_process_group_ranks(group),
+            timeout=_group_timeout(group),
             backend="gloo",
             use_local_synchronization=True,
         )
@@ -453,6 +460,18 @@ class BucketMOOState:
             f"BucketMOOState(objective_of_rank={self.objective_of_rank!r}, "
             f"weighting={self.weighting!r}, granularity={self.granularity!r}, iter={self.iter})"
         )
+
+
+def _group_timeout(group: dist.ProcessGroup) -> datetime.timedelta | None:
+    """The collective timeout of ``group``, for the groups the state makes beside it (a stalled
+    peer must fail them as soon as it fails the user's group; ``new_group`` defaults to 30
+    minutes). ``None`` (``new_group``'s default) when no backend of the group reports one."""
+    for device in group._device_types:
+        options = getattr(group._get_backend(device), "options", None)
+        timeout = getattr(options, "_timeout", None)
+        if timeout is not None:
+            return timeout
+    return None
 
 
 def _has_cpu_backend(group: dist.ProcessGroup) -> bool:

@@ -205,15 +205,15 @@ def mean_vs_allreduce(
     return runs
 
 
-def disagreeing_states(rank: int, world_size: int, case: str) -> str:
+def disagreeing_states(rank: int, world_size: int, case: str, overlap: bool) -> str:
     """Ranks configured inconsistently: every rank must raise (never hang); return the error."""
     ddp = DistributedDataParallel(make_model((7,), torch.float32))
     if case == "weighting":
-        state = BucketMOOState(weighting="mgda" if rank == 0 else "mean")
+        state = BucketMOOState(weighting="mgda" if rank == 0 else "mean", overlap=overlap)
     elif case == "objective_of_rank":
-        state = BucketMOOState(objective_of_rank=[0, 1] if rank == 0 else [1, 0])
+        state = BucketMOOState(objective_of_rank=[0, 1] if rank == 0 else [1, 0], overlap=overlap)
     else:
-        state = BucketMOOState()
+        state = BucketMOOState(overlap=overlap)
         state.iter = rank  # as if one rank restored a different checkpoint
     ddp.register_comm_hook(state, bucket_moo_hook)
     x, target = batch(rank, 0, 0, torch.float32)

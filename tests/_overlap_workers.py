@@ -131,6 +131,12 @@ def worker_shutdown(rank: int, world_size: int) -> dict[str, Any]:
     x, target = batch(rank, 0, 0, torch.float32)
     nn.functional.mse_loss(ddp(x), target).backward()
     seen["training"] = len(overlap_threads())
+    # The worker's copy of the group fails a stalled peer as soon as the user's group would.
+    timeouts = [
+        g._get_backend(torch.device("cpu")).options._timeout
+        for g in (dist.group.WORLD, state._worker.group)
+    ]
+    seen["same_timeout"] = timeouts[0] == timeouts[1] != dist.default_pg_timeout
     state.close()
     seen["closed"] = len(overlap_threads())
     nn.functional.mse_loss(ddp(x), target).backward()  # a new thread, same copy of the group

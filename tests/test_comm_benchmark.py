@@ -60,6 +60,7 @@ def test_sweep_writes_the_table_the_json_and_the_plot(sweep: tuple[Path, dict]) 
     assert set(rows(result, 2)) == set(METHODS)
     assert set(rows(result, 3)) == set(METHODS) - {"mean-blocking", "mgda-blocking"}
     for row in result["rows"]:
+        assert row["timed_steps"] == 2 * 2  # --rounds=2 (the default) × --steps=2
         assert row["step_ms"]["p10"] <= row["step_ms"]["median"] <= row["step_ms"]["p90"]
         assert row["time_ratio"] > 0
         # The memory pass runs at the size sweep's world size only.

@@ -5,6 +5,7 @@ tests below then check the recorded buckets, gradients, parameters and byte coun
 """
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -283,9 +284,16 @@ def test_mean_with_equal_groups_equals_allreduce_hook() -> None:
         ("step", "RuntimeError: ranks are at different steps"),
     ],
 )
-def test_inconsistent_ranks_all_raise(case: str, message: str) -> None:
-    for error in run_distributed(2, disagreeing_states, case, timeout=90):
-        assert error.startswith(message), error
+@pytest.mark.parametrize("overlap", [False, True])
+def test_inconsistent_ranks_all_raise(case: str, message: str, overlap: bool) -> None:
+    expected = re.escape(message)
+    if overlap:  # the exchange runs on the worker: backward raises, naming bucket and step
+        expected = (
+            "RuntimeError: Got the following error when running the callback: BucketHookError: "
+            rf"bucket_moo_hook failed on bucket 0 of step \d: {expected}"
+        )
+    for error in run_distributed(2, disagreeing_states, case, overlap, timeout=90):
+        assert re.match(expected, error), error
 
 
 def test_bad_registration_raises_clear_errors() -> None:

@@ -51,4 +51,11 @@ def test_worker_errors_reach_backward_on_every_rank(granularity: str, bad: int) 
 
 def test_worker_thread_starts_and_stops() -> None:
     for seen in run_distributed(2, worker_shutdown):
-        assert seen == {"before": 0, "training": 1, "closed": 0, "restarted": 1, "collected": 0}
+        assert seen == {
+            "before": 0,
+            "training": 1,
+            "same_timeout": True,
+            "closed": 0,
+            "restarted": 1,
+            "collected": 0,
+        }
