@@ -127,3 +127,26 @@ def test_cost_model_predicts_the_measured_bytes_exactly(
         expected = predicted(method, row, world_size)
         measured = {k: row["algorithm_by_collective"].get(k, 0) for k in expected}
         assert measured == expected, method
+
+
+def test_protocol_phases_prints_every_phase() -> None:
+    """``benchmarks/protocol_phases.py`` on 2 gloo ranks and a small bucket (odd length: padded)."""
+    script = BENCHMARK.with_name("protocol_phases.py")
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"),
+        *(str(script), "--numel=1001", "--repeats=2"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.endswith("×")]
+    assert [line.split("  ")[1].strip() for line in lines] == [
+        "all-reduce (DDP allreduce_hook)",
+        "1 all-to-all",
+        "2 partial Gramian",
+        "3 Gramian all-reduce",
+        "4 MGDA solve",
+        "5 combination",
+        "6 all-gather",
+        "protocol end to end",
+    ]
+    assert all(float(line.split()[-2]) > 0 for line in lines)
