@@ -767,11 +767,12 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
     ]
     header = (
         "| R | params | method | algorithm MiB | × | wire MiB | × | step ms (p10–p90) | × | "
-        "backward ms | hook body ms | tail ms | peak above live MiB | vs baseline | held MiB |"
+        "backward ms | hook body ms (p10–p90) | tail ms | peak above live MiB | vs baseline | "
+        "held MiB |"
     )
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows_in_order(result["rows"]):
-        step = row["step_ms"]
+        step, body = row["step_ms"], row["hook_body_ms"]
         wire_ratio = f"{row['wire_ratio']:.2f}" if row.get("wire_ratio") is not None else "—"
         memory = "— | —"
         if row["transient_mb"] is not None:
@@ -785,7 +786,7 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
             f"{_mb(row['wire_bytes'])} | {wire_ratio} | "
             f"{step['median']:.0f} ({step['p10']:.0f}–{step['p90']:.0f}) | "
             f"{row['time_ratio']:.2f} | {row['backward_ms']:.0f} | "
-            f"{row['hook_body_ms']['median']:.1f} | {row['tail_ms']:.1f} | "
+            f"{body['median']:.1f} ({body['p10']:.1f}–{body['p90']:.1f}) | {row['tail_ms']:.1f} | "
             f"{memory} | {row['held_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
