@@ -73,6 +73,17 @@ def batch(rank: int, step: int, micro: int, dtype: torch.dtype) -> tuple[torch.T
     return x.to(dtype), target.to(dtype)
 
 
+def every_rank_bucket(
+    bucket: dist.GradBucket, world_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Before the hook reduces ``bucket`` in place: this rank's copy of it and every rank's,
+    ``[R, n]`` (the reference's inputs)."""
+    local = bucket.buffer().clone()
+    gathered = local.new_empty(world_size * local.numel())
+    all_gather_single(gathered, local)
+    return local, gathered.view(world_size, -1)
+
+
 def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
     if scenario.separate_host_group:
         bucketmoo_hooks._state._has_cpu_backend = lambda group: False
@@ -98,9 +109,7 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
     def capture(
         state: BucketMOOState, bucket: dist.GradBucket
     ) -> torch.futures.Future[torch.Tensor]:
-        local = bucket.buffer().clone()
-        gathered = local.new_empty(world_size * local.numel())
-        all_gather_single(gathered, local)
+        local, inputs = every_rank_bucket(bucket, world_size)
         future = bucket_moo_hook(state, bucket)
         indices = [position[id(p)] for p in bucket.parameters()]
         expected_local = torch.cat([shadow_params[i].grad.flatten() for i in indices])
@@ -108,7 +117,7 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
             {
                 "step": step,
                 "index": bucket.index(),
-                "inputs": gathered.view(world_size, -1),
+                "inputs": inputs,
                 # Read after backward: with granularity="global" a bucket completes only once
                 # the last bucket has been seen.
                 "future": future,
@@ -445,15 +454,13 @@ def degenerate_step(
     def capture(
         state: BucketMOOState, bucket: dist.GradBucket
     ) -> torch.futures.Future[torch.Tensor]:
-        local = bucket.buffer().clone()
-        gathered = local.new_empty(world_size * local.numel())
-        all_gather_single(gathered, local)
+        _, inputs = every_rank_bucket(bucket, world_size)
         future = bucket_moo_hook(state, bucket)
         records.append(
             {
                 "index": bucket.index(),
                 "params": [position[id(p)] for p in bucket.parameters()],
-                "inputs": gathered.view(world_size, -1),
+                "inputs": inputs,
                 "future": future,
             }
         )
