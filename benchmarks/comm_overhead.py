@@ -305,7 +305,10 @@ def timed_reduce_scatters(times: HookTimes) -> Iterator[None]:
             times.last_return = time.perf_counter()
             times.body += times.last_return - start
             times.latency += times.last_return - start
-            times.buckets.append({"numel": input.numel(), "element_size": input.element_size()})
+            bucket = {"numel": input.numel(), "element_size": input.element_size()}
+            if isinstance(self, BucketMOOReduceScatter):  # presence counts: L per parameter
+                bucket["parameters"] = len(self.unit.segment_sizes)
+            times.buckets.append(bucket)
             return result
 
         return call
@@ -421,7 +424,11 @@ def build(
         return ddp, None
     weighting, granularity, overlap = HOOK_METHODS[method]
     state = BucketMOOState(weighting=weighting, granularity=granularity, overlap=overlap)
+    # What register_bucket_moo_hook sets (it cannot wrap the hook in a timer): stable problem
+    # keys, and no presence check, since this DDP (no find_unused_parameters) uses every parameter
+    # on every rank (benchmarks/protocol_phases.py times the check).
     state._parameter_index = {id(p): i for i, p in enumerate(model.parameters())}
+    state._every_parameter_used = True
     ddp.register_comm_hook(state, timed_hook(bucket_moo_hook, times))
     return ddp, state
 

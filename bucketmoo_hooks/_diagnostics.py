@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ._objectives import objective_key
+from ._objectives import canonical_objective, objective_key
 from .weightings import min_norm_weights
 
 
@@ -167,7 +167,8 @@ class Diagnostics:
 
     def add_labels(self, objectives: Iterable[Hashable]) -> None:
         """Show these objective ids by name in the records."""
-        self.labels.update({objective_key(objective): str(objective) for objective in objectives})
+        ids = [canonical_objective(objective) for objective in objectives]  # "0", not "tensor(0)"
+        self.labels.update({objective_key(objective): str(objective) for objective in ids})
 
     def __getstate__(self) -> dict[str, Any]:
         # The TensorBoard writer holds open files and threads: it is not pickled.

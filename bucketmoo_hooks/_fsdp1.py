@@ -51,11 +51,9 @@ def _fsdp1_hook(hook_state: _UnitHookState, grad: Tensor, output: Tensor | None 
         received = torch.empty_like(grad)
         comm.all_to_all(received, grad).wait()
         shards = received.view(comm.world_size, -1)
-    segments = None
-    if state.granularity == "parameter":
-        segments = shard_segments(unit.segment_sizes, group.rank(), shards.shape[1])
+    parameters = shard_segments(unit.segment_sizes, group.rank(), shards.shape[1])
     averaging = state._averaging_matrix(objective_map, grad.device)
-    update = solve_unit(state, unit, comm, shards, averaging, objective_map, segments)
+    update = solve_unit(state, unit, comm, shards, averaging, objective_map, parameters)
     if output is not None:
         output.copy_(update)
         return
@@ -102,7 +100,9 @@ def register_fsdp_moo_hook(
 
     Args:
         model: The root ``FullyShardedDataParallel`` instance, before its first forward.
-        state: The hook state; ``state.process_group=None`` adopts the model's group.
+        state: The hook state, for this model only; ``state.process_group=None`` adopts the
+            model's group (``objective_of_rank`` has one entry per rank of that group). A group
+            without a CPU backend gets its gloo host group here (README, "Process groups").
 
     Returns:
         The units in module order (instances that manage no parameter are skipped).
@@ -110,7 +110,9 @@ def register_fsdp_moo_hook(
     Raises:
         TypeError: ``model`` is not a root FSDP1 instance or ``state`` not a state.
         ValueError: A hybrid sharding strategy (named with its unit), a comm hook already
-            registered, ``granularity="global"``, or a state whose group is not the model's.
+            registered, ``granularity="global"``, a state registered on another model, a state
+            whose group does not have the model's group's ranks, or an ``objective_of_rank``
+            without one entry per rank of the group.
     """
     if not isinstance(model, FullyShardedDataParallel):
         raise TypeError(
@@ -147,17 +149,7 @@ def register_fsdp_moo_hook(
             model.process_group
         ):
             raise ValueError(f"{label} reduces over another group than the root")
-    if state.process_group is None:
-        state.process_group = model.process_group
-    elif dist.get_process_group_ranks(state.process_group) != dist.get_process_group_ranks(
-        model.process_group
-    ):
-        raise ValueError(
-            f"state.process_group (ranks {dist.get_process_group_ranks(state.process_group)}) "
-            "is not the group the model reduces over (ranks "
-            f"{dist.get_process_group_ranks(model.process_group)}); pass process_group=None"
-        )
-    state._check_world_size(model.process_group.size())
+    state._register(model, model.process_group, cpu_buckets=False)
     positions = {id(p): i for i, p in enumerate(model.parameters())}
     steps = BackwardSteps(state)
     model.register_comm_hook(None, _fsdp1_hook)

@@ -37,6 +37,7 @@ _REQUIRED_API = (
     "set_gradient_divide_factor",
     "set_force_sum_reduction_for_comms",
     "set_all_reduce_hook",
+    "set_reduce_scatter_unused_params",
 )
 
 
@@ -150,11 +151,11 @@ class BucketMOOReduceScatter(ReduceScatter):
         received = torch.empty_like(input_tensor)
         comm.all_to_all(received, input_tensor).wait()
         shards = received.view(comm.world_size, -1)
-        segments = None
-        if self.state.granularity == "parameter":
-            segments = row_segments(self._segment_sizes(shards.shape[1]))
+        parameters = row_segments(self._segment_sizes(shards.shape[1]))
         averaging = self.state._averaging_matrix(objective_map, input_tensor.device)
-        update = solve_unit(self.state, self.unit, comm, shards, averaging, objective_map, segments)
+        update = solve_unit(
+            self.state, self.unit, comm, shards, averaging, objective_map, parameters
+        )
         output_tensor.copy_(update)
 
     def cross_replica(self, output: Tensor) -> None:
@@ -174,11 +175,11 @@ class BucketMOOReduceScatter(ReduceScatter):
         shards = scatter_shards(comm, output)
         averaging = self.state._averaging_matrix(objective_map, output.device)
         averaging = averaging / hybrid.shard_group.size()
-        segments = None
-        if self.state.granularity == "parameter":
-            sizes = self._segment_sizes(output.numel())
-            segments = shard_segments(sizes, hybrid.replicate_group.rank(), shards.shape[1])
-        update = solve_unit(self.state, self.unit, comm, shards, averaging, objective_map, segments)
+        sizes = self._segment_sizes(output.numel())
+        parameters = shard_segments(sizes, hybrid.replicate_group.rank(), shards.shape[1])
+        update = solve_unit(
+            self.state, self.unit, comm, shards, averaging, objective_map, parameters
+        )
         numel = output.numel()
         if update.numel() * comm.world_size == numel:
             comm.all_gather(output, update).wait()
@@ -201,10 +202,11 @@ class BucketMOOReduceScatter(ReduceScatter):
         sizes = self.unit.segment_sizes
         if sum(sizes) != row:
             raise RuntimeError(
-                f"{self.unit.label}: granularity='parameter' needs a gradient for every "
-                f"parameter of the unit, but FSDP reduced a row of {row} elements instead of "
-                f"{sum(sizes)} (some parameters got no gradient); call "
-                "set_reduce_scatter_unused_params(True) on the module or use granularity='bucket'"
+                f"{self.unit.label}: bucket-MOO needs a gradient for every parameter of the "
+                f"unit, but FSDP reduced a row of {row} elements instead of {sum(sizes)} (some "
+                "parameters got no gradient, and ranks that used different parameters would "
+                "reduce mismatched rows); install_fsdp_moo calls "
+                "set_reduce_scatter_unused_params(True) on every unit: do not turn it off"
             )
         return sizes
 
@@ -263,16 +265,21 @@ def install_fsdp_moo(
     Walks the ``fully_shard`` modules of ``model`` in module order (unit ``i`` is the ``i``-th,
     its bucket id), installs a :class:`BucketMOOReduceScatter` on each, and takes over gradient
     scaling: ``set_gradient_divide_factor(1.0)`` and ``set_force_sum_reduction_for_comms(True)``
-    so that FSDP divides nothing (the combination is already on the scale of an average). Call
-    it on every rank after ``fully_shard`` and before the first backward. Gradient accumulation
+    so that FSDP divides nothing (the combination is already on the scale of an average), and
+    ``set_reduce_scatter_unused_params(True)`` so that ranks that used different parameters
+    (language adapters) reduce the same layout, a parameter's zero gradient marking the
+    objectives that did not use it as absent (README, "Language-specific parameters"). Call
+    it on every rank after ``fully_shard`` and before the first backward (a group without a CPU
+    backend gets its gloo host group here, README "Process groups"). Gradient accumulation
     (``set_requires_gradient_sync(False)``: the last micro-batch's backward reduces the
     accumulated gradient), ``MixedPrecisionPolicy`` (the Gramian stays fp32 whatever the reduce
     dtype) and ``CPUOffloadPolicy`` work unchanged.
 
     Args:
         model: A module containing ``fully_shard`` modules (usually the root itself).
-        state: The hook state. If ``state.process_group`` is ``None`` it adopts the units' shard
-            group (1-D) or stays the default group (HSDP).
+        state: The hook state, for this model only. If ``state.process_group`` is ``None`` it
+            adopts the units' shard group (1-D) or stays the default group (HSDP);
+            ``objective_of_rank`` has one entry per rank of that group.
         hsdp_mesh: For HSDP, the 2-D ``(replicate, shard)`` mesh, the units being sharded over
             ``hsdp_mesh["shard"]`` (1-D ``fully_shard``). Every replica (all ranks of one shard
             group) trains one objective; ``objective_of_rank`` still has one entry per rank of
@@ -284,8 +291,9 @@ def install_fsdp_moo(
     Raises:
         TypeError: ``model`` has no ``fully_shard`` module, or ``state`` is not a state.
         ValueError: A unit cannot be served (several parameter groups, native HSDP, a custom
-            reduce-scatter already set), ``granularity="global"``, or the state's group does not
-            match the units' mesh; the message names the unit.
+            reduce-scatter already set), ``granularity="global"``, the state's group does not
+            match the units' mesh, the state is installed on another model, or
+            ``objective_of_rank`` does not have one entry per rank of the group.
         RuntimeError: The installed torch's FSDP2 lacks an API this needs.
     """
     if not isinstance(state, BucketMOOState):
@@ -348,22 +356,17 @@ def install_fsdp_moo(
         )
     shard_group = meshes[0].get_group()
     hybrid = None if hsdp_mesh is None else _hybrid_layout(state, hsdp_mesh, shard_group)
-    if hybrid is None:
-        if state.process_group is None:
-            state.process_group = shard_group
-        elif _ranks(state.process_group) != _ranks(shard_group):
-            raise ValueError(
-                f"state.process_group (ranks {_ranks(state.process_group)}) is not the group the "
-                f"units reduce-scatter over (ranks {_ranks(shard_group)}); pass "
-                "process_group=None or the FSDP mesh's group"
-            )
-    state._check_world_size(state.group.size())
+    # HSDP: the state's own group, checked to span the mesh; else the units' shard group.
+    state._register(model, None if hybrid else shard_group, cpu_buckets=False)
     steps = BackwardSteps(state)
     for module, param_group, unit in planned:
         comm = BucketMOOReduceScatter(state, unit, steps, param_group, hybrid)
         module.set_custom_reduce_scatter(comm)
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)
+        # Ranks that used different parameters (language adapters) must still reduce the same
+        # row layout; an unused parameter's zero gradient then marks its objective absent.
+        module.set_reduce_scatter_unused_params(True, recurse=False)
         if hybrid is not None:
             module.set_all_reduce_hook(comm.cross_replica)
     return [unit for *_, unit in planned]

@@ -7,10 +7,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from ._absent import ParameterLayout, partly_present, solve_present
 from ._ledger import BucketTraffic
 from ._objectives import ObjectiveMap
 from ._protocol import (
     BucketComm,
+    all_reduce_gramians,
     combine_segments,
     objective_shards,
     partial_gramians,
@@ -125,12 +127,14 @@ def _reduce_bucket(
     workspace = None if state.granularity == "global" else state._workspace
     shards = scatter_shards(comm, job.buffer, workspace)
     context = WeightingContext(step, job.index, objectives)
+    parameters = shard_segments(job.sizes, group.rank(), shards.shape[1])
+    layout = state._parameter_layout(parameters)
     if state.granularity == "global":
         context = replace(context, problem=() if job.positions is not None else None)
-        future = _hold_until_last_bucket(state, job, comm, shards, averaging, context)
+        future = _hold_until_last_bucket(state, job, comm, shards, averaging, context, layout)
     else:
         if state.granularity == "parameter":
-            segments = shard_segments(job.sizes, group.rank(), shards.shape[1])
+            segments = parameters
             problems = job.positions or [None] * len(job.sizes)
             contexts = [
                 replace(context, segment=s, problem=None if p is None else (p,))
@@ -140,7 +144,15 @@ def _reduce_bucket(
             segments, contexts = None, [replace(context, problem=job.positions)]
         check = state._gramian_check(f"bucket {job.index} at step {step}", objectives, averaging)
         combination = solve_shards(
-            comm, shards, averaging, state.weighting, contexts, segments, state.kernels, check
+            comm,
+            shards,
+            averaging,
+            state.weighting,
+            contexts,
+            segments,
+            state.kernels,
+            check,
+            layout,
         )
         if state.diagnostics is not None:
             state.diagnostics.record(
@@ -183,6 +195,8 @@ class _HeldBucket:
     comm: BucketComm
     objectives: torch.Tensor  # A_j, [L, c]
     gramian: torch.Tensor  # the bucket's all-reduced Gramian, [1, L, L]
+    layout: ParameterLayout | None  # its parameters in the slice, when objectives may be absent
+    counts: torch.Tensor | None  # their all-reduced presence counts, [P, L]
     # Completed with the combined bucket or an error; DDP holds ``outcome.then(unwrap_outcome)``.
     outcome: torch.futures.Future
 
@@ -194,9 +208,12 @@ def _hold_until_last_bucket(
     shards: torch.Tensor,
     averaging: torch.Tensor,
     context: WeightingContext,
+    layout: ParameterLayout | None,
 ) -> torch.futures.Future[torch.Tensor]:
     """Global MOO: all-reduce each bucket's Gramian as it comes, hold its slice, and at the last
     bucket weight the sum (the model's Gramian) once and send every bucket's combined slice.
+    Absent objectives (``layout``): the model is one problem, so an objective is left out of the
+    solve only if it is absent from every parameter.
 
     DDP waits for the buckets' futures only after backward, so the earlier ones can complete
     when the last bucket has been seen.
@@ -204,7 +221,7 @@ def _hold_until_last_bucket(
     buffer = job.buffer
     objectives = objective_shards(shards, averaging)
     gramian = partial_gramians(objectives, [(0, objectives.shape[1])])
-    comm.all_reduce(gramian).wait()
+    gramian, counts = all_reduce_gramians(comm, gramian, shards, averaging, layout)
     check = state._gramian_check(
         f"bucket {job.index} at step {context.step}", context.objectives, averaging
     )
@@ -212,7 +229,15 @@ def _hold_until_last_bucket(
         check(gramian)
     devices = [buffer.device] if buffer.is_cuda else None
     state._held.append(
-        _HeldBucket(buffer, comm, objectives, gramian, torch.futures.Future(devices=devices))
+        _HeldBucket(
+            buffer,
+            comm,
+            objectives,
+            gramian,
+            layout,
+            counts,
+            torch.futures.Future(devices=devices),
+        )
     )
     if not job.is_last:
         return state._held[-1].outcome.then(unwrap_outcome)
@@ -220,18 +245,32 @@ def _hold_until_last_bucket(
     held = state._held  # cleared once every gather is issued: an error fails them all
     state.held_bytes = sum(h.objectives.numel() * h.objectives.element_size() for h in held)
     total = torch.stack([h.gramian for h in held]).sum(dim=0)
-    weights = segment_weights(state.weighting, total, [context])
+    present = None
+    if all(h.counts is not None for h in held):
+        present = partly_present(torch.cat([h.counts for h in held]))
+    if present is None:
+        weights, parameter_weights = segment_weights(state.weighting, total, [context]), None
+    else:
+        weights, parameter_weights = solve_present(
+            state.weighting, total, [context], present, [0] * len(present)
+        )
+    if parameter_weights is None:
+        updates = [
+            combine_segments(weights, h.objectives, [(0, h.objectives.shape[1])], h.buffer.dtype)
+            for h in held
+        ]
+    else:  # some parameters lack some of the model's objectives: renormalised weights for each
+        parts = parameter_weights.split([len(h.layout.segments) for h in held])
+        updates = [
+            combine_segments(part, h.objectives, h.layout.segments, h.buffer.dtype)
+            for h, part in zip(held, parts, strict=True)
+        ]
     if state.diagnostics is not None:  # one record: the whole model is one problem
         state.diagnostics.record(
             context.step, -1, context.objectives, total, weights, segmented=False
         )
     gathers = [
-        _gather_into(
-            h.buffer,
-            h.comm,
-            combine_segments(weights, h.objectives, [(0, h.objectives.shape[1])], h.buffer.dtype),
-        )
-        for h in held
+        _gather_into(h.buffer, h.comm, update) for h, update in zip(held, updates, strict=True)
     ]
     state._held = []
     # The earlier buckets' futures, already handed to DDP, complete with their gathers.
@@ -257,15 +296,18 @@ def register_bucket_moo_hook(model: DistributedDataParallel, state: BucketMOOSta
 
     Equivalent to ``model.register_comm_hook(state, bucket_moo_hook)`` with clear errors for
     setups the hook cannot serve. If ``state.process_group`` is ``None`` it adopts the model's
-    group. It also tells the state the model's parameter order, which gives every problem a
-    stable key (:attr:`WeightingContext.problem`) for weightings that keep state.
+    group. It creates the gloo groups the hook needs beside it (README, "Process groups"), a
+    rendezvous of the group's ranks: call it on all of them. It also tells the state the model's
+    parameter order, which gives every problem a stable key (:attr:`WeightingContext.problem`)
+    for weightings that keep state.
 
     Raises:
         TypeError: ``model`` is not a ``DistributedDataParallel`` or ``state`` not a
             ``BucketMOOState``.
         ValueError: DDP was built with ``mixed_precision`` (it installs its own comm hook), a comm
-            hook is already registered, the state's process group is not the model's, or
-            ``objective_of_rank`` does not have one entry per rank.
+            hook is already registered, the state is registered on another model, the state's
+            process group does not have the model's group's ranks, or ``objective_of_rank`` does
+            not have one entry per rank of the model's group.
     """
     if not isinstance(model, DistributedDataParallel):
         raise TypeError(
@@ -282,14 +324,9 @@ def register_bucket_moo_hook(model: DistributedDataParallel, state: BucketMOOSta
     if getattr(model, "_comm_hooks", None):
         hooks = [hook.__qualname__ for hook, _ in model._comm_hooks]
         raise ValueError(f"the model already has a comm hook ({hooks}); DDP accepts one hook only")
-    if state.process_group is None:
-        state.process_group = model.process_group
-    elif state.process_group is not model.process_group:
-        raise ValueError(
-            f"state.process_group (size {state.process_group.size()}) is not the process group "
-            f"the model reduces over (size {model.process_group.size()}); pass "
-            "process_group=model.process_group or None"
-        )
-    state._check_world_size(model.process_group.size())
+    state._register(model, model.process_group, cpu_buckets=model.device_type == "cpu")
     state._parameter_index = {id(p): i for i, p in enumerate(model.module.parameters())}
+    # Without find_unused_parameters (or static_graph) DDP fails any step where a rank leaves a
+    # parameter unused, so no objective can be absent and the hook need not look.
+    state._every_parameter_used = not (model.find_unused_parameters or model.static_graph)
     model.register_comm_hook(state, bucket_moo_hook)

@@ -1,7 +1,9 @@
 """Objective ids, their 64-bit keys, and the rank → objective grouping of one step."""
 
+import cmath
 import hashlib
 import pickle
+import sys
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -9,13 +11,55 @@ import torch
 from torch import Tensor
 
 
+def canonical_objective(objective: object) -> Hashable:
+    """The objective id as ranks compare it.
+
+    A 0-d tensor or a numpy scalar becomes its Python value (``.item()``: an int, float, bool or
+    complex), so ``torch.tensor(0)`` and ``0`` are the same objective: a tensor's pickle holds its
+    storage address, which differs between processes. Tensors and arrays with dimensions are
+    refused, as is NaN (it never equals itself, and its bit patterns differ). Plain tuples are
+    canonicalised element by element. Anything else is returned as it is.
+    """
+    numpy = sys.modules.get("numpy")  # a numpy value implies numpy is imported
+    if isinstance(objective, Tensor) or (
+        numpy is not None and isinstance(objective, numpy.ndarray | numpy.generic)
+    ):
+        if objective.ndim != 0:
+            raise TypeError(
+                f"an objective id must be a scalar, got a {type(objective).__name__} of shape "
+                f"{tuple(objective.shape)}; pass this rank's id as a Python value or a 0-d "
+                "tensor, e.g. batch['lang_id'][0].item()"
+            )
+        objective = objective.item()
+    elif type(objective) is tuple:
+        items = tuple(canonical_objective(item) for item in objective)
+        if any(a is not b for a, b in zip(items, objective, strict=True)):
+            objective = items
+    elif isinstance(objective, frozenset):
+        # Its pickle lists the items in hash order, which Python salts per process for strings.
+        raise TypeError(
+            f"an objective id must not be a frozenset, got {objective!r}: its items are pickled "
+            "in an order that differs between processes; use a sorted tuple or a string"
+        )
+    if isinstance(objective, float | complex) and cmath.isnan(objective):
+        raise ValueError(
+            f"an objective id must not be NaN, got {objective!r}: NaN never equals itself, so "
+            "ranks could not agree on it; use a string or an int"
+        )
+    if type(objective) is float and objective == 0.0:
+        return 0.0  # -0.0 == 0.0, but it pickles differently
+    return objective
+
+
 def objective_key(objective: Hashable) -> int:
     """Map an objective id to a signed 64-bit key that is the same in every process.
 
     Python's ``hash`` is salted per process for strings, so ranks could not compare it. The key
-    is a digest of the id's pickle instead: two ids are the same objective exactly when their
-    pickles are equal (so ``1`` and ``True`` are different objectives, as are ``1`` and ``1.0``).
+    is a digest of the pickle of the id's :func:`canonical_objective` form instead: two ids are
+    the same objective exactly when those pickles are equal (so ``1`` and ``True`` are different
+    objectives, as are ``1`` and ``1.0``, while ``1`` and ``torch.tensor(1)`` are the same).
     """
+    objective = canonical_objective(objective)
     try:
         hash(objective)
     except TypeError:

@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._absent import ParameterLayout, partly_present, presence_counts, solve_present
 from ._compat import all_gather_single
+from ._device_path import cpu_path
 from ._kernels import fused_kernels
 from ._ledger import BucketTraffic
 from .weightings import Weighting, WeightingContext
@@ -135,12 +137,20 @@ def objective_shards(shards: Tensor, averaging: Tensor) -> Tensor:
 
     When every rank is its own objective, in rank order, ``M`` is the identity and ``A_j`` is
     ``S_j`` itself: on CPU, where the check costs no device synchronisation, the product (a
-    pass over the bucket, the hook's largest compute on gloo) is skipped.
+    pass over the bucket, the hook's largest compute on gloo) is skipped. The product does not
+    depend on the matmul precision flags (:func:`exact_matmul_in_fp32`).
     """
     compute_dtype = torch.promote_types(shards.dtype, torch.float32)
-    if averaging.device.type == "cpu" and _is_identity(averaging):
+    if cpu_path(averaging.device) and _is_identity(averaging):
         return shards.to(compute_dtype)
-    return averaging.to(compute_dtype) @ shards.to(compute_dtype)
+    if compute_dtype != torch.float32 or exact_matmul_in_fp32(shards.device):
+        return averaging.to(compute_dtype) @ shards.to(compute_dtype)
+    wide = averaging.to(torch.float64)
+    objectives = shards.new_empty((averaging.shape[0], shards.shape[1]), dtype=compute_dtype)
+    step = _block_columns(shards)
+    for lo in range(0, shards.shape[1], step):
+        objectives[:, lo : lo + step] = wide @ shards[:, lo : lo + step].to(torch.float64)
+    return objectives
 
 
 def _is_identity(matrix: Tensor) -> bool:
@@ -149,22 +159,105 @@ def _is_identity(matrix: Tensor) -> bool:
 
 
 def partial_gramians(objectives: Tensor, segments: Sequence[Segment]) -> Tensor:
-    """Step 3: ``P_j[s] = A_j[:, s] A_j[:, s]ᵀ`` for every segment, ``[S, L, L]``.
+    """Step 3: ``P_j[s] = A_j[:, s] A_j[:, s]ᵀ`` for every segment, ``[S, L, L]``
+    (:func:`gramian_of` each).
 
     Zero padding and empty segments add nothing.
     """
-    return torch.stack([objectives[:, lo:hi] @ objectives[:, lo:hi].T for lo, hi in segments])
+    pieces = [objectives[:, lo:hi] for lo, hi in segments]
+    if _exact_as_it_is(objectives):  # the flags read once per bucket, not per segment
+        return torch.stack([piece @ piece.T for piece in pieces])
+    return torch.stack([_wide_gramian(piece) for piece in pieces])
+
+
+def exact_matmul_in_fp32(device: torch.device) -> bool:
+    """Whether an fp32 matmul on ``device`` is IEEE fp32 whatever the precision flags.
+
+    TF32 (``torch.backends.cuda.matmul.allow_tf32 = True``,
+    ``torch.set_float32_matmul_precision("high")``, ``transformers``' ``tf32=True``) rounds the
+    inputs of every fp32 cuBLAS GEMM to 10 mantissa bits, and oneDNN's ``"tf32"``/``"bf16"``
+    (``torch.backends.mkldnn.matmul.fp32_precision``, set by ``"high"``/``"medium"``) may do the
+    same on CPUs that support it: ~1e-3 relative error or more in ``A``, ``G`` and ``d``. The
+    flags are process-global (a scoped override would race with the user's threads and the
+    hook's worker), so none is touched: on the CPU at oneDNN's default precision an fp32 matmul
+    is exact and is used as it is; anywhere else (and under
+    :func:`._device_path.force_device_path`) ``A`` and ``G`` are accumulated in float64, whose
+    products of fp32 numbers are exact and which no flag affects, and rounded to fp32 once, and
+    ``d`` is a gemv (:func:`weighted_sum`). The CUDA results are then bitwise the same with
+    TF32 on or off.
+    """
+    if not cpu_path(device):
+        return False
+    # oneDNN's precision: the first level that is set (matmul, oneDNN, all backends).
+    levels = (torch.backends.mkldnn.matmul, torch.backends.mkldnn, torch.backends)
+    settings = (level.fp32_precision for level in levels)
+    return next((setting for setting in settings if setting != "none"), "ieee") == "ieee"
+
+
+def gramian_of(objectives: Tensor) -> Tensor:
+    """``G = A Aᵀ`` for ``A ∈ ℝ^{L×c}``, in ``A``'s dtype, independent of the matmul precision
+    flags (:func:`exact_matmul_in_fp32`): an fp32 ``A`` is multiplied in fp32 on the CPU at
+    default precision, else accumulated in float64 over blocks of columns (a bounded
+    temporary, cache-sized on the CPU) and rounded to fp32 once. Fixed order: bitwise
+    reproducible."""
+    return objectives @ objectives.T if _exact_as_it_is(objectives) else _wide_gramian(objectives)
+
+
+def _exact_as_it_is(matrix: Tensor) -> bool:
+    """Whether a matmul of ``matrix`` is exact as it is: not fp32, or fp32 exact here."""
+    return matrix.dtype != torch.float32 or exact_matmul_in_fp32(matrix.device)
+
+
+def _wide_gramian(objectives: Tensor) -> Tensor:
+    num = objectives.shape[0]
+    gramian = objectives.new_zeros((num, num), dtype=torch.float64)
+    for block in objectives.split(_block_columns(objectives), dim=1):
+        wide = block.to(torch.float64)
+        gramian.addmm_(wide, wide.T)
+    return gramian.to(objectives.dtype)
+
+
+def weighted_sum(weights: Tensor, objectives: Tensor) -> Tensor:
+    """``d = wᵀA`` (``[L]``, ``[L, c]`` → ``[c]``) in ``A``'s dtype, independent of the matmul
+    precision flags (:func:`exact_matmul_in_fp32`).
+
+    ``weights @ objectives`` is a ``[1, L] × [L, c]`` GEMM, which TF32 rounds. Off the CPU's
+    default it is a matrix–vector product (``torch.mv``) instead: PyTorch runs fp32 gemv with
+    TF32 off whatever the flags (``at::cuda::blas::gemv<float>``: TF32 gains nothing on a
+    bandwidth-bound product), with no extra pass. On a CPU whose oneDNN precision was
+    lowered, blocks in float64.
+    """
+    weights = weights.to(objectives.dtype)
+    if _exact_as_it_is(objectives):
+        return weights @ objectives
+    if not cpu_path(objectives.device):
+        return torch.mv(objectives.T, weights)
+    wide = weights.to(torch.float64)
+    update = objectives.new_empty(objectives.shape[1])
+    step = _block_columns(objectives)
+    for lo in range(0, objectives.shape[1], step):
+        update[lo : lo + step] = wide @ objectives[:, lo : lo + step].to(torch.float64)
+    return update
+
+
+def _block_columns(matrix: Tensor) -> int:
+    """Columns of ``matrix`` per float64 block: 2¹⁸ elements (2 MiB) on the CPU, where a block
+    stays in cache (on a 25 MiB bucket 6× faster than converting it whole), 2²² (32 MiB)
+    elsewhere: one or two blocks per bucket, so few kernel launches."""
+    elements = 1 << 18 if matrix.device.type == "cpu" else 1 << 22
+    return max(1, elements // max(1, matrix.shape[0]))
 
 
 def combine_segments(
     weights: Tensor, objectives: Tensor, segments: Sequence[Segment], dtype: torch.dtype
 ) -> Tensor:
-    """Step 6: ``d_j[s] = w[s]ᵀ A_j[:, s]`` for every segment, in the bucket dtype."""
+    """Step 6: ``d_j[s] = w[s]ᵀ A_j[:, s]`` for every segment (:func:`weighted_sum`), in the
+    bucket dtype."""
     if len(segments) == 1 and segments[0] == (0, objectives.shape[1]):
-        return (weights[0].to(objectives.dtype) @ objectives).to(dtype)
+        return weighted_sum(weights[0], objectives).to(dtype)
     update = objectives.new_zeros(objectives.shape[1])
     for (lo, hi), segment_weights in zip(segments, weights, strict=True):
-        update[lo:hi] = segment_weights.to(objectives.dtype) @ objectives[:, lo:hi]
+        update[lo:hi] = weighted_sum(segment_weights, objectives[:, lo:hi])
     return update.to(dtype)
 
 
@@ -192,6 +285,27 @@ class ShardCombination:
     weights: Tensor
 
 
+def all_reduce_gramians(
+    comm: BucketComm,
+    gramians: Tensor,
+    shards: Tensor,
+    averaging: Tensor,
+    layout: ParameterLayout | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Step 4: ``G[s] = Σ_j P_j[s]``; with a ``layout``, the presence counts of its parameters
+    (``[P, L]``, :func:`._absent.presence_counts`) ride in the same all-reduce.
+
+    Returns the all-reduced Gramians and counts (``None`` without a layout).
+    """
+    if layout is None:
+        comm.all_reduce(gramians).wait()
+        return gramians, None
+    counts = presence_counts(shards, averaging, layout.segments).to(gramians.dtype)
+    packed = torch.cat([gramians.reshape(-1), counts.reshape(-1)])
+    comm.all_reduce(packed).wait()
+    return packed[: gramians.numel()].view_as(gramians), packed[gramians.numel() :].view_as(counts)
+
+
 def solve_shards(
     comm: BucketComm,
     shards: Tensor,
@@ -201,6 +315,7 @@ def solve_shards(
     segments: Sequence[Segment] | None = None,
     kernels: str = "auto",
     check: Callable[[Tensor], None] | None = None,
+    layout: ParameterLayout | None = None,
 ) -> ShardCombination:
     """Steps 2–6: group-average, partial Gramians, one all-reduce, weights, combined slice.
 
@@ -214,23 +329,41 @@ def solve_shards(
             (:mod:`._kernels`) or the torch functions above do the compute (``BucketMOOState``).
         check: Called with the all-reduced Gramians before they are used (e.g.
             :func:`._nonfinite.raise_if_nonfinite`).
+        layout: The parameters in the slice, to leave out the objectives absent from some of
+            them (:mod:`._absent`); their presence counts travel in the Gramian all-reduce, and
+            are read on the host (one synchronisation on a GPU). ``None``: every objective is
+            taken as present everywhere.
     """
     fused = fused_kernels(kernels, shards, averaging, segments)
-    if fused is not None:  # the same steps; A_j is recomputed from S_j instead of stored
+    objectives = None  # A_j; the fused kernels recompute it from S_j instead of storing it
+    if fused is not None:
         gramians = fused.partial_gramians()
-        comm.all_reduce(gramians).wait()
-        if check is not None:
-            check(gramians)
-        given = None if fused.solves(weighting) else segment_weights(weighting, gramians, contexts)
-        weights, update = fused.combine(gramians, weighting, given)
-        return ShardCombination(update, gramians, weights)
-    objectives = objective_shards(shards, averaging)
-    if segments is None:
-        segments = [(0, objectives.shape[1])]
-    gramians = partial_gramians(objectives, segments)
-    comm.all_reduce(gramians).wait()  # G[s] = Σ_j P_j[s]
+    else:
+        objectives = objective_shards(shards, averaging)
+        gramians = partial_gramians(objectives, segments or [(0, objectives.shape[1])])
+    gramians, counts = all_reduce_gramians(comm, gramians, shards, averaging, layout)
+    present = None if counts is None else partly_present(counts)
     if check is not None:
         check(gramians)
-    weights = segment_weights(weighting, gramians, contexts)
-    update = combine_segments(weights, objectives, segments, shards.dtype)
+    if present is not None:
+        weights, parameter_weights = solve_present(
+            weighting, gramians, contexts, present, layout.problems
+        )
+        if parameter_weights is not None:
+            assert layout is not None
+            if objectives is None:
+                objectives = objective_shards(shards, averaging)
+            update = combine_segments(parameter_weights, objectives, layout.segments, shards.dtype)
+            return ShardCombination(update, gramians, weights)
+    elif fused is None or not fused.solves(weighting):
+        weights = segment_weights(weighting, gramians, contexts)
+    else:
+        weights = None  # solved in the combine kernel
+    if fused is not None:
+        weights, update = fused.combine(gramians, weighting, weights)
+        return ShardCombination(update, gramians, weights)
+    assert objectives is not None and weights is not None
+    update = combine_segments(
+        weights, objectives, segments or [(0, objectives.shape[1])], shards.dtype
+    )
     return ShardCombination(update, gramians, weights)

@@ -1,22 +1,24 @@
-import datetime
 import functools
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
+from ._absent import ParameterLayout, Segment, check_absent
 from ._compat import all_gather_single
 from ._diagnostics import Diagnostics
+from ._groups import HOST, OVERLAP, helper_group, shared_worker
 from ._kernels import check_kernels
 from ._ledger import CommLedger
 from ._nonfinite import check_nonfinite, raise_if_nonfinite
-from ._objectives import ObjectiveMap, objective_key
+from ._objectives import ObjectiveMap, canonical_objective, objective_key
 from ._protocol import Workspace
 from ._worker import BucketWorker
-from .weightings import Weighting, get_weighting
+from .weightings import CallableWeighting, Weighting, get_weighting
 
 # Distinct (objective map, device) pairs whose averaging matrix is kept; per-step sampling of
 # languages can produce many maps, so the cache is bounded.
@@ -32,6 +34,8 @@ _TRANSIENT = (
     "_side_streams",
     "_worker",
     "_workspace",
+    "_every_parameter_used",
+    "_model",
 )
 GRANULARITIES = ("bucket", "parameter", "global")
 _STATE_DICT_VERSION = 1
@@ -40,6 +44,18 @@ _STATE_DICT_VERSION = 1
 def _keys_of(objective_of_rank: Sequence[Hashable] | None) -> list[int] | None:
     """Objective ids as their keys: comparable across processes and safe to save."""
     return None if objective_of_rank is None else [objective_key(o) for o in objective_of_rank]
+
+
+def _weighting_configs(weighting: Weighting) -> tuple[str, ...]:
+    """The ``weighting`` entries of a checkpoint that match ``weighting``: its config, and for a
+    named callable (a function, a method) also ``CallableWeighting(<qualified name>)``, all that
+    checkpoints of ``_STATE_DICT_VERSION`` 1 recorded before callables were described by module
+    and captured values."""
+    config = weighting.config()
+    name = getattr(getattr(weighting, "function", None), "__qualname__", None)
+    if isinstance(weighting, CallableWeighting) and isinstance(name, str):
+        return config, f"CallableWeighting({name})"
+    return (config,)
 
 
 class BucketMOOState:
@@ -52,18 +68,23 @@ class BucketMOOState:
 
     Ranks agree on the objective map through a tiny host-side exchange (3 int64 per rank) at the
     start of every step, which also checks that all ranks are at the same step with the same
-    configuration; a mismatch raises on every rank instead of silently combining wrong rows.
+    configuration, and that :meth:`set_objective` was called on all ranks or on none; a mismatch
+    raises on every rank instead of silently combining wrong rows.
 
     Args:
         objective_of_rank: The objective (language) id of every rank of the process group, in rank
-            order. Ids are any hashable, picklable values; ranks with equal ids form a group whose
-            gradients are averaged first. ``None`` (default): every rank is its own objective, with
-            its rank as id. Its length must equal the process group's size.
+            order. Ids are any hashable, picklable values (a 0-d tensor or numpy scalar counts as
+            its Python value; NaN is refused); ranks with equal ids form a group whose gradients
+            are averaged first. ``None`` (default): every rank is its own objective, with its
+            rank as id. Its length must equal the process group's size.
         weighting: How ``G`` becomes weights: a name (:func:`bucketmoo_hooks.weighting_names`,
             e.g. ``"mean"``, ``"mgda"``), a :class:`~bucketmoo_hooks.weightings.Weighting`, or a
             callable ``(gramian: Tensor[L, L]) -> Tensor[L]`` run on the Gramian's device.
-        process_group: The group the hook communicates over; ``None`` is the default group. It
-            must be the group the DDP model reduces over (:func:`register_bucket_moo_hook` checks).
+        process_group: The group the hook communicates over. It must have the ranks (in order)
+            of the group the model reduces over (the registration functions check). ``None``
+            (default): the registration functions adopt the model's group, and with
+            ``register_comm_hook`` directly the hook uses the default group. A given group checks
+            ``objective_of_rank`` here; with ``None`` that waits for the adopted group.
         diagnostics: A :class:`~bucketmoo_hooks.Diagnostics` to record cosine similarities,
             norms, weights and update norms per bucket and step (on the device; pulled to the
             host every ``log_every`` steps). ``None`` (default) records nothing.
@@ -83,12 +104,12 @@ class BucketMOOState:
             always uses the torch path.
         overlap: Let backward run on while the DDP hook reduces a bucket (default ``True``), as
             ``allreduce_hook`` does: CUDA buckets are reduced on a side stream, CPU (gloo)
-            buckets on a worker thread of this state that reduces them in order over a copy of
-            the process group (created at the first bucket, like the host group, with the
-            group's timeout; the thread stops when the state is garbage-collected, at exit, or
-            on :meth:`close`). The worker also runs the step's objective exchange, so errors
-            found there (ranks at different steps or configured differently) reach
-            ``backward()`` as a ``RuntimeError`` whose message names the bucket and step. CPU
+            buckets on a worker thread that reduces them in order over a gloo copy of the
+            process group (README, "Process groups"; the thread is shared by the states over the
+            same ranks and stops when none holds it, at exit, or on :meth:`close`). The worker
+            also runs the step's objective exchange, so errors found there (ranks at different
+            steps or configured differently) reach ``backward()`` as a ``RuntimeError`` whose
+            message names the bucket and step. CPU
             buckets reuse two exchange buffers of the largest bucket, kept by the state. ``False``
             reduces every bucket in the hook body, blocking backward while its collectives run.
             Results are bitwise the same either way; FSDP paths are unaffected.
@@ -99,6 +120,18 @@ class BucketMOOState:
             :class:`~bucketmoo_hooks.NonFiniteGradientError` at that bucket (the Gramian is
             all-reduced, so all see it), naming the bucket, the step, the objective and its
             ranks; costs one host synchronisation per bucket on a GPU.
+        absent: What an objective whose ranks did not use a parameter (a language adapter or
+            head; its gradient is zero on those ranks) is for that parameter. ``"exclude"``
+            (default): absent. Each problem's weights are solved over the objectives present on
+            it, and renormalised over those present on each parameter, so a parameter used by
+            one objective gets exactly that objective's average gradient (README,
+            "Language-specific parameters"). The presence counts ride in the Gramian all-reduce
+            (``L`` numbers per parameter); on a GPU they are read on the host, one
+            synchronisation per bucket. Skipped when the model is DDP without
+            ``find_unused_parameters`` or ``static_graph`` (registered with
+            :func:`~bucketmoo_hooks.register_bucket_moo_hook`): every rank then uses every
+            parameter. ``"zero"``: DDP's convention, the zero gradient counts (MGDA then gives
+            such a parameter no update when another objective is present).
 
     Attributes:
         iter: Synchronised backward passes completed (advanced on the last bucket of each step).
@@ -113,14 +146,17 @@ class BucketMOOState:
 
     __slots__ = (
         "_averaging",
+        "_every_parameter_used",
         "_held",
         "_metadata_group",
+        "_model",
         "_objective",
         "_parameter_index",
         "_side_streams",
         "_step_map",
         "_worker",
         "_workspace",
+        "absent",
         "diagnostics",
         "granularity",
         "held_bytes",
@@ -144,6 +180,7 @@ class BucketMOOState:
         kernels: str = "auto",
         overlap: bool = True,
         nonfinite: str = "propagate",
+        absent: str = "exclude",
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -157,7 +194,8 @@ class BucketMOOState:
                 )
             if len(objective_of_rank) == 0:
                 raise ValueError("objective_of_rank must name the objective of every rank, got []")
-            objective_of_rank = tuple(objective_of_rank)
+            # As values (a 0-d tensor's pickle holds its address), for the digest and the labels.
+            objective_of_rank = tuple(canonical_objective(o) for o in objective_of_rank)
             for objective in objective_of_rank:
                 objective_key(objective)  # raises a clear TypeError for unusable ids
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
@@ -174,6 +212,10 @@ class BucketMOOState:
             raise TypeError(f"overlap must be a bool, got {overlap!r}")
         self.overlap = overlap
         self.nonfinite = check_nonfinite(nonfinite)
+        self.absent = check_absent(absent)
+        # Set by the registration functions when the engine guarantees that every rank uses every
+        # parameter (DDP without find_unused_parameters): then nothing can be absent.
+        self._every_parameter_used = False
         if diagnostics is not None and not isinstance(diagnostics, Diagnostics):
             raise TypeError(
                 f"diagnostics must be a bucketmoo_hooks.Diagnostics or None, "
@@ -195,8 +237,10 @@ class BucketMOOState:
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._workspace = Workspace()  # CPU exchange buffers, reused from bucket to bucket
         self.ledger = CommLedger()
-        if dist.is_initialized() or process_group is not None:
-            self._check_world_size(self.group.size())
+        # The model a registration function installed this state on (weakly): one per state.
+        self._model: weakref.ref[nn.Module] | None = None
+        if process_group is not None:  # else the group is known at registration
+            self._check_world_size(process_group.size(), _described("process_group", process_group))
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -217,7 +261,13 @@ class BucketMOOState:
         ranks and each step samples some. The value overrides ``objective_of_rank`` for this rank
         and stays until changed. A step that has already started (its first bucket was reduced)
         keeps its map.
+
+        Call it on every rank or on none: a step where some ranks set their objective and others
+        did not raises on every rank (a forgotten call would silently make that rank's default
+        id an objective of its own). A 0-d tensor or numpy scalar counts as its Python value
+        (``tensor(0)`` is ``0``); a tensor with dimensions and NaN are refused.
         """
+        objective = canonical_objective(objective)
         self._objective = (objective, objective_key(objective))
         if self.diagnostics is not None:
             self.diagnostics.add_labels([objective])
@@ -241,7 +291,7 @@ class BucketMOOState:
             "version": _STATE_DICT_VERSION,
             "iter": self.iter,
             "granularity": self.granularity,
-            "weighting": repr(self.weighting),
+            "weighting": self.weighting.config(),
             "weighting_state": self.weighting.state_dict(),
             "objective_keys": _keys_of(self.objective_of_rank),
             "ledger_totals": dict(self.ledger.totals),
@@ -272,15 +322,15 @@ class BucketMOOState:
         step = state_dict["iter"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TypeError(f"state_dict['iter'] must be a non-negative int, got {step!r}")
-        for name, current in (
-            ("granularity", self.granularity),
-            ("weighting", repr(self.weighting)),
-            ("objective_keys", _keys_of(self.objective_of_rank)),
+        for name, accepted in (
+            ("granularity", (self.granularity,)),
+            ("weighting", _weighting_configs(self.weighting)),
+            ("objective_keys", (_keys_of(self.objective_of_rank),)),
         ):
-            if state_dict[name] != current:
+            if state_dict[name] not in accepted:
                 raise ValueError(
                     f"the checkpoint was saved with {name}={state_dict[name]!r}, but this state "
-                    f"has {name}={current!r}; build the state as it was when saved"
+                    f"has {name}={accepted[0]!r}; build the state as it was when saved"
                 )
         self.weighting.load_state_dict(state_dict["weighting_state"])
         self.iter = step
@@ -289,12 +339,48 @@ class BucketMOOState:
 
     # -- used by the hook ------------------------------------------------------------------------
 
-    def _check_world_size(self, world_size: int) -> None:
+    def _check_world_size(self, world_size: int, group: str = "the process group") -> None:
         if self.objective_of_rank is not None and len(self.objective_of_rank) != world_size:
             raise ValueError(
-                f"objective_of_rank has {len(self.objective_of_rank)} entries but the process "
-                f"group has {world_size} ranks; give one objective id per rank"
+                f"objective_of_rank has {len(self.objective_of_rank)} entries but {group} has "
+                f"{world_size} ranks; give one objective id per rank of that group"
             )
+
+    def _register(
+        self, model: nn.Module, group: dist.ProcessGroup | None, cpu_buckets: bool
+    ) -> None:
+        """What every registration function does once the model is checked, before it installs
+        anything: refuse a state registered on another live model; adopt ``group`` (the one the
+        model reduces over; ``None``: the state's own) if ``process_group`` is ``None``, else
+        check that ``process_group`` has its ranks in order; check ``objective_of_rank`` against
+        the group adopted; create the gloo groups the hook will use beside it (a rendezvous of
+        its ranks, here rather than inside backward). Raises alike on every rank, before the
+        rendezvous.
+        """
+        registered = None if self._model is None else self._model()
+        if registered is not None:
+            raise ValueError(
+                f"this BucketMOOState is already registered on another model "
+                f"({type(registered).__name__}); create one state per DDP or FSDP model"
+            )
+        if group is None:
+            group, described = self.group, "the state's process group"
+        elif self.process_group is None:
+            described = "the model's process group"
+        elif _ranks(self.process_group) != _ranks(group):
+            raise ValueError(
+                f"state.process_group (ranks {_ranks(self.process_group)}) is not the process "
+                f"group the model reduces over (ranks {_ranks(group)}); pass process_group=None "
+                "to adopt the model's group, or a group with its ranks"
+            )
+        else:  # the state's own group over the model's ranks: the one the hook uses
+            group, described = self.process_group, "process_group"
+        self._check_world_size(group.size(), _described(described, group))
+        self._host_group(group)
+        if self.overlap and cpu_buckets:
+            helper_group(group, OVERLAP)
+        self.process_group = group
+        self._model = weakref.ref(model)
 
     def _own_objective_key(self, rank: int) -> int:
         if self._objective is not None:
@@ -307,19 +393,22 @@ class BucketMOOState:
         """What all ranks must agree on, besides the step: weighting, granularity, default map."""
         return objective_key(
             (
-                repr(self.weighting),
+                self.weighting.config(),
                 self.granularity,
                 world_size,
                 self.objective_of_rank,
                 self.nonfinite,
+                self.absent,
             )
         )
 
     def _begin_step(self, group: dist.ProcessGroup) -> ObjectiveMap:
         """Exchange ``(step, config digest, objective key)`` with every rank and build the map.
 
-        The exchange is host-side (a gloo group over the same ranks when the group itself has no
-        CPU backend), so it never synchronises with a GPU.
+        The step's low bit tells whether the rank's objective was set by :meth:`set_objective`
+        (``2·iter + set``), so the payload stays 3 int64. The exchange is host-side (a gloo group
+        over the same ranks when the group itself has no CPU backend), so it never synchronises
+        with a GPU.
         """
         world_size, rank = group.size(), group.rank()
         self._check_world_size(world_size)
@@ -327,13 +416,15 @@ class BucketMOOState:
         if self.diagnostics is not None and self.objective_of_rank is None:
             self.diagnostics.add_labels(range(world_size))  # the default ids
         config = self._config_digest(world_size)
-        payload = torch.tensor([self.iter, config, self._own_objective_key(rank)])
+        stamp = 2 * self.iter + (self._objective is not None)
+        payload = torch.tensor([stamp, config, self._own_objective_key(rank)])
         gathered = torch.empty(world_size * payload.numel(), dtype=torch.int64)
         all_gather_single(gathered, payload, group=self._host_group(group))
         self.ledger.record_overhead(
             "objective_exchange", (world_size - 1) * payload.numel() * payload.element_size()
         )
-        steps, configs, keys = gathered.view(world_size, -1).T.tolist()
+        stamps, configs, keys = gathered.view(world_size, -1).T.tolist()
+        steps = [s >> 1 for s in stamps]
         if len(set(steps)) != 1:
             raise RuntimeError(
                 f"ranks are at different steps of the hook (state.iter per rank: {steps}); "
@@ -342,9 +433,19 @@ class BucketMOOState:
         if len(set(configs)) != 1:
             raise ValueError(
                 "ranks disagree on the BucketMOOState configuration (weighting, world size or "
-                f"objective_of_rank); this rank has weighting={self.weighting!r}, "
+                f"objective_of_rank); this rank has weighting={self.weighting.config()}, "
                 f"objective_of_rank={self.objective_of_rank!r}; ranks with a different "
                 f"configuration: {[r for r, c in enumerate(configs) if c != config]}"
+            )
+        set_on = [r for r, s in enumerate(stamps) if s & 1]
+        if 0 < len(set_on) < world_size:
+            # A forgotten call would silently make that rank's default id an objective of its own.
+            unset = [r for r, s in enumerate(stamps) if not s & 1]
+            raise ValueError(
+                f"state.set_objective was called on ranks {set_on} but not on ranks {unset} "
+                f"before step {steps[0]}; a rank without it trains its default objective "
+                "(objective_of_rank, else its rank) apart from the others: call "
+                "state.set_objective(id) on every rank before backward(), or on none"
             )
         self._step_map = ObjectiveMap.from_keys(keys)
         self._held = []  # slices of an interrupted step are stale
@@ -370,44 +471,37 @@ class BucketMOOState:
         self.iter += 1
         self.ledger.close_step()
 
+    def _parameter_layout(self, segments: Sequence[Segment]) -> ParameterLayout | None:
+        """The parameters of a slice (``segments``), when objectives may be absent from some."""
+        if self.absent == "zero" or self._every_parameter_used:
+            return None
+        return ParameterLayout.of(segments, self.granularity)
+
     def _parameter_positions(self, bucket: dist.GradBucket) -> tuple[int, ...] | None:
         """Positions in ``model.parameters()`` of the bucket's parameters, if the model is known."""
         if self._parameter_index is None:
             return None
-        return tuple(self._parameter_index[id(p)] for p in bucket.parameters())
+        try:
+            return tuple(self._parameter_index[id(p)] for p in bucket.parameters())
+        except KeyError:
+            raise ValueError(
+                f"bucket_moo_hook: bucket {bucket.index()} holds parameters of another model than "
+                "the one this BucketMOOState was registered on; create one state per DDP model"
+            ) from None
 
     def _host_group(self, group: dist.ProcessGroup) -> dist.ProcessGroup:
         if _has_cpu_backend(group):
             return group
         if self._metadata_group is None:
-            self._metadata_group = dist.new_group(
-                ranks=dist.get_process_group_ranks(group),
-                timeout=_group_timeout(group),
-                backend="gloo",
-                use_local_synchronization=True,
-            )
+            self._metadata_group = helper_group(group, HOST)
         return self._metadata_group
 
     def _overlap_worker(self, group: dist.ProcessGroup) -> BucketWorker:
-        """The worker thread for CPU buckets, with its copy of ``group`` (made on first use, at
-        bucket 0, where every rank of the group creates it alike)."""
-        if self._worker is not None and not self._worker.closed:
-            return self._worker
-        if self._worker is not None:  # closed: a new thread on the same copy of the group
-            self._worker = BucketWorker(self._worker.group)
-            return self._worker
-        copy = dist.new_group(
-            ranks=dist.get_process_group_ranks(group),
-            timeout=_group_timeout(group),
-            backend="gloo",
-            use_local_synchronization=True,
-        )
-        if copy.rank() != group.rank():  # new_group sorts the ranks, as torch's groups are
-            raise RuntimeError(
-                "bucket_moo_hook's overlap needs a process group whose ranks are in ascending "
-                "order; pass BucketMOOState(overlap=False) for this group"
-            )
-        self._worker = BucketWorker(copy)
+        """The worker thread for CPU buckets, over the copy of ``group`` that every state over
+        its ranks shares (made at registration; with ``register_comm_hook`` directly, here at
+        bucket 0, where every rank of the group makes it alike)."""
+        if self._worker is None or self._worker.closed:
+            self._worker = shared_worker(helper_group(group, OVERLAP))
         return self._worker
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -419,8 +513,9 @@ class BucketMOOState:
     def close(self) -> None:
         """Stop the overlap worker thread, if any, once the buckets handed to it are reduced.
 
-        Optional: it also stops when the state is garbage-collected and at interpreter exit.
-        A later CPU bucket starts a new thread (on the same copy of the process group).
+        The thread is shared by the states over the same ranks; a later CPU bucket of any of
+        them starts a new one (on the same copy of the process group). Optional: it also stops
+        once no state holds it and at interpreter exit.
         """
         if self._worker is not None:
             self._worker.close()
@@ -452,6 +547,8 @@ class BucketMOOState:
         self._worker = None
         self._side_streams = {}
         self._workspace = Workspace()
+        self._every_parameter_used = False
+        self._model = None
         for slot, value in state.items():
             setattr(self, slot, value)
 
@@ -462,16 +559,12 @@ class BucketMOOState:
         )
 
 
-def _group_timeout(group: dist.ProcessGroup) -> datetime.timedelta | None:
-    """The collective timeout of ``group``, for the groups the state makes beside it (a stalled
-    peer must fail them as soon as it fails the user's group; ``new_group`` defaults to 30
-    minutes). ``None`` (``new_group``'s default) when no backend of the group reports one."""
-    for device in group._device_types:
-        options = getattr(group._get_backend(device), "options", None)
-        timeout = getattr(options, "_timeout", None)
-        if timeout is not None:
-            return timeout
-    return None
+def _ranks(group: dist.ProcessGroup) -> list[int]:
+    return dist.get_process_group_ranks(group)
+
+
+def _described(name: str, group: dist.ProcessGroup) -> str:
+    return f"{name} (global ranks {_ranks(group)})"
 
 
 def _has_cpu_backend(group: dist.ProcessGroup) -> bool:

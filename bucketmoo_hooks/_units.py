@@ -128,16 +128,18 @@ def solve_unit(
     shards: Tensor,
     averaging: Tensor,
     objective_map: ObjectiveMap,
-    segments: Sequence[Segment] | None,
+    parameters: Sequence[Segment],
 ) -> Tensor:
     """Steps 2–6 of the protocol on one unit; returns this rank's combined slice ``d_j``.
 
-    ``shards`` is ``S_j ∈ ℝ^{R×c}``. ``segments`` (``granularity="parameter"`` only): where each
-    of the unit's parameters lies in the slice, one per entry of ``unit.parameter_problems``.
+    ``shards`` is ``S_j ∈ ℝ^{R×c}``. ``parameters``: where each of the unit's parameters lies in
+    the slice, one per entry of ``unit.parameter_problems`` (the problems with
+    ``granularity="parameter"``; where objectives may be absent, in any case).
     Records diagnostics like the DDP hook; the state's ``kernels`` choose the fused CUDA kernels
     or the torch path, as for DDP.
     """
     context = WeightingContext(state.iter, unit.index, objective_map.objectives)
+    segments = parameters if state.granularity == "parameter" else None
     if segments is None:
         contexts = [replace(context, problem=unit.problem)]
     else:
@@ -149,7 +151,15 @@ def solve_unit(
         f"{unit.label} at step {state.iter}", objective_map.objectives, averaging
     )
     combination = solve_shards(
-        comm, shards, averaging, state.weighting, contexts, segments, state.kernels, check
+        comm,
+        shards,
+        averaging,
+        state.weighting,
+        contexts,
+        segments,
+        state.kernels,
+        check,
+        state._parameter_layout(parameters),
     )
     if state.diagnostics is not None:
         state.diagnostics.record(

@@ -1,12 +1,13 @@
-"""Overlap for gloo/CPU buckets: one thread per hook state reduces buckets in hand-over order.
+"""Overlap for gloo/CPU buckets: one thread per copy of a process group reduces the buckets of
+every hook state over its ranks, in hand-over order.
 
 On gloo every ``work.wait()`` blocks the calling thread. In the hook body that thread is
 autograd's, so backward stalls while the bucket's all-to-all and Gramian all-reduce run; DDP's
 own ``allreduce_hook`` returns at once instead. The hook therefore hands each bucket to this
 worker and returns a :class:`torch.futures.Future` that the worker completes. One thread, first
 in first out, keeps the collective order identical on all ranks. Its collectives run on a
-process group of their own, so they cannot interleave with the collectives that DDP itself issues
-on the autograd thread (e.g. the unused-parameter map after the last bucket).
+process group of their own (``_groups``), so they cannot interleave with the collectives that DDP
+itself issues on the autograd thread (e.g. the unused-parameter map after the last bucket).
 """
 
 import queue

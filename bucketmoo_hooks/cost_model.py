@@ -32,6 +32,7 @@ import argparse
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 METHODS = (
     "allreduce",  # DDP allreduce_hook
@@ -80,6 +81,7 @@ def bucket_bytes(
     *,
     shapes: Sequence[Sequence[int]] | None = None,
     problems: int = 1,
+    parameters: int = 0,
     powersgd_rank: int = 1,
     min_compression_rate: float = 2.0,
 ) -> dict[str, int]:
@@ -89,12 +91,16 @@ def bucket_bytes(
     Args:
         problems: Weight vectors per bucket: 1, or the number of parameters for
             ``granularity="parameter"`` (``problems·L²`` Gramian numbers).
+        parameters: Parameters whose objectives' presence is counted (``L`` numbers each, in
+            the Gramian all-reduce): the bucket's parameters where objectives may be absent
+            (FSDP, DDP with ``find_unused_parameters``), else 0.
         shapes: The bucket's parameter shapes (``method="powersgd"`` only).
     """
     r, b = world_size, element_size
     c = shard(numel, r)
     # fp64 buckets keep an fp64 Gramian; everything narrower accumulates in fp32.
-    gramian = ring_all_reduce(problems * num_objectives**2 * max(4, b), r)
+    numbers = problems * num_objectives**2 + parameters * num_objectives
+    gramian = ring_all_reduce(numbers * max(4, b), r)
     if method == "allreduce":
         return {"all_reduce": ring_all_reduce(numel * b, r)}
     if method == "bucket_moo":
@@ -121,12 +127,16 @@ def step_bytes(
     element_size: int = 4,
     *,
     shapes: Sequence[Sequence[Sequence[int]]] | None = None,
+    parameters: Sequence[int] | None = None,
 ) -> dict[str, int]:
     """Bytes one rank sends in one step over ``buckets`` (their element counts), by collective,
-    including the per-step objective exchange of the library's methods (an all-gather)."""
+    including the per-step objective exchange of the library's methods (an all-gather).
+    ``parameters``: per bucket, as :func:`bucket_bytes`'s."""
     total: dict[str, int] = {}
     for i, numel in enumerate(buckets):
-        extra = {"shapes": shapes[i]} if shapes is not None else {}
+        extra: dict[str, Any] = {"shapes": shapes[i]} if shapes is not None else {}
+        if parameters is not None:
+            extra["parameters"] = parameters[i]
         sent = bucket_bytes(method, numel, world_size, num_objectives, element_size, **extra)
         for collective, nbytes in sent.items():
             total[collective] = total.get(collective, 0) + nbytes

@@ -9,16 +9,26 @@ from per-objective gradients::
     update = reference.bucket_update(torch.stack([g_en, g_de, g_ja]), weighting="mgda")
 """
 
+import itertools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ._absent import check_absent, partly_present, presence_counts, solve_present
 from ._objectives import ObjectiveMap
+from ._protocol import combine_segments, gramian_of
 from .weightings import Weighting, WeightingContext, get_weighting
 
-__all__ = ["Combination", "bucket_update", "combine", "model_update", "objective_gradients"]
+__all__ = [
+    "Combination",
+    "bucket_update",
+    "combine",
+    "model_update",
+    "objective_gradients",
+    "presence",
+]
 
 WeightingSpec = str | Weighting | Callable[[Tensor], Tensor]
 
@@ -46,6 +56,14 @@ def objective_gradients(
     Returns the objective gradients ``[L, n]`` (fp32, or fp64 for fp64 input), in order of first
     appearance of each objective over the ranks, and the :class:`ObjectiveMap`.
     """
+    objective_map = _objective_map(grads, objective_of_rank)
+    compute = grads.to(torch.promote_types(grads.dtype, torch.float32))
+    rows = torch.tensor(objective_map.group_of_rank, device=grads.device)
+    means = [compute[rows == group].mean(dim=0) for group in range(objective_map.num_objectives)]
+    return torch.stack(means), objective_map
+
+
+def _objective_map(grads: Tensor, objective_of_rank: Sequence[Hashable] | None) -> ObjectiveMap:
     if not isinstance(grads, Tensor) or grads.ndim != 2 or not grads.is_floating_point():
         raise ValueError(
             "grads must be a floating-point tensor [R, n] (one row per rank), got "
@@ -59,28 +77,74 @@ def objective_gradients(
             f"objective_of_rank has {len(objective_of_rank)} entries but grads has "
             f"{world_size} rows; give one objective id per row"
         )
-    objective_map = ObjectiveMap.from_ids(list(objective_of_rank))
-    compute = grads.to(torch.promote_types(grads.dtype, torch.float32))
-    rows = torch.tensor(objective_map.group_of_rank, device=grads.device)
-    means = [compute[rows == group].mean(dim=0) for group in range(objective_map.num_objectives)]
-    return torch.stack(means), objective_map
+    return ObjectiveMap.from_ids(list(objective_of_rank))
 
 
 def combine(
     objective_grads: Tensor,
     weighting: WeightingSpec = "mgda",
     context: WeightingContext | None = None,
+    *,
+    present: Tensor | None = None,
+    parameter_sizes: Sequence[int] | None = None,
 ) -> Combination:
     """Weight the objective gradients ``[L, n]`` by ``weighting(G)``, ``G = A Aᵀ``, and sum them.
 
-    The update keeps the dtype of ``objective_grads``.
+    With ``present`` (``[P, L]`` bool: objective ``ℓ`` used parameter ``p``; ``parameter_sizes``
+    the ``P`` parameters' lengths, summing to ``n``), absent objectives are left out as the hook
+    does with ``BucketMOOState(absent="exclude")`` (:mod:`bucketmoo_hooks._absent`): weights
+    solved over the objectives present somewhere, renormalised per parameter. The update keeps
+    the dtype of ``objective_grads``.
     """
     resolved = get_weighting(weighting)
     compute = objective_grads.to(torch.promote_types(objective_grads.dtype, torch.float32))
-    gramian = compute @ compute.T
-    weights = resolved(gramian, context)
-    update = (weights.to(compute.dtype) @ compute).to(objective_grads.dtype)
+    gramian = gramian_of(compute)
+    whole = [(0, compute.shape[1])]
+    parameter_weights = None
+    if present is not None:
+        parameters = _parameter_segments(parameter_sizes, compute.shape[1], present.shape[0])
+        present = partly_present(present)
+    if present is None:
+        weights = resolved(gramian, context)
+    else:
+        context = context or WeightingContext(0, 0, tuple(range(compute.shape[0])))
+        solved, parameter_weights = solve_present(
+            resolved, gramian[None], [context], present, [0] * len(present)
+        )
+        weights = solved[0]
+    if parameter_weights is None:
+        update = combine_segments(weights[None], compute, whole, objective_grads.dtype)
+    else:
+        update = combine_segments(parameter_weights, compute, parameters, objective_grads.dtype)
     return Combination(update, gramian, weights)
+
+
+def _parameter_segments(
+    parameter_sizes: Sequence[int] | None, numel: int, count: int
+) -> list[tuple[int, int]]:
+    sizes = [numel] if parameter_sizes is None else list(parameter_sizes)
+    if len(sizes) != count or sum(sizes) != numel or any(size < 0 for size in sizes):
+        raise ValueError(
+            f"parameter_sizes must give the length of each of the {count} parameters of present, "
+            f"summing to the gradient length {numel}; got {parameter_sizes!r}"
+        )
+    bounds = [0, *itertools.accumulate(sizes)]
+    return list(itertools.pairwise(bounds))
+
+
+def presence(
+    grads: Tensor,
+    objective_of_rank: Sequence[Hashable] | None = None,
+    parameter_sizes: Sequence[int] | None = None,
+) -> Tensor:
+    """``[P, L]`` bool: objective ``ℓ`` present on parameter ``p`` of the rows ``grads``
+    (``[R, n]``), i.e. some rank of ``ℓ`` has a nonzero gradient there (an unused parameter's
+    gradient is zero-filled). Objectives in the order of :func:`objective_gradients`."""
+    objective_map = _objective_map(grads, objective_of_rank)
+    sizes = [grads.shape[1]] if parameter_sizes is None else list(parameter_sizes)
+    parameters = _parameter_segments(sizes, grads.shape[1], len(sizes))
+    averaging = objective_map.averaging_matrix(grads.device)
+    return presence_counts(grads, averaging, parameters) > 0
 
 
 def bucket_update(
@@ -92,6 +156,8 @@ def bucket_update(
     bucket: int = 0,
     problem: tuple[int, ...] | None = (),
     segment: int | None = None,
+    parameter_sizes: Sequence[int] | None = None,
+    absent: str = "exclude",
 ) -> Tensor:
     """What :func:`bucket_moo_hook` returns for a bucket whose per-rank gradients are ``grads``.
 
@@ -104,13 +170,24 @@ def bucket_update(
             :class:`WeightingContext`; ``problem`` keys the state of stateful weightings (the hook
             uses the positions of the bucket's parameters in ``model.parameters()``), ``segment``
             is the parameter's position in its bucket with ``granularity="parameter"``.
+        parameter_sizes: The lengths of the bucket's parameters, in bucket order (default: one
+            parameter), for telling on which ones an objective is absent.
+        absent: As for :class:`BucketMOOState`: ``"exclude"`` leaves out, per parameter, the
+            objectives none of whose rows has a nonzero gradient there; ``"zero"`` counts them.
 
     Returns:
         The combined update ``[n]`` in the dtype of ``grads``.
     """
     objective_grads, objective_map = objective_gradients(grads, objective_of_rank)
     context = WeightingContext(step, bucket, objective_map.objectives, segment, problem)
-    return combine(objective_grads, weighting, context).update.to(grads.dtype)
+    present = None
+    if check_absent(absent) == "exclude":
+        present = presence(grads, objective_of_rank, parameter_sizes)
+        parameter_sizes = parameter_sizes or [grads.shape[1]]
+    combination = combine(
+        objective_grads, weighting, context, present=present, parameter_sizes=parameter_sizes
+    )
+    return combination.update.to(grads.dtype)
 
 
 def model_update(
@@ -120,23 +197,62 @@ def model_update(
     weighting: WeightingSpec = "mgda",
     *,
     step: int = 0,
+    parameter_sizes: Sequence[int] | None = None,
+    absent: str = "exclude",
 ) -> Tensor:
     """Update of a whole flat gradient ``[R, N]`` split into consecutive independent problems.
 
     ``bucket_sizes`` must sum to ``N``; every piece gets its own weights. It expresses every
     granularity of the hook: DDP's bucket sizes for ``"bucket"``, the parameter sizes for
     ``"parameter"`` (each parameter is solved on its own), ``[N]`` for ``"global"``.
+    ``parameter_sizes`` (default: each piece is one parameter) splits the pieces into parameters,
+    on which objectives may be absent (``absent``, as in :func:`bucket_update`); every piece must
+    hold whole parameters.
     """
     if any(size <= 0 for size in bucket_sizes) or sum(bucket_sizes) != grads.shape[-1]:
         raise ValueError(
             f"bucket_sizes must be positive and sum to the gradient length {grads.shape[-1]}, "
             f"got {list(bucket_sizes)}"
         )
+    pieces = _parameters_of_pieces(bucket_sizes, parameter_sizes)
     parts = torch.split(grads, list(bucket_sizes), dim=1)
     resolved = get_weighting(weighting)  # one instance for every piece
     return torch.cat(
         [
-            bucket_update(part, objective_of_rank, resolved, step=step, bucket=i, problem=(i,))
-            for i, part in enumerate(parts)
+            bucket_update(
+                part,
+                objective_of_rank,
+                resolved,
+                step=step,
+                bucket=i,
+                problem=(i,),
+                parameter_sizes=sizes,
+                absent=absent,
+            )
+            for i, (part, sizes) in enumerate(zip(parts, pieces, strict=True))
         ]
     )
+
+
+def _parameters_of_pieces(
+    bucket_sizes: Sequence[int], parameter_sizes: Sequence[int] | None
+) -> list[list[int]]:
+    """The parameter lengths of each piece of ``bucket_sizes``."""
+    if parameter_sizes is None:
+        return [[size] for size in bucket_sizes]
+    pieces: list[list[int]] = [[] for _ in bucket_sizes]
+    bounds = list(itertools.accumulate(bucket_sizes))
+    piece, offset = 0, 0
+    for size in parameter_sizes:
+        offset += size
+        if piece < len(bounds) and offset > bounds[piece]:
+            break
+        pieces[piece].append(size)
+        if piece < len(bounds) and offset == bounds[piece]:
+            piece += 1
+    if offset != bounds[-1] or piece != len(bounds) or any(not p for p in pieces):
+        raise ValueError(
+            f"parameter_sizes {list(parameter_sizes)} must split every piece of bucket_sizes "
+            f"{list(bucket_sizes)} into whole parameters"
+        )
+    return pieces

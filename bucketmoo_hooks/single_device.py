@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._absent import check_absent
 from ._diagnostics import Diagnostics
 from ._objectives import ObjectiveMap, objective_key
 from ._state import GRANULARITIES
@@ -68,6 +69,9 @@ class SingleDeviceMOO:
         granularity: ``"bucket"``, ``"parameter"`` or ``"global"`` (DESIGN.md §5).
         bucket_cap_mb: DDP's ``bucket_cap_mb``; sets the partition.
         diagnostics: Records per problem and step, in the hook's format.
+        absent: As for :class:`BucketMOOState`: ``"exclude"`` (default) leaves an objective out
+            of the parameters none of its emulated ranks used (no ``.grad``, or a zero one);
+            ``"zero"`` counts their zero gradient.
 
     Attributes:
         buckets: :func:`ddp_bucket_partition` of the parameters.
@@ -81,6 +85,7 @@ class SingleDeviceMOO:
         granularity: str = "bucket",
         bucket_cap_mb: float | None = None,
         diagnostics: Diagnostics | None = None,
+        absent: str = "exclude",
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -88,10 +93,12 @@ class SingleDeviceMOO:
         self.weighting = None if weighting is None else get_weighting(weighting)
         self.granularity = granularity
         self.diagnostics = diagnostics
+        self.absent = check_absent(absent)
         self.buckets = ddp_bucket_partition(self.parameters, bucket_cap_mb)
         self.iter = 0
         self._order = [i for bucket in self.buckets for i in bucket]  # flat layout: bucket order
         self._rows: dict[int, Tensor] = {}  # objective key -> sum of its ranks' gradients
+        self._used: dict[int, Tensor] = {}  # objective key -> [P] bool: a rank of it used p
         self._keys: list[int] = []  # objective key of every emulated rank, in rank order
 
     def add_gradient(self, objective: Hashable) -> None:
@@ -102,18 +109,31 @@ class SingleDeviceMOO:
         key = objective_key(objective)
         if self.diagnostics is not None:
             self.diagnostics.add_labels([objective])
+        params = [self.parameters[i] for i in self._order]
+        grads = [p.grad for p in params]
         flat = torch.cat(
             [
                 torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-                if p.grad is None
-                else p.grad.reshape(-1)
-                for p in (self.parameters[i] for i in self._order)
+                if grad is None
+                else grad.reshape(-1)
+                for p, grad in zip(params, grads, strict=True)
+            ]
+        )
+        # On the device: read on the host once per combine(), not per parameter and rank.
+        used = torch.stack(
+            [
+                torch.zeros((), dtype=torch.bool, device=flat.device)
+                if grad is None or grad.numel() == 0
+                else grad.ne(0).any()
+                for grad in grads
             ]
         )
         if key in self._rows:
             self._rows[key] += flat
+            self._used[key] |= used
         else:
             self._rows[key] = flat
+            self._used[key] = used
         self._keys.append(key)
         for p in self.parameters:
             p.grad = None
@@ -132,39 +152,63 @@ class SingleDeviceMOO:
         ):  # DDP's mean over ranks: each objective weighted by its share of ranks
             share = sizes / sizes.sum()
             weighting = get_weighting(lambda gramian: share)
-        update = self._update(objective_grads, objective_map.objectives, weighting)
+        present = None  # plain DDP averages the zeros of unused parameters like any gradient
+        if self.weighting is not None and self.absent == "exclude":
+            present = torch.stack([self._used[key] for key in objective_map.objectives], 1).cpu()
+        update = self._update(objective_grads, objective_map.objectives, weighting, present)
         offset = 0
         for i in self._order:
             p = self.parameters[i]
             p.grad = update[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-        self._rows, self._keys = {}, []
+        self._rows, self._keys, self._used = {}, [], {}
         if self.diagnostics is not None:
             self.diagnostics.end_step(self.iter)
         self.iter += 1
 
     def _update(
-        self, objective_grads: Tensor, objectives: tuple[int, ...], weighting: Weighting
+        self,
+        objective_grads: Tensor,
+        objectives: tuple[int, ...],
+        weighting: Weighting,
+        present: Tensor | None,
     ) -> Tensor:
-        """Solve every problem of the granularity (problem keys as the hook's) and combine."""
-        parts, offset = [], 0
+        """Solve every problem of the granularity (problem keys as the hook's) and combine.
+
+        ``present``: ``[P, L]``, objective ``ℓ`` used parameter ``p`` (flat layout order), or
+        ``None`` to count every objective everywhere.
+        """
+        parts, offset, first = [], 0, 0
         if self.granularity == "global":
             context = WeightingContext(self.iter, -1, objectives, None, ())
-            combination = combine(objective_grads, weighting, context)
+            sizes = [self.parameters[i].numel() for i in self._order]
+            combination = combine(
+                objective_grads, weighting, context, present=present, parameter_sizes=sizes
+            )
             self._record(-1, objectives, [combination], segmented=False)
             return combination.update
         for b, bucket in enumerate(self.buckets):
             sizes = [self.parameters[i].numel() for i in bucket]
             chunk = objective_grads[:, offset : offset + sum(sizes)]
-            offset += sum(sizes)
+            used = None if present is None else present[first : first + len(bucket)]
+            offset, first = offset + sum(sizes), first + len(bucket)
             if self.granularity == "bucket":
-                pieces = [(chunk, WeightingContext(self.iter, b, objectives, None, tuple(bucket)))]
+                context = WeightingContext(self.iter, b, objectives, None, tuple(bucket))
+                pieces = [(chunk, context, used, sizes)]
             else:
                 pieces = [
-                    (piece, WeightingContext(self.iter, b, objectives, s, (bucket[s],)))
+                    (
+                        piece,
+                        WeightingContext(self.iter, b, objectives, s, (bucket[s],)),
+                        None if used is None else used[s : s + 1],
+                        [sizes[s]],
+                    )
                     for s, piece in enumerate(torch.split(chunk, sizes, dim=1))
                 ]
-            combinations = [combine(piece, weighting, context) for piece, context in pieces]
+            combinations = [
+                combine(piece, weighting, context, present=used, parameter_sizes=sizes)
+                for piece, context, used, sizes in pieces
+            ]
             self._record(b, objectives, combinations, segmented=self.granularity == "parameter")
             parts += [c.update for c in combinations]
         return torch.cat(parts)

@@ -250,14 +250,15 @@ def registration_errors(rank: int, world_size: int) -> dict[str, str]:
         return "no error"
 
     model = make_model((7,), torch.float32)
-    errors = {
-        "wrong_length": error_of(lambda: BucketMOOState(objective_of_rank=[0, 1, 2])),
-        "not_ddp": error_of(lambda: register_bucket_moo_hook(model, BucketMOOState())),
-    }
-    other_group = dist.new_group(list(range(world_size)))
+    errors = {"not_ddp": error_of(lambda: register_bucket_moo_hook(model, BucketMOOState()))}
+    other_group = dist.new_group([0])  # every rank must call new_group; rank 0 is in it
     ddp = DistributedDataParallel(model)
-    errors["other_group"] = error_of(
-        lambda: register_bucket_moo_hook(ddp, BucketMOOState(process_group=other_group))
+    if rank == 0:
+        errors["other_group"] = error_of(
+            lambda: register_bucket_moo_hook(ddp, BucketMOOState(process_group=other_group))
+        )
+    errors["wrong_length"] = error_of(
+        lambda: register_bucket_moo_hook(ddp, BucketMOOState(objective_of_rank=[0, 1, 2]))
     )
     register_bucket_moo_hook(ddp, BucketMOOState())
     errors["second_hook"] = error_of(lambda: register_bucket_moo_hook(ddp, BucketMOOState()))

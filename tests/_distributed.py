@@ -68,16 +68,18 @@ def run_distributed(
     *args: Any,
     timeout: float = 180.0,
     backend: str = "gloo",
+    collective_timeout: datetime.timedelta = COLLECTIVE_TIMEOUT,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return every result.
 
     ``fn`` must be a module-level function (it is pickled into spawned processes). With
-    ``backend="nccl"`` rank ``r`` uses ``cuda:r``.
+    ``backend="nccl"`` rank ``r`` uses ``cuda:r``. ``collective_timeout`` is the default group's
+    timeout: a hang there fails as an error of the rank after that long.
     """
     with tempfile.TemporaryDirectory(prefix="bucketmoo-") as store_dir:
         context = mp.start_processes(
             _worker,
-            args=(world_size, backend, store_dir, fn, args),
+            args=(world_size, backend, store_dir, fn, args, collective_timeout),
             nprocs=world_size,
             join=False,
             start_method="spawn",

@@ -386,8 +386,7 @@ def hsdp_mixed_replica(rank: int, world_size: int) -> str:
     fully_shard(model, mesh=mesh["shard"])
     state = BucketMOOState(["en"] * (world_size // 2) + ["de"] * (world_size // 2))
     install_fsdp_moo(model, state, hsdp_mesh=mesh)
-    if rank == 1:
-        state.set_objective("ja")
+    state.set_objective("ja" if rank == 1 else state.objective_of_rank[rank])  # on every rank
     x, target = batch(rank, 0, 0, torch.float32)
     loss = nn.functional.mse_loss(model(x), target)
     outcome = _error_of(loss.backward)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.distributed as dist
+import torchjd.aggregation as torchjd_aggregation
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -138,6 +139,25 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         lambda: BucketMOOState().set_objective(Unpicklable()),
         TypeError,
         r"objective id",
+    ),
+    (
+        "state.objective id tensor with dimensions",
+        lambda: BucketMOOState([torch.tensor([0, 1])]),
+        TypeError,
+        r"an objective id must be a scalar, got a Tensor of shape \(2,\); .*\.item\(\)",
+    ),
+    (
+        "state.set_objective NaN",
+        lambda: BucketMOOState().set_objective(float("nan")),
+        ValueError,
+        r"an objective id must not be NaN, got nan",
+    ),
+    (
+        "state.weighting torchjd Aggregator",
+        lambda: BucketMOOState(weighting=torchjd_aggregation.UPGrad()),
+        TypeError,
+        r"weighting=UPGrad\(\.\.\.\) is a torchjd Aggregator .* "
+        r"pass torchjd\.aggregation\.UPGradWeighting\(\.\.\.\)",
     ),
     (
         "state.nonfinite",
@@ -326,17 +346,17 @@ DISTRIBUTED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ),
     (
         "state: objective count",
-        lambda: BucketMOOState(["en", "de"]),
+        lambda: BucketMOOState(["en", "de"], process_group=dist.group.WORLD),
         ValueError,
-        r"objective_of_rank has 2 entries but the process group has 1 ranks",
+        r"objective_of_rank has 2 entries but process_group \(global ranks \[0\]\) has 1 ranks",
     ),
     (
-        "register: other process group",
-        lambda: register_bucket_moo_hook(
-            ddp(), BucketMOOState(["en"], process_group=dist.new_group([0]))
-        ),
+        # With process_group=None the group is the model's, known at registration.
+        "register: objective count",
+        lambda: register_bucket_moo_hook(ddp(), BucketMOOState(["en", "de"])),
         ValueError,
-        r"is not the process group the model reduces over",
+        r"objective_of_rank has 2 entries but the model's process group \(global ranks \[0\]\) "
+        r"has 1 ranks",
     ),
     (
         "install: unknown wrapper",
@@ -369,4 +389,4 @@ def test_bad_registration_is_rejected_clearly(one_rank_group, call, error, patte
 
 def test_catalogue_size() -> None:
     """The README quotes this count; keep them in step."""
-    assert len({c[0] for c in CATALOGUE + DISTRIBUTED}) == len(CATALOGUE + DISTRIBUTED) >= 47
+    assert len({c[0] for c in CATALOGUE + DISTRIBUTED}) == len(CATALOGUE + DISTRIBUTED) >= 50

@@ -114,7 +114,10 @@ def predicted(method: str, row: dict[str, Any], world_size: int) -> dict[str, in
     if method == "fsdp2":
         return cost_model.step_bytes("fsdp_reduce_scatter", buckets, world_size, world_size)
     if method == "fsdp2-moo":  # FSDP's parameter all-gathers are counted too: compare the rest
-        sent = cost_model.step_bytes("fsdp_moo", buckets, world_size, world_size)
+        parameters = [b["parameters"] for b in row["buckets"]]
+        sent = cost_model.step_bytes(
+            "fsdp_moo", buckets, world_size, world_size, parameters=parameters
+        )
         return {k: v for k, v in sent.items() if k != "all_gather"}
     return cost_model.step_bytes(method, buckets, world_size, world_size)
 
@@ -148,5 +151,7 @@ def test_protocol_phases_prints_every_phase() -> None:
         "5 combination",
         "6 all-gather",
         "protocol end to end",
+        "presence counts",
+        "protocol, presence checked",
     ]
     assert all(float(line.split()[-2]) > 0 for line in lines)

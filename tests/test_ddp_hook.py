@@ -247,7 +247,10 @@ def test_bytes_match_the_protocol(world_size: int, scenario: Scenario) -> None:
             shard = -(-bucket["numel"] // world_size)
             slices = (world_size - 1) * shard * bucket["element_size"]
             problems = len(record["sizes"]) if scenario.granularity == "parameter" else 1
-            gramian = ring_allreduce_bytes(problems * num_objectives**2, 4, world_size)
+            # Plus L presence counts per parameter: registered raw, the hook cannot know that
+            # DDP (without find_unused_parameters) has every rank use every parameter.
+            numbers = problems * num_objectives**2 + len(record["sizes"]) * num_objectives
+            gramian = ring_allreduce_bytes(numbers, 4, world_size)
             assert bucket["sent"] == {
                 "all_to_all": slices,
                 "all_reduce": gramian,
@@ -298,10 +301,15 @@ def test_inconsistent_ranks_all_raise(case: str, message: str, overlap: bool) ->
 
 def test_bad_registration_raises_clear_errors() -> None:
     errors = run_distributed(2, registration_errors)[0]
-    assert errors["wrong_length"].startswith("ValueError: objective_of_rank has 3 entries")
-    assert "2 ranks" in errors["wrong_length"]
+    assert errors["wrong_length"].startswith(
+        "ValueError: objective_of_rank has 3 entries but the model's process group "
+        "(global ranks [0, 1]) has 2 ranks"
+    )
     assert errors["not_ddp"].startswith("TypeError: model must be a")
-    assert errors["other_group"].startswith("ValueError: state.process_group")
+    assert errors["other_group"].startswith(
+        "ValueError: state.process_group (ranks [0]) is not the process group the model reduces "
+        "over (ranks [0, 1])"
+    )
     assert errors["second_hook"].startswith("ValueError: the model already has a comm hook")
     assert errors["mixed_precision"].startswith("ValueError: DDP(mixed_precision=...)")
 

@@ -222,8 +222,11 @@ def test_bytes_match_the_protocol(world_size: int, scenario: FSDPScenario) -> No
         assert step_ledger["overhead"] == {"objective_exchange": (world_size - 1) * 3 * 8}
         assert sorted(b["index"] for b in step_ledger["buckets"]) == [0, 1, 2]
         for bucket in step_ledger["buckets"]:
-            problems = 1 if scenario.granularity == "bucket" else len(units[bucket["index"]][2])
-            gramian = problems * num_objectives**2 * 4
+            parameters = len(units[bucket["index"]][2])
+            problems = 1 if scenario.granularity == "bucket" else parameters
+            # L² per problem, and L presence counts per parameter (a unit's parameters may be
+            # used by some objectives only).
+            gramian = (problems * num_objectives**2 + parameters * num_objectives) * 4
             element = bucket["size"]
             if scenario.hsdp is not None:
                 replicas, shard_ranks = scenario.hsdp

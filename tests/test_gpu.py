@@ -27,7 +27,7 @@ from _kernel_checks import (
 )
 
 from bucketmoo_hooks import BucketMOOState, ObjectiveMap, bucket_moo_hook, reference
-from bucketmoo_hooks._kernels import fused_kernels
+from bucketmoo_hooks._kernels import fused_kernels, probe_kernels
 from bucketmoo_hooks._ledger import BucketTraffic
 from bucketmoo_hooks._protocol import (
     BucketComm,
@@ -71,6 +71,8 @@ def solve_simulated_ranks(rank: int, world_size: int, dtype: torch.dtype, kernel
     averaging = objective_map.averaging_matrix("cuda")
     comm = BucketComm(dist.group.WORLD, BucketTraffic(0, grads.numel(), grads.element_size()))
     context = WeightingContext(0, 0, objective_map.objectives)
+    if kernels == "cuda":  # as BucketMOOState(kernels="cuda") does: the probe synchronises once
+        assert probe_kernels(grads.device) is None
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -232,3 +234,41 @@ def test_auto_picks_the_kernels_for_cuda_buckets() -> None:
     fused = solve_shards(comm, shards, averaging, MGDA(), context, None, "cuda")
     plain = solve_shards(comm, shards, averaging, MGDA(), context, None, "torch")
     torch.testing.assert_close(fused.update, plain.update, rtol=1e-5, atol=1e-6)
+
+
+@needs_cupy
+def test_the_probe_passes_on_a_working_installation() -> None:
+    assert probe_kernels(torch.cuda.current_device()) is None
+    assert BucketMOOState(kernels="cuda").kernels == "cuda"
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2, 3], [0, 1, 0, 2]])
+def test_tf32_changes_nothing_on_the_torch_path(ids: list[int]) -> None:
+    """With TF32 on (``transformers``' ``tf32=True``, ``set_float32_matmul_precision("high")``)
+    the torch path's Gramian and update are those with TF32 off, bit for bit, and within fp32
+    round-off of float64; ``mean`` is then DDP's average (equal groups) to fp32 accuracy."""
+    shards, averaging, objective_map = bucket(ids, 2**20 + 3, torch.float32, device="cuda")
+    contexts = contexts_for(objective_map, None)
+
+    def run():
+        mean = get_weighting("mean")
+        return solve_shards(LocalComm(), shards, averaging, mean, contexts, None, "torch")
+
+    previous = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        plain = run()
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        fast = run()
+        plain_gemm = shards @ shards.T  # what TF32 does to an fp32 GEMM
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+    assert torch.equal(fast.gramians, plain.gramians) and torch.equal(fast.update, plain.update)
+    objectives = averaging.double() @ shards.double()
+    assert gramian_error(fast.gramians, (objectives @ objectives.T)[None]) <= 1e-6
+    expected = objectives.mean(dim=0)  # the mean of the objectives; DDP's average for ids 0..3
+    error = (fast.update.double() - expected).abs().max() / expected.abs().max()
+    assert error.item() <= 1e-6
+    if torch.cuda.get_device_capability() >= (8, 0):  # TF32 exists here: the test has teeth
+        wide = shards.double()
+        assert gramian_error(plain_gemm[None], (wide @ wide.T)[None]) > 1e-5

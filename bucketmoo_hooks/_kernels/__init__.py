@@ -7,7 +7,14 @@ between them and the torch path is :func:`fused_kernels`; the package works with
 """
 
 from ._launch import Backend, FusedBucket, Module, fuses_weighting
-from ._select import KERNEL_CHOICES, MAX_RANKS, check_kernels, fused_kernels, unsupported
+from ._select import (
+    KERNEL_CHOICES,
+    MAX_RANKS,
+    check_kernels,
+    fused_kernels,
+    probe_kernels,
+    unsupported,
+)
 
 __all__ = [
     "KERNEL_CHOICES",
@@ -18,5 +25,6 @@ __all__ = [
     "check_kernels",
     "fused_kernels",
     "fuses_weighting",
+    "probe_kernels",
     "unsupported",
 ]

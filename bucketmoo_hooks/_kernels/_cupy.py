@@ -71,6 +71,7 @@ class CupyBackend:
             if module is None:
                 with cupy.cuda.Device(device.index):
                     raw = cupy.RawModule(code=kernel_source(source), options=options)
+                    raw.compile()  # here, not at the first launch: errors surface where built
                 module = self._modules[key] = CupyModule(raw, device)
         return module
 
@@ -80,3 +81,26 @@ class CupyBackend:
     @staticmethod
     def version() -> str:
         return cupy.__version__
+
+
+def environment() -> str:
+    """CuPy's, torch's and the driver's CUDA versions, for the reason the kernels failed, with a
+    hint when CuPy targets another CUDA major version than torch (two runtimes in one process,
+    and NVRTC output the driver may reject)."""
+    try:
+        runtime = cupy.cuda.runtime.runtimeGetVersion()  # e.g. 13000 for CUDA 13.0
+        driver = cupy.cuda.runtime.driverGetVersion()
+    except Exception as error:  # no usable driver: reading its version fails already
+        return f"CuPy {cupy.__version__}; the CUDA driver is unusable: {error}"
+    text = (
+        f"CuPy {cupy.__version__} for CUDA {_version(runtime)}, torch for CUDA "
+        f"{torch.version.cuda}, driver for CUDA {_version(driver)}"
+    )
+    torch_major = str(torch.version.cuda).split(".")[0]
+    if torch.version.cuda and str(runtime // 1000) != torch_major:
+        text += f"; install the CuPy for torch's CUDA: cupy-cuda{torch_major}x"
+    return text
+
+
+def _version(code: int) -> str:
+    return f"{code // 1000}.{code % 1000 // 10}"

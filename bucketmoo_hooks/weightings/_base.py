@@ -1,12 +1,18 @@
 """The Weighting interface (Gramian → weights), the registry of named weightings, and resolution
 of what a user passes as ``weighting=``."""
 
+import functools
+import importlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
+
+# A memory address in a repr (``<object at 0x7f...>``): it differs from process to process.
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +85,17 @@ class Weighting(ABC):
                 f"with keys {sorted(state_dict)}"
             )
 
+    def config(self) -> str:
+        """The class and its hyperparameters, spelt alike in every process: ranks compare it
+        (a mismatch raises on every rank) and checkpoints record it.
+
+        The repr, which for the built-in weightings lists every constructor argument (a
+        subclass whose repr leaves one out must override this). A repr holding a memory address
+        would differ between processes: the class's qualified name replaces it.
+        """
+        text = repr(self)
+        return type(self).__qualname__ if _ADDRESS.search(text) else text
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -98,15 +115,11 @@ class CallableWeighting(Weighting):
 
     @property
     def label(self) -> str:
-        """A name that is the same in every process (ranks compare it to check they agree):
-        a function's qualified name, or an object's ``repr`` when its class defines one (so
-        hyperparameters count), else the class name (a default repr holds a memory address)."""
-        function = self.function
-        if hasattr(function, "__qualname__"):
-            return function.__qualname__
-        if type(function).__repr__ is not object.__repr__:
-            return repr(function)
-        return type(function).__qualname__
+        """The callable as ranks compare it (see :func:`describe_callable`)."""
+        return describe_callable(self.function)
+
+    def config(self) -> str:
+        return repr(self)  # the label is address-free by construction
 
     def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
         weights = self.function(gramian)
@@ -120,6 +133,82 @@ class CallableWeighting(Weighting):
 
     def __repr__(self) -> str:
         return f"CallableWeighting({self.label})"
+
+
+def describe_callable(function: Callable[..., Any]) -> str:
+    """A description of ``function`` that is the same in every process and tells apart the
+    configurations ranks must agree on.
+
+    - a function (or method, or builtin): ``module.qualified_name``, followed by the closure's
+      captured variables, ``[name=value, ...]``;
+    - a ``functools.partial``: ``functools.partial(<its function>, <args>, <keyword=value>)``;
+    - another callable object: its ``repr`` when its class defines one without a memory address
+      (torchjd's weightings), else its class's qualified name.
+
+    Captured variables and a partial's arguments count by value when they are plain (``None``,
+    bool, int, float, str, or tuples of these), else by their type only.
+    """
+    if isinstance(function, functools.partial):
+        arguments = [_captured(a) for a in function.args]
+        arguments += [f"{k}={_captured(v)}" for k, v in function.keywords.items()]
+        return f"functools.partial({', '.join([describe_callable(function.func), *arguments])})"
+    name = getattr(function, "__qualname__", None)
+    if isinstance(name, str):
+        module = getattr(function, "__module__", None)
+        name = f"{module}.{name}" if module else name
+        cells = getattr(function, "__closure__", None) or ()
+        variables = function.__code__.co_freevars if cells else ()
+        captured = []
+        for variable, cell in zip(variables, cells, strict=True):
+            try:
+                captured.append(f"{variable}={_captured(cell.cell_contents)}")
+            except ValueError:  # a cell not yet filled
+                continue
+        return f"{name}[{', '.join(captured)}]" if captured else name
+    if type(function).__repr__ is not object.__repr__:
+        text = repr(function)
+        if not _ADDRESS.search(text):
+            return text
+    return type(function).__qualname__
+
+
+def _captured(value: object) -> str:
+    """A captured value or a partial's argument: its repr if plain, else ``<type name>``."""
+    if _is_plain(value):
+        return repr(value)
+    return f"<{type(value).__qualname__}>"
+
+
+def _is_plain(value: object) -> bool:
+    if type(value) is tuple:
+        return all(_is_plain(item) for item in value)
+    return value is None or type(value) in (bool, int, float, str)
+
+
+def _refuse_aggregator(weighting: object) -> None:
+    """A torchjd ``Aggregator`` maps a Jacobian to an update vector, not a Gramian to weights:
+    called on a Gramian it returns numbers of another method. Found by its class's ancestry, so
+    that torchjd need not be imported."""
+    if not any(
+        c.__name__ == "Aggregator" and c.__module__.startswith("torchjd")
+        for c in type(weighting).__mro__
+    ):
+        return
+    name = type(weighting).__name__
+    try:
+        has_weighting = hasattr(importlib.import_module("torchjd.aggregation"), f"{name}Weighting")
+    except ImportError:
+        has_weighting = False
+    advice = (
+        f"pass torchjd.aggregation.{name}Weighting(...) with the same arguments"
+        if has_weighting
+        else f"torchjd has no {name}Weighting; pass a torchjd Weighting or one of "
+        f"{weighting_names()}"
+    )
+    raise TypeError(
+        f"weighting={name}(...) is a torchjd Aggregator (Jacobian → update vector), but the hook "
+        f"needs a weighting (Gramian [L, L] → weights [L]); {advice}"
+    )
 
 
 def weighting_names() -> list[str]:
@@ -140,6 +229,7 @@ def get_weighting(weighting: "str | Weighting | Callable[[Tensor], Tensor]") -> 
                 f"{weighting_names()} or a callable (gramian [L, L]) -> weights [L]"
             ) from None
     if callable(weighting):
+        _refuse_aggregator(weighting)
         return CallableWeighting(weighting)
     raise TypeError(
         f"weighting must be a name ({weighting_names()}), a Weighting, or a callable "

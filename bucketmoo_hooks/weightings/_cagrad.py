@@ -3,6 +3,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._device_path import cpu_path
 from ._base import Weighting, WeightingContext
 from ._solvers import (
     check_iterations,
@@ -95,9 +96,7 @@ class CAGrad(Weighting):
         radius = self.c * torch.sqrt((uniform @ b).clamp_min(0.0))  # √φ = c‖g₀‖
         ridge = noise_level(gramian.dtype, num_objectives)
         regularised = regularise(g, ridge)
-        w = cagrad_dual(
-            regularised, b, radius, iterations, stop_at_fixed_point=g.device.type == "cpu"
-        )
+        w = cagrad_dual(regularised, b, radius, iterations, stop_at_fixed_point=cpu_path(g.device))
         squared = (w @ g @ w).clamp_min(0.0)
         floor = _STATIONARY * ridge * (w * w) @ g.diagonal()
         # With √φ = 0 (c = 0 or g₀ = 0) the update is g₀/(1 + c) whatever w* is.

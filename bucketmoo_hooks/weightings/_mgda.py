@@ -3,6 +3,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._device_path import cpu_path
 from ._base import Weighting, WeightingContext
 from ._solvers import normalise_by_trace, unit_gramian
 
@@ -111,7 +112,7 @@ def min_norm_weights(gramian: Tensor, iterations: int) -> Tensor:
     # Once an iteration neither drops nor adds an objective, every later one recomputes the same
     # weights bit for bit, so stopping there is exact. Only on the CPU is the flag free to read;
     # on a GPU the loop runs its fixed count and nothing waits for the device.
-    return _active_set(g, iterations, stop_at_fixed_point=g.device.type == "cpu")
+    return _active_set(g, iterations, stop_at_fixed_point=cpu_path(g.device))
 
 
 def _two_objectives(g: Tensor) -> Tensor:

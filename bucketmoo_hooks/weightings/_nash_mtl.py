@@ -3,6 +3,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._device_path import cpu_path
 from ._base import Weighting, WeightingContext
 from ._solvers import (
     check_iterations,
@@ -75,11 +76,12 @@ class NashMTL(Weighting):
         c, inverse, nonzero = unit_problem(gramian)
         iterations = 2 * num_objectives + 16 if self.iterations is None else self.iterations
         table = None if context is None or context.problem is None else self._table(context)
+        stop = cpu_path(c.device)
         if table is None:
-            beta = bargain(c, torch.ones_like(inverse), iterations, c.device.type == "cpu")
+            beta = bargain(c, torch.ones_like(inverse), iterations, stop)
         else:
             index = table.index(context.objectives, c.device, fill=1.0)
-            beta = bargain(c, table.values[index], iterations, c.device.type == "cpu")
+            beta = bargain(c, table.values[index], iterations, stop)
             table.values[index] = beta
 
         alpha = beta * inverse  # in trace-normalised units: 1/‖ḡ_i‖ relative to √tr G

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from .._device_path import cpu_path
+
 __all__ = [
     "check_iterations",
     "check_reg_eps",
@@ -114,7 +116,8 @@ def positive_definite_ridge(g: Tensor, floor: float, rungs: int = 12) -> Tensor:
     ridges = floor * 4.0 ** torch.arange(rungs, dtype=g.dtype, device=g.device)
     succeeded = torch.linalg.cholesky_ex(g + ridges[:, None, None] * eye).info == 0
     first = torch.where(succeeded.any(), succeeded.int().argmax(), rungs - 1)
-    return 4.0 * ridges[first]
+    # gather, not ridges[first]: indexing with a 0-d tensor reads the index on the host.
+    return 4.0 * ridges.gather(0, first.reshape(1)).squeeze(0)
 
 
 def uniform_if_zero(weights: Tensor, nonzero: Tensor) -> Tensor:
@@ -297,7 +300,7 @@ def dual_cone_weights(
     g = regularise(g, noise_level(gramian.dtype, num_objectives))
     g = g + reg_eps * torch.eye(num_objectives, dtype=g.dtype, device=g.device)
     count = 2 * num_objectives if iterations is None else iterations
-    return lower_bounded_qp(g, lower, count, stop_at_fixed_point=g.device.type == "cpu")
+    return lower_bounded_qp(g, lower, count, stop_at_fixed_point=cpu_path(g.device))
 
 
 def significant_eigh(g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,189 @@
+"""Language-specific parameters: workers for ``test_absent.py`` (spawned processes import them).
+
+The model has a shared trunk and head and one adapter per language; each rank runs its
+language's adapter only, so the other adapters get no gradient there (DDP with
+``find_unused_parameters=True`` zero-fills them, FSDP2 reduces their zeros).
+"""
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from _ddp_workers import every_rank_bucket
+from _fsdp_workers import CPU, full_parameters, gather_rows
+from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from bucketmoo_hooks import (
+    BucketMOOState,
+    bucket_moo_hook,
+    install_fsdp_moo,
+    register_bucket_moo_hook,
+    register_fsdp_moo_hook,
+)
+
+LANGUAGES = ("de", "fr")
+OBJECTIVES = ("de", "fr", "fr")  # rank → language (3 ranks: fr averages two)
+WIDTH = 6
+
+
+class AdapterModel(nn.Module):
+    """``head(h + adapter[lang](h))``, ``h = tanh(trunk(x))``: trunk and head are shared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(WIDTH, WIDTH)
+        self.adapters = nn.ModuleDict({lang: nn.Linear(WIDTH, WIDTH) for lang in LANGUAGES})
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, x: Tensor, language: str) -> Tensor:
+        h = torch.tanh(self.trunk(x))
+        return self.head(h + self.adapters[language](h))
+
+
+def adapter_positions(model: nn.Module) -> dict[str, list[int]]:
+    """Positions in ``model.parameters()`` of each language's adapter."""
+    names = [name for name, _ in model.named_parameters()]
+    return {
+        lang: [i for i, n in enumerate(names) if f"adapters.{lang}." in n] for lang in LANGUAGES
+    }
+
+
+def loss_of(model: nn.Module, rank: int, step: int, language: str) -> Tensor:
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(5, WIDTH, generator=generator)
+    target = torch.randn(5, 3, generator=generator) + rank
+    return nn.functional.mse_loss(model(x, language), target)
+
+
+@dataclass(frozen=True)
+class AdapterRun:
+    name: str
+    weighting: str = "mgda"
+    granularity: str = "bucket"
+    #: DDP's bucket cap: tiny puts every parameter in a bucket of its own, large shares one.
+    bucket_cap_mb: float = 25.0
+    absent: str = "exclude"
+    #: Register with register_bucket_moo_hook (no per-bucket capture) instead of a raw hook.
+    registered: bool = False
+    steps: int = 2
+
+
+def local_gradients(model: nn.Module, rank: int, step: int, language: str) -> Tensor:
+    """This rank's own flat gradient (zeros for unused parameters), from a plain copy."""
+    shadow = copy.deepcopy(model)
+    shadow.zero_grad(set_to_none=True)
+    loss_of(shadow, rank, step, language).backward()
+    return torch.cat(
+        [
+            torch.zeros(p.numel()) if p.grad is None else p.grad.flatten()
+            for p in shadow.parameters()
+        ]
+    )
+
+
+def ddp_run(rank: int, world_size: int, run: AdapterRun) -> dict[str, Any]:
+    language = OBJECTIVES[rank]
+    model = AdapterModel()
+    ddp = DistributedDataParallel(
+        model, bucket_cap_mb=run.bucket_cap_mb, find_unused_parameters=True
+    )
+    state = BucketMOOState(
+        OBJECTIVES, weighting=run.weighting, granularity=run.granularity, absent=run.absent
+    )
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    records: list[dict[str, Any]] = []
+    step = 0
+
+    def capture(state: BucketMOOState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        _, inputs = every_rank_bucket(bucket, world_size)
+        future = bucket_moo_hook(state, bucket)
+        records.append(
+            {
+                "step": step,
+                "index": bucket.index(),
+                "inputs": inputs,
+                "future": future,
+                "params": [position[id(p)] for p in bucket.parameters()],
+                "sizes": [p.numel() for p in bucket.parameters()],
+            }
+        )
+        return future
+
+    if run.registered:
+        register_bucket_moo_hook(ddp, state)
+    else:
+        state._parameter_index = position  # as register_bucket_moo_hook does
+        ddp.register_comm_hook(state, capture)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    steps = []
+    for step in range(run.steps):
+        own = local_gradients(model, rank, step, language)
+        loss_of(ddp, rank, step, language).backward()
+        for record in (r for r in records if r["step"] == step):
+            record["output"] = record.pop("future").value().clone()
+        steps.append(
+            {
+                "local": gather_rows(own),
+                "reduced": torch.cat([p.grad.flatten() for p in model.parameters()]),
+            }
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"records": records, "steps": steps}
+
+
+def checks_presence(find_unused_parameters: bool, static_graph: bool) -> bool:
+    """Whether a state registered on such a DDP model checks which objectives are present."""
+    ddp = DistributedDataParallel(
+        nn.Linear(2, 2), find_unused_parameters=find_unused_parameters, static_graph=static_graph
+    )
+    state = BucketMOOState(OBJECTIVES)
+    register_bucket_moo_hook(ddp, state)
+    return state._parameter_layout([(0, 6)]) is not None
+
+
+def ddp_runs(rank: int, world_size: int, runs: list[AdapterRun]) -> dict[str, Any]:
+    return {
+        "runs": [ddp_run(rank, world_size, run) for run in runs],
+        "checks": {
+            options: checks_presence(*options)
+            for options in ((False, False), (True, False), (False, True))
+        },
+    }
+
+
+def fsdp_run(rank: int, world_size: int, version: int, weighting: str) -> dict[str, Any]:
+    """One FSDP unit (the root) over the whole adapter model, one step."""
+    language = OBJECTIVES[rank]
+    model = AdapterModel()
+    own = local_gradients(model, rank, 0, language)
+    state = BucketMOOState(OBJECTIVES, weighting=weighting)
+    if version == 1:
+        wrapped = FullyShardedDataParallel(model, device_id=CPU, use_orig_params=True)
+        register_fsdp_moo_hook(wrapped, state)
+    else:
+        wrapped = fully_shard(model)
+        install_fsdp_moo(wrapped, state)
+    loss_of(wrapped, rank, 0, language).backward()
+    if version == 1:
+        with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+            reduced = torch.cat([p.grad.flatten() for p in wrapped.parameters()])
+    else:
+        reduced = torch.cat(
+            [
+                (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).flatten()
+                for p in wrapped.parameters()
+            ]
+        )
+    full_parameters(wrapped)  # every rank through the same collectives before returning
+    return {"local": gather_rows(own), "reduced": reduced}
+
+
+def fsdp_runs(rank: int, world_size: int, weightings: list[str]) -> list[dict[str, Any]]:
+    return [fsdp_run(rank, world_size, v, w) for v in (1, 2) for w in weightings]

@@ -1,0 +1,195 @@
+"""Language-specific parameters: an objective that did not use a parameter is absent there.
+
+On 3 gloo ranks (languages de, fr, fr) with a shared trunk and head and one adapter per
+language: every bucket the hook reduces equals the reference, an adapter's update is exactly its
+language's average gradient under every weighting and granularity, and shared parameters are
+what they were before adapters were told apart (``absent="zero"``, DDP's convention, which the
+option keeps).
+"""
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+from _absent_workers import (
+    LANGUAGES,
+    OBJECTIVES,
+    AdapterModel,
+    AdapterRun,
+    adapter_positions,
+    ddp_runs,
+    fsdp_runs,
+)
+from _distributed import run_distributed
+
+from bucketmoo_hooks import reference, weighting_names
+from bucketmoo_hooks.weightings import get_weighting
+
+WORLD_SIZE = len(OBJECTIVES)
+TINY = 1e-6  # MiB: every parameter in a bucket of its own
+
+RUNS = [
+    *(AdapterRun(f"shared bucket, {name}", weighting=name) for name in weighting_names()),
+    AdapterRun("own buckets, mgda", bucket_cap_mb=TINY),
+    AdapterRun("own buckets, gradvac", weighting="gradvac", bucket_cap_mb=TINY),
+    AdapterRun("parameter granularity, mgda", granularity="parameter"),
+    AdapterRun("parameter granularity, upgrad", weighting="upgrad", granularity="parameter"),
+    AdapterRun("global granularity, mgda", granularity="global", bucket_cap_mb=TINY),
+    AdapterRun("registered, mgda", registered=True, bucket_cap_mb=TINY),
+    AdapterRun("DDP's convention, mgda", absent="zero"),
+    AdapterRun("DDP's convention, own buckets", absent="zero", bucket_cap_mb=TINY),
+]
+
+
+@functools.cache
+def ddp_spawn() -> dict[str, Any]:
+    return run_distributed(WORLD_SIZE, ddp_runs, RUNS, timeout=240)[0]
+
+
+def ddp_results() -> dict[str, dict[str, Any]]:
+    return {run.name: result for run, result in zip(RUNS, ddp_spawn()["runs"], strict=True)}
+
+
+def test_registration_skips_the_check_only_where_ddp_uses_every_parameter() -> None:
+    """``(find_unused_parameters, static_graph)`` → whether presence is checked."""
+    checks = ddp_spawn()["checks"]
+    assert checks == {(False, False): False, (True, False): True, (False, True): True}
+
+
+def flat_ranges() -> tuple[list[tuple[int, int]], dict[str, list[int]]]:
+    """Flat ``(lo, hi)`` of every parameter in model order, and each adapter's positions."""
+    model = AdapterModel()
+    ranges, offset = [], 0
+    for p in model.parameters():
+        ranges.append((offset, offset + p.numel()))
+        offset += p.numel()
+    return ranges, adapter_positions(model)
+
+
+def columns(ranges: list[tuple[int, int]], positions: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(*ranges[i]) for i in positions])
+
+
+def expected_bucket(run: AdapterRun, record: dict[str, Any], weighting: Any, absent: str):
+    """The reference for one bucket the hook reduced, at the run's granularity."""
+    inputs, sizes, params = record["inputs"], record["sizes"], record["params"]
+    common = {"step": record["step"], "bucket": record["index"], "absent": absent}
+    if run.granularity == "bucket":
+        return reference.bucket_update(
+            inputs,
+            OBJECTIVES,
+            weighting,
+            problem=tuple(params),
+            parameter_sizes=sizes,
+            **common,
+        )
+    pieces = torch.split(inputs, sizes, dim=1)
+    return torch.cat(
+        [
+            reference.bucket_update(piece, OBJECTIVES, weighting, problem=(p,), segment=s, **common)
+            for s, (piece, p) in enumerate(zip(pieces, params, strict=True))
+        ]
+    )
+
+
+@pytest.mark.parametrize("run", [r for r in RUNS if r.granularity != "global" and not r.registered])
+def test_every_bucket_equals_the_reference(run: AdapterRun) -> None:
+    records = ddp_results()[run.name]["records"]
+    weighting = get_weighting(run.weighting)  # one instance: stateful weightings carry on
+    assert records
+    for record in records:
+        expected = expected_bucket(run, record, weighting, run.absent)
+        torch.testing.assert_close(record["output"], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("run", [r for r in RUNS if r.absent == "exclude"])
+def test_an_adapter_gets_exactly_its_language_gradient(run: AdapterRun) -> None:
+    ranges, adapters = flat_ranges()
+    for step in ddp_results()[run.name]["steps"]:
+        for language in LANGUAGES:
+            cols = columns(ranges, adapters[language])
+            ranks = [r for r, o in enumerate(OBJECTIVES) if o == language]
+            average = step["local"][ranks][:, cols].mean(dim=0)
+            assert average.abs().max() > 0
+            torch.testing.assert_close(step["reduced"][cols], average, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [r for r in RUNS if r.absent == "exclude" and r.granularity != "global" and not r.registered],
+)
+def test_shared_parameters_are_unchanged(run: AdapterRun) -> None:
+    """Where every objective is present, the weights are those of DDP's convention."""
+    _, adapters = flat_ranges()
+    adapter_params = {i for positions in adapters.values() for i in positions}
+    convention = get_weighting(run.weighting)  # fed the same problems: same state
+    for record in ddp_results()[run.name]["records"]:
+        zero = expected_bucket(run, record, convention, "zero")
+        offsets = torch.tensor([0, *record["sizes"]]).cumsum(0).tolist()
+        for k, p in enumerate(record["params"]):
+            if p not in adapter_params:
+                lo, hi = offsets[k], offsets[k + 1]
+                torch.testing.assert_close(
+                    record["output"][lo:hi], zero[lo:hi], rtol=1e-5, atol=1e-7
+                )
+
+
+def test_ddp_convention_is_kept_as_an_option() -> None:
+    """``absent="zero"``: with MGDA an adapter in its own bucket gets nothing (min-norm of
+    ``{0, ḡ}``), in a shared bucket a fraction of its language's gradient."""
+    ranges, adapters = flat_ranges()
+    results = ddp_results()
+    for name, low, high in (
+        ("DDP's convention, own buckets", 0.0, 0.0),
+        ("DDP's convention, mgda", 0.0, 0.999),
+    ):
+        step = results[name]["steps"][0]
+        for language in LANGUAGES:
+            cols = columns(ranges, adapters[language])
+            ranks = [r for r, o in enumerate(OBJECTIVES) if o == language]
+            average = step["local"][ranks][:, cols].mean(dim=0)
+            ratio = (step["reduced"][cols].norm() / average.norm()).item()
+            assert low <= ratio <= high, (name, language, ratio)
+
+
+FSDP_WEIGHTINGS = ["mgda", "upgrad", "mean"]
+
+
+@functools.cache
+def fsdp_results() -> list[dict[str, Any]]:
+    return run_distributed(WORLD_SIZE, fsdp_runs, FSDP_WEIGHTINGS, timeout=240)[0]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("weighting", FSDP_WEIGHTINGS)
+def test_fsdp_units_follow_the_same_rule(version: int, weighting: str) -> None:
+    index = (version - 1) * len(FSDP_WEIGHTINGS) + FSDP_WEIGHTINGS.index(weighting)
+    result = fsdp_results()[index]
+    sizes = [p.numel() for p in AdapterModel().parameters()]
+    expected = reference.bucket_update(
+        result["local"], OBJECTIVES, weighting, parameter_sizes=sizes
+    )
+    torch.testing.assert_close(result["reduced"], expected, rtol=1e-5, atol=1e-7)
+    ranges, adapters = flat_ranges()
+    for language in LANGUAGES:
+        cols = columns(ranges, adapters[language])
+        ranks = [r for r, o in enumerate(OBJECTIVES) if o == language]
+        average = result["local"][ranks][:, cols].mean(dim=0)
+        torch.testing.assert_close(result["reduced"][cols], average, rtol=1e-5, atol=1e-7)
+
+
+def test_reference_rule_by_hand() -> None:
+    """Two languages, a shared parameter and one adapter each: the adapters get their own
+    gradient, the shared parameter MGDA's combination of the whole problem."""
+    shared = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    adapter = torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 3.0]])
+    grads = torch.cat([shared, adapter[0], adapter[1]], dim=1)
+    update = reference.bucket_update(grads, ["de", "fr"], "mgda", parameter_sizes=[2, 2, 2])
+    # The whole problem: ḡ_de = (1, 0, 2, 0, 0, 0), ḡ_fr = (0, 1, 0, 0, 0, 3): G = [[5, 0],
+    # [0, 10]], min-norm weights (2/3, 1/3).
+    torch.testing.assert_close(update[:2], torch.tensor([2 / 3, 1 / 3]))
+    torch.testing.assert_close(update[2:4], torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(update[4:], torch.tensor([0.0, 3.0]))
+    zero = reference.bucket_update(grads, ["de", "fr"], "mgda", absent="zero")
+    torch.testing.assert_close(zero[2:4], torch.tensor([4 / 3, 0.0]))
