@@ -8,16 +8,16 @@ never train.
 
 The rule (``BucketMOOState(absent="exclude")``, the default). Objective ``ℓ`` is present on
 parameter ``p`` when some rank of ``ℓ`` has a nonzero gradient for ``p`` (an unused parameter's
-gradient is zero-filled). For each problem (a bucket, a parameter, the model):
+gradient is zero-filled). For each problem (a bucket, a parameter, the model) with Gramian ``G``:
 
-1. The weights are solved on the Gramian of the objectives present on at least one of the
-   problem's parameters, ``w = weighting(G[P, P])``; absent objectives get weight 0. When every
-   objective is present this is the ordinary solve, so shared parameters are unchanged.
-2. A parameter on which all of the problem's objectives are present gets ``d_p = Σ_ℓ w_ℓ ḡ_ℓ``.
-   A parameter on which only ``Π_p ⊊ P`` are present gets the weights renormalised over ``Π_p``:
-   ``d_p = Σ_{ℓ∈Π_p} (w_ℓ / Σ_{k∈Π_p} w_k) ḡ_ℓ`` (``1/|Π_p|`` each when ``Σ_{k∈Π_p} w_k = 0``).
-   With one objective present, ``d_p = ḡ_ℓ``: exactly that objective's average gradient (the
-   scaling contract), whatever the weighting.
+1. The problem's weights are the weighting on ``G`` restricted to the objectives present on at
+   least one of its parameters, ``w = weighting(G[P, P])``; the others get weight 0. When every
+   objective is present this is the ordinary solve, so parameters on which every objective is
+   present get what ``absent="zero"`` gives them.
+2. A parameter on which only ``Π_p ⊊ P`` are present gets the weighting on ``G[Π_p, Π_p]``
+   (solved once per distinct ``Π_p`` in the problem, with its own state for stateful
+   weightings): ``d_p = Σ_{ℓ∈Π_p} w^{Π_p}_ℓ ḡ_ℓ``. With one objective present, ``d_p = ḡ_ℓ``:
+   exactly that objective's average gradient (the scaling contract), whatever the weighting.
 
 DDP's plain average gives such a parameter ``(m_ℓ/R) ḡ_ℓ`` instead (half of it with two equal
 language groups). ``absent="zero"`` keeps DDP's convention: absent objectives count as zero
@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ._device_path import to_device
 from .weightings import Weighting, WeightingContext
 
 #: Values of ``BucketMOOState(absent=...)``.
@@ -104,7 +105,7 @@ def solve_present(
     present: Tensor,
     problems: Sequence[int],
 ) -> tuple[Tensor, Tensor | None]:
-    """Weights of every problem over its present objectives, and of every parameter.
+    """Weights of every problem over its present objectives, and of every parameter over its own.
 
     Args:
         gramians: ``[S, L, L]``, one per problem.
@@ -113,37 +114,66 @@ def solve_present(
         problems: The problem of every parameter.
 
     Returns:
-        ``[S, L]`` weights (0 for objectives absent from a whole problem), and ``[P, L]``
-        per-parameter weights, or ``None`` when every parameter has all of its problem's
-        objectives (then the problem weights apply as they are).
+        ``[S, L]``: each problem's weights over the objectives present on it (0 for the others),
+        and ``[P, L]`` per-parameter weights, or ``None`` when every parameter has all of its
+        problem's objectives (then the problem weights apply as they are).
     """
     num_problems, num_objectives = gramians.shape[:2]
-    of_problem = [[False] * num_objectives for _ in range(num_problems)]
-    rows = present.tolist()
+    device = gramians.device
+    rows = [tuple(row) for row in present.tolist()]
+    of_problem = [(False,) * num_objectives for _ in range(num_problems)]
     for row, problem in zip(rows, problems, strict=True):
-        of_problem[problem] = [a or b for a, b in zip(of_problem[problem], row, strict=True)]
-    weights = []
-    for gramian, context, objectives in zip(gramians, contexts, of_problem, strict=True):
-        keep = [i for i, here in enumerate(objectives) if here]
-        if len(keep) in (0, num_objectives):  # all present, or all zero: the ordinary solve
-            weights.append(weighting(gramian, context))
-            continue
-        index = torch.tensor(keep, device=gramian.device)
-        sub = gramian.index_select(0, index).index_select(1, index)
-        kept = replace(context, objectives=tuple(context.objectives[i] for i in keep))
-        solved = weighting(sub, kept)
-        weights.append(solved.new_zeros(num_objectives).index_copy(0, index, solved))
-    problem_weights = torch.stack(weights)
+        of_problem[problem] = tuple(a or b for a, b in zip(of_problem[problem], row, strict=True))
+    solved: dict[tuple[int, tuple[bool, ...]], Tensor] = {}
+
+    def weights_of(problem: int, pattern: tuple[bool, ...]) -> Tensor:
+        """The weighting on the problem's Gramian restricted to the objectives of ``pattern``."""
+        if (problem, pattern) in solved:
+            return solved[problem, pattern]
+        gramian, context = gramians[problem], contexts[problem]
+        keep = [i for i, here in enumerate(pattern) if here]
+        if len(keep) == num_objectives:
+            weights = weighting(gramian, context)
+        elif not keep:  # every gradient is zero there: nothing to weigh (as for G = 0)
+            weights = gramian.new_full((num_objectives,), 1.0 / num_objectives)
+        else:
+            index = to_device(torch.tensor(keep), device)
+            if len(keep) == 1:  # exactly the objective's gradient (every weighting gives 1)
+                sub_weights = gramian.new_ones(1)
+            else:
+                sub = gramian.index_select(0, index).index_select(1, index)
+                sub_weights = weighting(
+                    sub, _sub_context(context, keep, pattern, of_problem[problem])
+                )
+            weights = gramian.new_zeros(num_objectives).index_copy(0, index, sub_weights)
+        solved[problem, pattern] = weights
+        return weights
+
+    problem_weights = torch.stack(
+        [weights_of(problem, objectives) for problem, objectives in enumerate(of_problem)]
+    )
     # A parameter no objective touched has a zero update whatever its weights.
-    whole = [row == of_problem[p] or not any(row) for row, p in zip(rows, problems, strict=True)]
-    if all(whole):
+    if all(row == of_problem[p] or not any(row) for row, p in zip(rows, problems, strict=True)):
         return problem_weights, None
-    device = problem_weights.device
-    mask = present.to(device=device, dtype=problem_weights.dtype)
-    weights_of = problem_weights.index_select(0, torch.tensor(list(problems), device=device))
-    masked = weights_of * mask
-    total = masked.sum(dim=1, keepdim=True)
-    uniform = mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
-    renormalised = torch.where(total != 0, masked / total, uniform)
-    keep_whole = torch.tensor(whole, device=device)[:, None]
-    return problem_weights, torch.where(keep_whole, weights_of, renormalised)
+    return problem_weights, torch.stack(
+        [
+            weights_of(p, row) if any(row) else problem_weights[p]
+            for row, p in zip(rows, problems, strict=True)
+        ]
+    )
+
+
+def _sub_context(
+    context: WeightingContext,
+    keep: list[int],
+    pattern: tuple[bool, ...],
+    of_problem: tuple[bool, ...],
+) -> WeightingContext:
+    """The context of a solve over the objectives ``keep``: their keys; for a subset of the
+    problem's objectives, a problem key of its own (stateful weightings keep state per key, and
+    the pattern's solve must not advance the problem's)."""
+    objectives = tuple(context.objectives[i] for i in keep)
+    problem = context.problem
+    if pattern != of_problem and problem is not None:
+        problem = (*problem, -1, *objectives)  # -1: no parameter position
+    return replace(context, objectives=objectives, problem=problem)

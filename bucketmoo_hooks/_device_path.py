@@ -21,6 +21,14 @@ def cpu_path(device: torch.device) -> bool:
     return device.type == "cpu" and not _forced
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without synchronising: through pinned memory and a
+    non-blocking copy (a pageable host-to-device copy waits for the stream)."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @contextlib.contextmanager
 def force_device_path() -> Iterator[None]:
     """Run the accelerator's code path on the CPU too, in every thread, until the block exits."""

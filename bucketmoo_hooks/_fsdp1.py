@@ -18,7 +18,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
 from ._protocol import BucketComm, scatter_shards, shard_segments
 from ._state import BucketMOOState
-from ._units import BackwardSteps, FSDPUnit, solve_unit
+from ._units import BackwardSteps, FSDPUnit, row_segments, solve_unit
 
 _HYBRID = (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2)
 
@@ -41,6 +41,8 @@ def _fsdp1_hook(hook_state: _UnitHookState, grad: Tensor, output: Tensor | None 
             f"{unit.label}: bucket-MOO needs floating-point gradients, got {grad.dtype}"
         )
     objective_map = hook_state.steps.objective_map(state.group, unit)
+    for lo, hi in unit.frozen:  # FSDP drops these gradients after the reduction anyway
+        grad[lo:hi].zero_()
     group = hook_state.group
     comm = BucketComm(
         group, state.ledger.open_bucket(unit.index, grad.numel(), grad.element_size())
@@ -81,11 +83,12 @@ def _unit_of(
     if id(flat) in positions:  # use_orig_params=False: model.parameters() yields flat params
         problem = (positions[id(flat)],)
         parameter_problems = tuple((positions[id(flat)], s) for s in range(len(sizes)))
-    else:
-        originals = [positions[id(p)] for p in flat._params]
-        problem = tuple(originals)
-        parameter_problems = tuple((p,) for p in originals)
-    return FSDPUnit(index, name, problem, parameter_problems, tuple(sizes))
+        return FSDPUnit(index, name, problem, parameter_problems, tuple(sizes))
+    originals = [positions[id(p)] for p in flat._params]
+    ranges = row_segments(sizes)
+    frozen = tuple(r for r, p in zip(ranges, flat._params, strict=True) if not p.requires_grad)
+    parameter_problems = tuple((p,) for p in originals)
+    return FSDPUnit(index, name, tuple(originals), parameter_problems, tuple(sizes), frozen)
 
 
 def register_fsdp_moo_hook(

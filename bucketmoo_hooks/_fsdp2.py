@@ -151,11 +151,10 @@ class BucketMOOReduceScatter(ReduceScatter):
         received = torch.empty_like(input_tensor)
         comm.all_to_all(received, input_tensor).wait()
         shards = received.view(comm.world_size, -1)
-        parameters = row_segments(self._segment_sizes(shards.shape[1]))
+        unit = self._reduced_unit(shards.shape[1])
+        parameters = row_segments(unit.segment_sizes)
         averaging = self.state._averaging_matrix(objective_map, input_tensor.device)
-        update = solve_unit(
-            self.state, self.unit, comm, shards, averaging, objective_map, parameters
-        )
+        update = solve_unit(self.state, unit, comm, shards, averaging, objective_map, parameters)
         output_tensor.copy_(update)
 
     def cross_replica(self, output: Tensor) -> None:
@@ -175,11 +174,11 @@ class BucketMOOReduceScatter(ReduceScatter):
         shards = scatter_shards(comm, output)
         averaging = self.state._averaging_matrix(objective_map, output.device)
         averaging = averaging / hybrid.shard_group.size()
-        sizes = self._segment_sizes(output.numel())
-        parameters = shard_segments(sizes, hybrid.replicate_group.rank(), shards.shape[1])
-        update = solve_unit(
-            self.state, self.unit, comm, shards, averaging, objective_map, parameters
+        unit = self._reduced_unit(output.numel())
+        parameters = shard_segments(
+            unit.segment_sizes, hybrid.replicate_group.rank(), shards.shape[1]
         )
+        update = solve_unit(self.state, unit, comm, shards, averaging, objective_map, parameters)
         numel = output.numel()
         if update.numel() * comm.world_size == numel:
             comm.all_gather(output, update).wait()
@@ -198,8 +197,13 @@ class BucketMOOReduceScatter(ReduceScatter):
         traffic = self.state.ledger.open_bucket(self.unit.index, flat.numel(), flat.element_size())
         return traffic, objective_map
 
-    def _segment_sizes(self, row: int) -> tuple[int, ...]:
-        sizes = self.unit.segment_sizes
+    def _reduced_unit(self, row: int) -> FSDPUnit:
+        """The unit as FSDP laid out its row of ``row`` elements: every parameter that needs a
+        gradient (FSDP leaves frozen ones out, e.g. a LoRA's base weights)."""
+        fsdp_params = self._param_group.fsdp_params
+        kept = [i for i, p in enumerate(fsdp_params) if p.sharded_param.requires_grad]
+        unit = self.unit if len(kept) == len(fsdp_params) else self.unit.only(kept)
+        sizes = unit.segment_sizes
         if sum(sizes) != row:
             raise RuntimeError(
                 f"{self.unit.label}: bucket-MOO needs a gradient for every parameter of the "
@@ -208,7 +212,7 @@ class BucketMOOReduceScatter(ReduceScatter):
                 "reduce mismatched rows); install_fsdp_moo calls "
                 "set_reduce_scatter_unused_params(True) on every unit: do not turn it off"
             )
-        return sizes
+        return unit
 
     def _check_scaling(self, op: object) -> None:
         if op == ReduceOp.AVG:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._device_path import to_device
+
 
 def canonical_objective(objective: object) -> Hashable:
     """The objective id as ranks compare it.
@@ -126,7 +128,4 @@ class ObjectiveMap:
         matrix = torch.zeros(self.num_objectives, self.world_size, dtype=torch.float32)
         for rank, group in enumerate(self.group_of_rank):
             matrix[group, rank] = 1.0 / self.group_sizes[group]
-        device = torch.device(device)
-        if device.type == "cpu":
-            return matrix
-        return matrix.pin_memory().to(device, non_blocking=True)
+        return to_device(matrix, torch.device(device))

@@ -398,7 +398,9 @@ class BucketMOOState:
                 world_size,
                 self.objective_of_rank,
                 self.nonfinite,
+                # Whether presence counts ride in the Gramian all-reduce: its size.
                 self.absent,
+                self._every_parameter_used,
             )
         )
 
@@ -432,8 +434,10 @@ class BucketMOOState:
             )
         if len(set(configs)) != 1:
             raise ValueError(
-                "ranks disagree on the BucketMOOState configuration (weighting, world size or "
-                f"objective_of_rank); this rank has weighting={self.weighting.config()}, "
+                "ranks disagree on the BucketMOOState configuration (weighting, world size, "
+                "objective_of_rank, granularity, nonfinite, absent, or how it was registered: "
+                "register every rank's model alike); this rank has "
+                f"weighting={self.weighting.config()}, "
                 f"objective_of_rank={self.objective_of_rank!r}; ranks with a different "
                 f"configuration: {[r for r, c in enumerate(configs) if c != config]}"
             )
@@ -549,6 +553,7 @@ class BucketMOOState:
         self._workspace = Workspace()
         self._every_parameter_used = False
         self._model = None
+        self.absent = "exclude"  # states pickled before the option existed
         for slot, value in state.items():
             setattr(self, slot, value)
 

@@ -34,6 +34,9 @@ class FSDPUnit:
         parameter_problems: One key per parameter of the unit (``granularity="parameter"``).
         segment_sizes: Elements of each parameter in one rank's row of the unit's flat gradient,
             in layout order (padding included), for ``granularity="parameter"``.
+        frozen: ``(lo, hi)`` in the unit's flat gradient of the parameters that need no gradient
+            but that FSDP1 (``use_orig_params=True``) computes one for anyway: zeroed before
+            the exchange, so that they weigh in no Gramian.
     """
 
     index: int
@@ -41,10 +44,20 @@ class FSDPUnit:
     problem: tuple[int, ...]
     parameter_problems: tuple[tuple[int, ...], ...]
     segment_sizes: tuple[int, ...]
+    frozen: tuple[Segment, ...] = ()
 
     @property
     def label(self) -> str:
         return f"FSDP unit {self.index} ({self.name or 'root'!r})"
+
+    def only(self, kept: Sequence[int]) -> "FSDPUnit":
+        """The unit restricted to its parameters at positions ``kept`` (e.g. those FSDP reduces);
+        the problem key stays the unit's."""
+        return replace(
+            self,
+            parameter_problems=tuple(self.parameter_problems[i] for i in kept),
+            segment_sizes=tuple(self.segment_sizes[i] for i in kept),
+        )
 
 
 class BackwardSteps:

@@ -9,6 +9,7 @@ from per-objective gradients::
     update = reference.bucket_update(torch.stack([g_en, g_de, g_ja]), weighting="mgda")
 """
 
+import bisect
 import itertools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -240,19 +241,20 @@ def _parameters_of_pieces(
     """The parameter lengths of each piece of ``bucket_sizes``."""
     if parameter_sizes is None:
         return [[size] for size in bucket_sizes]
-    pieces: list[list[int]] = [[] for _ in bucket_sizes]
     bounds = list(itertools.accumulate(bucket_sizes))
-    piece, offset = 0, 0
+    pieces: list[list[int]] = [[] for _ in bucket_sizes]
+    offset = 0
     for size in parameter_sizes:
-        offset += size
-        if piece < len(bounds) and offset > bounds[piece]:
+        # The piece the parameter starts in (a zero-size one at the very end: the last piece).
+        piece = min(bisect.bisect_right(bounds, offset), len(bounds) - 1)
+        if size < 0 or offset + size > bounds[piece]:
             break
         pieces[piece].append(size)
-        if piece < len(bounds) and offset == bounds[piece]:
-            piece += 1
-    if offset != bounds[-1] or piece != len(bounds) or any(not p for p in pieces):
-        raise ValueError(
-            f"parameter_sizes {list(parameter_sizes)} must split every piece of bucket_sizes "
-            f"{list(bucket_sizes)} into whole parameters"
-        )
-    return pieces
+        offset += size
+    else:
+        if offset == bounds[-1]:
+            return pieces
+    raise ValueError(
+        f"parameter_sizes {list(parameter_sizes)} must split every piece of bucket_sizes "
+        f"{list(bucket_sizes)} into whole parameters"
+    )

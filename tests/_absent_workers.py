@@ -26,29 +26,35 @@ from bucketmoo_hooks import (
     register_fsdp_moo_hook,
 )
 
-LANGUAGES = ("de", "fr")
+LANGUAGES = ("de", "fr")  # one adapter each; both also share the Latin-script adapter
 OBJECTIVES = ("de", "fr", "fr")  # rank → language (3 ranks: fr averages two)
+#: With Russian (no adapter of its own, not Latin-script) the Latin adapter has 2 of 3 languages.
+THREE_LANGUAGES = ("de", "fr", "ru")
 WIDTH = 6
 
 
 class AdapterModel(nn.Module):
-    """``head(h + adapter[lang](h))``, ``h = tanh(trunk(x))``: trunk and head are shared."""
+    """``head(h + adapter[lang](h) + latin(h))``, ``h = tanh(trunk(x))``: trunk and head are
+    shared, each adapter is its language's, ``latin`` is de's and fr's."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.trunk = nn.Linear(WIDTH, WIDTH)
         self.adapters = nn.ModuleDict({lang: nn.Linear(WIDTH, WIDTH) for lang in LANGUAGES})
+        self.latin = nn.Linear(WIDTH, WIDTH, bias=False)
         self.head = nn.Linear(WIDTH, 3)
 
     def forward(self, x: Tensor, language: str) -> Tensor:
         h = torch.tanh(self.trunk(x))
-        return self.head(h + self.adapters[language](h))
+        if language in LANGUAGES:
+            h = h + self.adapters[language](h) + self.latin(h)
+        return self.head(h)
 
 
 def adapter_positions(model: nn.Module) -> dict[str, list[int]]:
-    """Positions in ``model.parameters()`` of each language's adapter."""
-    names = [name for name, _ in model.named_parameters()]
+    """Positions of each language's adapter among ``model``'s trainable parameters."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
     return {
         lang: [i for i, n in enumerate(names) if f"adapters.{lang}." in n] for lang in LANGUAGES
     }
@@ -72,10 +78,13 @@ class AdapterRun:
     #: Register with register_bucket_moo_hook (no per-bucket capture) instead of a raw hook.
     registered: bool = False
     steps: int = 2
+    #: The language of every rank.
+    objectives: tuple[str, ...] = OBJECTIVES
 
 
 def local_gradients(model: nn.Module, rank: int, step: int, language: str) -> Tensor:
-    """This rank's own flat gradient (zeros for unused parameters), from a plain copy."""
+    """This rank's own flat gradient of the trainable parameters (zeros for unused ones), from a
+    plain copy."""
     shadow = copy.deepcopy(model)
     shadow.zero_grad(set_to_none=True)
     loss_of(shadow, rank, step, language).backward()
@@ -83,18 +92,19 @@ def local_gradients(model: nn.Module, rank: int, step: int, language: str) -> Te
         [
             torch.zeros(p.numel()) if p.grad is None else p.grad.flatten()
             for p in shadow.parameters()
+            if p.requires_grad
         ]
     )
 
 
 def ddp_run(rank: int, world_size: int, run: AdapterRun) -> dict[str, Any]:
-    language = OBJECTIVES[rank]
+    language = run.objectives[rank]
     model = AdapterModel()
     ddp = DistributedDataParallel(
         model, bucket_cap_mb=run.bucket_cap_mb, find_unused_parameters=True
     )
     state = BucketMOOState(
-        OBJECTIVES, weighting=run.weighting, granularity=run.granularity, absent=run.absent
+        run.objectives, weighting=run.weighting, granularity=run.granularity, absent=run.absent
     )
     position = {id(p): i for i, p in enumerate(model.parameters())}
     records: list[dict[str, Any]] = []
@@ -148,6 +158,23 @@ def checks_presence(find_unused_parameters: bool, static_graph: bool) -> bool:
     return state._parameter_layout([(0, 6)]) is not None
 
 
+def registered_unlike(rank: int) -> str:
+    """Rank 0 registers with register_bucket_moo_hook (no presence check), the others raw (with
+    it): their Gramian all-reduces would differ in size, so every rank must refuse the step."""
+    model = nn.Linear(3, 2)
+    ddp = DistributedDataParallel(model)
+    state = BucketMOOState(OBJECTIVES)
+    if rank == 0:
+        register_bucket_moo_hook(ddp, state)
+    else:
+        ddp.register_comm_hook(state, bucket_moo_hook)
+    try:
+        ddp(torch.randn(4, 3)).sum().backward()
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
 def ddp_runs(rank: int, world_size: int, runs: list[AdapterRun]) -> dict[str, Any]:
     return {
         "runs": [ddp_run(rank, world_size, run) for run in runs],
@@ -155,13 +182,18 @@ def ddp_runs(rank: int, world_size: int, runs: list[AdapterRun]) -> dict[str, An
             options: checks_presence(*options)
             for options in ((False, False), (True, False), (False, True))
         },
+        "registered_unlike": registered_unlike(rank),
     }
 
 
-def fsdp_run(rank: int, world_size: int, version: int, weighting: str) -> dict[str, Any]:
-    """One FSDP unit (the root) over the whole adapter model, one step."""
+def fsdp_run(
+    rank: int, world_size: int, version: int, weighting: str, frozen: bool
+) -> dict[str, Any]:
+    """One FSDP unit (the root) over the whole adapter model, one step; ``frozen``: the trunk's
+    weight needs no gradient (as a LoRA's base weights), which FSDP2 leaves out of the row."""
     language = OBJECTIVES[rank]
     model = AdapterModel()
+    model.trunk.weight.requires_grad_(not frozen)
     own = local_gradients(model, rank, 0, language)
     state = BucketMOOState(OBJECTIVES, weighting=weighting)
     if version == 1:
@@ -173,17 +205,21 @@ def fsdp_run(rank: int, world_size: int, version: int, weighting: str) -> dict[s
     loss_of(wrapped, rank, 0, language).backward()
     if version == 1:
         with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
-            reduced = torch.cat([p.grad.flatten() for p in wrapped.parameters()])
+            reduced = torch.cat([p.grad.flatten() for p in wrapped.parameters() if p.requires_grad])
     else:
         reduced = torch.cat(
             [
                 (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).flatten()
                 for p in wrapped.parameters()
+                if p.requires_grad
             ]
         )
     full_parameters(wrapped)  # every rank through the same collectives before returning
     return {"local": gather_rows(own), "reduced": reduced}
 
 
-def fsdp_runs(rank: int, world_size: int, weightings: list[str]) -> list[dict[str, Any]]:
-    return [fsdp_run(rank, world_size, v, w) for v in (1, 2) for w in weightings]
+def fsdp_runs(
+    rank: int, world_size: int, cases: list[tuple[int, str, bool]]
+) -> list[dict[str, Any]]:
+    """``(FSDP version, weighting, frozen)`` per case."""
+    return [fsdp_run(rank, world_size, *case) for case in cases]

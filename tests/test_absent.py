@@ -15,6 +15,7 @@ import torch
 from _absent_workers import (
     LANGUAGES,
     OBJECTIVES,
+    THREE_LANGUAGES,
     AdapterModel,
     AdapterRun,
     adapter_positions,
@@ -39,12 +40,25 @@ RUNS = [
     AdapterRun("registered, mgda", registered=True, bucket_cap_mb=TINY),
     AdapterRun("DDP's convention, mgda", absent="zero"),
     AdapterRun("DDP's convention, own buckets", absent="zero", bucket_cap_mb=TINY),
+    *(
+        AdapterRun(f"three languages, {name}", weighting=name, objectives=THREE_LANGUAGES)
+        for name in ("mgda", "gradvac", "cagrad")
+    ),
+    AdapterRun(
+        "three languages, parameter granularity",
+        granularity="parameter",
+        objectives=THREE_LANGUAGES,
+    ),
 ]
 
 
 @functools.cache
+def run_distributed_once() -> list[dict[str, Any]]:
+    return run_distributed(WORLD_SIZE, ddp_runs, RUNS, timeout=240)
+
+
 def ddp_spawn() -> dict[str, Any]:
-    return run_distributed(WORLD_SIZE, ddp_runs, RUNS, timeout=240)[0]
+    return run_distributed_once()[0]
 
 
 def ddp_results() -> dict[str, dict[str, Any]]:
@@ -57,13 +71,26 @@ def test_registration_skips_the_check_only_where_ddp_uses_every_parameter() -> N
     assert checks == {(False, False): False, (True, False): True, (False, True): True}
 
 
-def flat_ranges() -> tuple[list[tuple[int, int]], dict[str, list[int]]]:
-    """Flat ``(lo, hi)`` of every parameter in model order, and each adapter's positions."""
+def test_ranks_registered_unlike_raise_on_every_rank() -> None:
+    """One rank checks presence and the others do not: refused before any all-reduce."""
+    for rank in range(WORLD_SIZE):
+        message = run_distributed_once()[rank]["registered_unlike"]
+        assert "ranks disagree on the BucketMOOState configuration" in message, message
+
+
+def flat_ranges(
+    trainable_only: bool = False,
+) -> tuple[list[tuple[int, int]], dict[str, list[int]]]:
+    """Flat ``(lo, hi)`` of every parameter in model order (without the trunk's weight when it
+    is frozen: it then has no gradient), and each adapter's positions."""
     model = AdapterModel()
+    if trainable_only:
+        model.trunk.weight.requires_grad_(False)
     ranges, offset = [], 0
     for p in model.parameters():
-        ranges.append((offset, offset + p.numel()))
-        offset += p.numel()
+        if p.requires_grad:
+            ranges.append((offset, offset + p.numel()))
+            offset += p.numel()
     return ranges, adapter_positions(model)
 
 
@@ -78,7 +105,7 @@ def expected_bucket(run: AdapterRun, record: dict[str, Any], weighting: Any, abs
     if run.granularity == "bucket":
         return reference.bucket_update(
             inputs,
-            OBJECTIVES,
+            run.objectives,
             weighting,
             problem=tuple(params),
             parameter_sizes=sizes,
@@ -87,7 +114,9 @@ def expected_bucket(run: AdapterRun, record: dict[str, Any], weighting: Any, abs
     pieces = torch.split(inputs, sizes, dim=1)
     return torch.cat(
         [
-            reference.bucket_update(piece, OBJECTIVES, weighting, problem=(p,), segment=s, **common)
+            reference.bucket_update(
+                piece, run.objectives, weighting, problem=(p,), segment=s, **common
+            )
             for s, (piece, p) in enumerate(zip(pieces, params, strict=True))
         ]
     )
@@ -109,7 +138,7 @@ def test_an_adapter_gets_exactly_its_language_gradient(run: AdapterRun) -> None:
     for step in ddp_results()[run.name]["steps"]:
         for language in LANGUAGES:
             cols = columns(ranges, adapters[language])
-            ranks = [r for r, o in enumerate(OBJECTIVES) if o == language]
+            ranks = [r for r, o in enumerate(run.objectives) if o == language]
             average = step["local"][ranks][:, cols].mean(dim=0)
             assert average.abs().max() > 0
             torch.testing.assert_close(step["reduced"][cols], average, rtol=1e-5, atol=1e-7)
@@ -122,7 +151,9 @@ def test_an_adapter_gets_exactly_its_language_gradient(run: AdapterRun) -> None:
 def test_shared_parameters_are_unchanged(run: AdapterRun) -> None:
     """Where every objective is present, the weights are those of DDP's convention."""
     _, adapters = flat_ranges()
-    adapter_params = {i for positions in adapters.values() for i in positions}
+    # The language adapters, and the Latin one (Russian does not use it).
+    latin = [i for i, (n, _) in enumerate(AdapterModel().named_parameters()) if "latin" in n]
+    adapter_params = {i for positions in adapters.values() for i in positions} | set(latin)
     convention = get_weighting(run.weighting)  # fed the same problems: same state
     for record in ddp_results()[run.name]["records"]:
         zero = expected_bucket(run, record, convention, "zero")
@@ -153,30 +184,61 @@ def test_ddp_convention_is_kept_as_an_option() -> None:
             assert low <= ratio <= high, (name, language, ratio)
 
 
-FSDP_WEIGHTINGS = ["mgda", "upgrad", "mean"]
+# (FSDP version, weighting, trunk weight frozen)
+FSDP_CASES = [
+    *(
+        (version, weighting, False)
+        for version in (1, 2)
+        for weighting in ("mgda", "upgrad", "mean")
+    ),
+    (1, "mgda", True),
+    (2, "mgda", True),
+]
 
 
 @functools.cache
 def fsdp_results() -> list[dict[str, Any]]:
-    return run_distributed(WORLD_SIZE, fsdp_runs, FSDP_WEIGHTINGS, timeout=240)[0]
+    return run_distributed(WORLD_SIZE, fsdp_runs, FSDP_CASES, timeout=240)[0]
 
 
-@pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize("weighting", FSDP_WEIGHTINGS)
-def test_fsdp_units_follow_the_same_rule(version: int, weighting: str) -> None:
-    index = (version - 1) * len(FSDP_WEIGHTINGS) + FSDP_WEIGHTINGS.index(weighting)
-    result = fsdp_results()[index]
-    sizes = [p.numel() for p in AdapterModel().parameters()]
+@pytest.mark.parametrize("case", FSDP_CASES, ids=str)
+def test_fsdp_units_follow_the_same_rule(case: tuple[int, str, bool]) -> None:
+    _, weighting, frozen = case
+    result = fsdp_results()[FSDP_CASES.index(case)]
+    model = AdapterModel()
+    model.trunk.weight.requires_grad_(not frozen)
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
     expected = reference.bucket_update(
         result["local"], OBJECTIVES, weighting, parameter_sizes=sizes
     )
     torch.testing.assert_close(result["reduced"], expected, rtol=1e-5, atol=1e-7)
-    ranges, adapters = flat_ranges()
+    ranges, adapters = flat_ranges(trainable_only=frozen)
     for language in LANGUAGES:
         cols = columns(ranges, adapters[language])
         ranks = [r for r, o in enumerate(OBJECTIVES) if o == language]
         average = result["local"][ranks][:, cols].mean(dim=0)
         torch.testing.assert_close(result["reduced"][cols], average, rtol=1e-5, atol=1e-7)
+
+
+def test_three_languages_latin_adapter_is_weighted_over_its_two() -> None:
+    """The Latin adapter (de and fr, not ru) gets MGDA on the bucket's Gramian restricted to
+    de and fr: its update is the min-norm point of their average gradients there."""
+    run = next(r for r in RUNS if r.name == "three languages, mgda")
+    latin = [i for i, (n, _) in enumerate(AdapterModel().named_parameters()) if "latin" in n]
+    for record in ddp_results()[run.name]["records"]:
+        if not set(latin) & set(record["params"]):
+            continue
+        inputs, sizes = record["inputs"], record["sizes"]
+        gramian = inputs[:2] @ inputs[:2].T  # ranks 0, 1 are de, fr: their rows are ḡ_de, ḡ_fr
+        weights = get_weighting("mgda")(gramian)
+        offsets = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        k = record["params"].index(latin[0])
+        lo, hi = offsets[k], offsets[k + 1]
+        torch.testing.assert_close(
+            record["output"][lo:hi], weights @ inputs[:2, lo:hi], rtol=1e-5, atol=1e-7
+        )
+        return
+    pytest.fail("no bucket held the Latin adapter")
 
 
 def test_reference_rule_by_hand() -> None:
@@ -193,3 +255,26 @@ def test_reference_rule_by_hand() -> None:
     torch.testing.assert_close(update[4:], torch.tensor([0.0, 3.0]))
     zero = reference.bucket_update(grads, ["de", "fr"], "mgda", absent="zero")
     torch.testing.assert_close(zero[2:4], torch.tensor([4 / 3, 0.0]))
+
+
+def test_model_update_takes_the_parameters_of_each_piece() -> None:
+    """``parameter_sizes`` split the pieces (zero-size parameters anywhere); a parameter that
+    straddles two pieces is refused."""
+    torch.manual_seed(0)
+    grads = torch.randn(2, 7)
+    grads[1, 2:4] = 0  # the second objective did not use the second parameter
+    whole = reference.model_update(grads, [4, 3], parameter_sizes=[2, 2, 0, 3, 0])
+    expected = torch.cat(
+        [
+            reference.bucket_update(
+                grads[:, :4], None, "mgda", bucket=0, problem=(0,), parameter_sizes=[2, 2]
+            ),
+            reference.bucket_update(
+                grads[:, 4:], None, "mgda", bucket=1, problem=(1,), parameter_sizes=[0, 3, 0]
+            ),
+        ]
+    )
+    torch.testing.assert_close(whole, expected)
+    torch.testing.assert_close(whole[2:4], grads[0, 2:4])  # one objective: its gradient
+    with pytest.raises(ValueError, match="into whole parameters"):
+        reference.model_update(grads, [4, 3], parameter_sizes=[2, 3, 2])

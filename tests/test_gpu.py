@@ -113,6 +113,9 @@ def ddp_on_cuda(rank: int, world_size: int, kernels: str, granularity: str) -> d
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
+    # As register_bucket_moo_hook does for a DDP without find_unused_parameters: no presence
+    # check, whose host read would be a synchronisation (README, "Language-specific parameters").
+    state._every_parameter_used = True
     ddp.register_comm_hook(state, strict_hook)
     for _ in range(3):
         ddp(torch.randn(16, 64, device="cuda")).square().mean().backward()

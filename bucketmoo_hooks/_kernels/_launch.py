@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .._device_path import to_device
 from ..weightings import MGDA, Mean, Weighting
 from ._plan import Segment, chunk_columns, work_table
 from ._sources import BLOCK, columns_per_thread, compile_options
@@ -59,7 +60,7 @@ def _work_table(
     table, segment_items = work_table(columns, whole, chunk)
     host = torch.tensor(table, dtype=torch.int32)
     # Pinned memory and a non-blocking copy: building a table never waits for the device.
-    on_device = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+    on_device = to_device(host, device)
     num_segments = 1 if segments is None else len(segments)
     entry = (on_device, segment_items, (len(table) - num_segments - 1) // 3)
     with _tables_lock:

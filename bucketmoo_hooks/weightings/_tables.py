@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._device_path import to_device
+
 Problem = tuple[int, ...] | None
 
 
@@ -39,10 +41,7 @@ class ObjectiveTable:
             self.objectives += new
             pad = (0, len(new)) * self.values.ndim
             self.values = torch.nn.functional.pad(self.values, pad, value=fill)
-        index = torch.tensor([self.objectives.index(key) for key in objectives])
-        if device.type != "cpu":
-            index = index.pin_memory().to(device, non_blocking=True)
-        return index
+        return to_device(torch.tensor([self.objectives.index(key) for key in objectives]), device)
 
 
 def tables_state(tables: dict[Problem, ObjectiveTable], field: str) -> list[dict[str, Any]]:
