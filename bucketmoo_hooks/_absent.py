@@ -1,4 +1,4 @@
-r"""Absent objectives: parameters that some objectives did not use (DESIGN.md §9).
+r"""Absent objectives: parameters that some objectives did not use (docs/design.md §9).
 
 A language adapter, a language head or a language embedding is used by the ranks of one
 objective only. DDP (``find_unused_parameters=True``), FSDP and the reference see its gradient

@@ -28,8 +28,8 @@ class Diagnostics:
     - ``update_norm``: ``‖d‖ = √(wᵀGw)``;
 
     and per step ``global_min_norm``: ``min_{w∈Δ} ‖Σ_ℓ w_ℓ ḡ_ℓ‖`` over the whole model, from the
-    sum of the bucket Gramians (the global Gramian, DESIGN.md §5). Zero means the model is
-    Pareto-stationary; compare it with the per-bucket update norms (DESIGN.md §6).
+    sum of the bucket Gramians (the global Gramian, docs/design.md §5). Zero means the model is
+    Pareto-stationary; compare it with the per-bucket update norms (docs/design.md §6).
 
     Recording stays on the device and never synchronises. Every ``log_every`` steps (and on
     :meth:`pull`) the pending records are copied to the host in one transfer, appended to

@@ -3,7 +3,7 @@
 Sharded strategies (``FULL_SHARD``, ``SHARD_GRAD_OP``) call the hook as ``hook(state, grad,
 output)`` with the unit's padded flat gradient ``[R·c]`` and a ``[c]`` output: rank ``r`` owns
 chunk ``r``, so an all-to-all gives rank ``j`` its slice ``S_j`` of every rank's gradient and the
-combined slice is the output (DESIGN.md §3 without step 7, the bytes of a reduce-scatter).
+combined slice is the output (docs/design.md §3 without step 7, the bytes of a reduce-scatter).
 ``NO_SHARD`` calls ``hook(state, grad)`` and expects the reduced gradient in place: the DDP form
 of the protocol (all-to-all, Gramian, all-gather). FSDP1 runs no comm hook under the hybrid
 strategies; FSDP2 with :func:`install_fsdp_moo` (``hsdp_mesh=``) serves HSDP.

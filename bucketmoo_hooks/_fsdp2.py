@@ -2,8 +2,8 @@
 
 FSDP2 lays a unit's gradients out as ``[R, c]``, row ``r`` being the shard rank ``r`` will own
 (every parameter padded to a multiple of ``R`` rows). That is step 1's layout already, so the
-protocol of DESIGN.md §3 runs without padding and without step 7: an all-to-all gives rank ``j``
-its slice ``S_j`` of every rank's gradient, and the combined slice ``d_j`` *is* the
+protocol of docs/design.md §3 runs without padding and without step 7: an all-to-all gives rank
+``j`` its slice ``S_j`` of every rank's gradient, and the combined slice ``d_j`` *is* the
 reduce-scatter output. Per rank it sends ``(R−1)·c·b`` bytes, exactly a reduce-scatter, plus the
 ``L×L`` fp32 Gramian all-reduce.
 

@@ -19,9 +19,9 @@ from ._protocol import (
     scatter_shards,
     segment_weights,
     shard_segments,
-    solve_shards,
 )
 from ._state import BucketMOOState
+from ._units import solve_problems
 from ._worker import unwrap_outcome
 from .weightings import WeightingContext
 
@@ -31,7 +31,7 @@ def bucket_moo_hook(
 ) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: conflict-aware combination of the ranks' objective gradients per bucket.
 
-    Runs the shard-Gramian protocol of DESIGN.md §3 on the bucket: all-to-all of the (padded)
+    Runs the shard-Gramian protocol of docs/design.md §3 on the bucket: all-to-all of the (padded)
     bucket, group-average by objective, fp32 partial Gramian, all-reduce of the ``L×L`` Gramian,
     weights on the device, combined slice, all-gather of the slices into the bucket. Per rank it
     sends ``2(R−1)/R · n · b`` bytes, as a ring all-reduce, plus ``L²`` fp32 numbers; it never
@@ -128,9 +128,9 @@ def _reduce_bucket(
     shards = scatter_shards(comm, job.buffer, workspace)
     context = WeightingContext(step, job.index, objectives)
     parameters = shard_segments(job.sizes, group.rank(), shards.shape[1])
-    layout = state._parameter_layout(parameters)
     if state.granularity == "global":
         context = replace(context, problem=() if job.positions is not None else None)
+        layout = state._parameter_layout(parameters)
         future = _hold_until_last_bucket(state, job, comm, shards, averaging, context, layout)
     else:
         if state.granularity == "parameter":
@@ -142,28 +142,18 @@ def _reduce_bucket(
             ]
         else:
             segments, contexts = None, [replace(context, problem=job.positions)]
-        check = state._gramian_check(f"bucket {job.index} at step {step}", objectives, averaging)
-        combination = solve_shards(
+        update = solve_problems(
+            state,
+            job.index,
+            f"bucket {job.index}",
             comm,
             shards,
             averaging,
-            state.weighting,
             contexts,
             segments,
-            state.kernels,
-            check,
-            layout,
+            parameters,
         )
-        if state.diagnostics is not None:
-            state.diagnostics.record(
-                step,
-                job.index,
-                objectives,
-                combination.gramians,
-                combination.weights,
-                segmented=segments is not None,
-            )
-        future = _gather_into(job.buffer, comm, combination.update)
+        future = _gather_into(job.buffer, comm, update)
     if job.is_last:
         state._end_step()
     return future

@@ -1,4 +1,4 @@
-"""The shard-Gramian protocol (DESIGN.md §3), shared by the DDP hook and the FSDP reduce-scatter.
+"""The shard-Gramian protocol (docs/design.md §3), shared by the DDP hook and FSDP's reduce-scatter.
 
 Per bucket, rank ``j`` receives slice ``j`` of every rank's gradient (all-to-all), averages the
 rows by objective, forms its partial Gramian, all-reduces the ``L×L`` Gramian, computes the

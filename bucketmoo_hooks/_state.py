@@ -64,7 +64,7 @@ class BucketMOOState:
     Each rank's gradient is the gradient of its objective (its language group). In every bucket
     the hook replaces DDP's average by ``d = Σ_ℓ w_ℓ ḡ_ℓ``, where ``ḡ_ℓ`` is the average gradient
     of the ranks training objective ``ℓ`` and ``w = weighting(G)`` is computed from the bucket's
-    ``L×L`` Gramian ``G_ab = ⟨ḡ_a, ḡ_b⟩`` (DESIGN.md §3).
+    ``L×L`` Gramian ``G_ab = ⟨ḡ_a, ḡ_b⟩`` (docs/design.md §3).
 
     Ranks agree on the objective map through a tiny host-side exchange (3 int64 per rank) at the
     start of every step, which also checks that all ranks are at the same step with the same
@@ -88,7 +88,7 @@ class BucketMOOState:
         diagnostics: A :class:`~bucketmoo_hooks.Diagnostics` to record cosine similarities,
             norms, weights and update norms per bucket and step (on the device; pulled to the
             host every ``log_every`` steps). ``None`` (default) records nothing.
-        granularity: What one weight vector covers (DESIGN.md §5). ``"bucket"`` (default): one
+        granularity: What one weight vector covers (docs/design.md §5). ``"bucket"`` (default): one
             per DDP bucket, the paper's method. ``"parameter"``: one per parameter tensor in the
             bucket; the ``S`` Gramians of a bucket's ``S`` parameters go in one all-reduce
             (``S·L²`` fp32 numbers). ``"global"``: one for the whole model from the sum of the

@@ -160,9 +160,30 @@ def solve_unit(
             replace(context, segment=s, problem=problem)
             for s, problem in enumerate(unit.parameter_problems)
         ]
-    check = state._gramian_check(
-        f"{unit.label} at step {state.iter}", objective_map.objectives, averaging
+    return solve_problems(
+        state, unit.index, unit.label, comm, shards, averaging, contexts, segments, parameters
     )
+
+
+def solve_problems(
+    state: BucketMOOState,
+    index: int,
+    label: str,
+    comm: BucketComm,
+    shards: Tensor,
+    averaging: Tensor,
+    contexts: Sequence[WeightingContext],
+    segments: Sequence[Segment] | None,
+    parameters: Sequence[Segment],
+) -> Tensor:
+    """Steps 2–6 of one bucket or unit with the state's weighting, kernels, non-finite check,
+    presence check and diagnostics (bucket id ``index``); returns the combined slice ``d_j``.
+
+    ``segments``: the problems (``None``: one for the slice); ``parameters``: where each
+    parameter lies in the slice.
+    """
+    objectives = contexts[0].objectives
+    check = state._gramian_check(f"{label} at step {state.iter}", objectives, averaging)
     combination = solve_shards(
         comm,
         shards,
@@ -177,8 +198,8 @@ def solve_unit(
     if state.diagnostics is not None:
         state.diagnostics.record(
             state.iter,
-            unit.index,
-            objective_map.objectives,
+            index,
+            objectives,
             combination.gramians,
             combination.weights,
             segmented=segments is not None,

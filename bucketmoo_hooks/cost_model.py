@@ -240,7 +240,8 @@ class Prediction:
 
 def ddp_buckets(parameters: int, bucket_cap_mb: float = 25.0, element_size: int = 4) -> list[int]:
     """DDP's bucket sizes for a model of ``parameters`` elements: the first bucket is capped at
-    ~1 MiB (DESIGN.md §3), the rest at ``bucket_cap_mb``."""
+    ~1 MiB, as DDP does when ``bucket_cap_mb`` is left at its default (docs/design.md §3), the
+    rest at ``bucket_cap_mb``."""
     first = min(parameters, 2**20 // element_size)
     cap = int(bucket_cap_mb * 2**20) // element_size
     rest = parameters - first

@@ -66,7 +66,7 @@ class SingleDeviceMOO:
             does).
         weighting: As for :class:`BucketMOOState`; ``None`` is plain DDP: the mean over the
             emulated ranks, no MOO.
-        granularity: ``"bucket"``, ``"parameter"`` or ``"global"`` (DESIGN.md §5).
+        granularity: ``"bucket"``, ``"parameter"`` or ``"global"`` (docs/design.md §5).
         bucket_cap_mb: DDP's ``bucket_cap_mb``; sets the partition.
         diagnostics: Records per problem and step, in the hook's format.
         absent: As for :class:`BucketMOOState`: ``"exclude"`` (default) leaves an objective out

@@ -1,5 +1,5 @@
 // Kernel 2: weights on the device and the combined slice d = wᵀ A = Σ_r w_{ℓ(r)} M[ℓ(r),r] S[r],
-// written in the bucket dtype, in one launch and one pass over S (DESIGN.md §3, steps 5–6).
+// written in the bucket dtype, in one launch and one pass over S (docs/design.md §3, steps 5–6).
 //
 // solve_combine: one block per item of the table (common.cuh). Warp 0 of every block computes the
 //   weights of its item's segment from the all-reduced Gramian (every block of a segment the same

@@ -1,5 +1,6 @@
 // Kernel 1: partial Gramians P[s] = A[:, s] A[:, s]ᵀ of the objective slices A = M S, in one pass
-// over the received block S ∈ [R, c], for every segment s of the slice (DESIGN.md §3, steps 2–3).
+// over the received block S ∈ [R, c], for every segment s of the slice
+// (docs/design.md §3, steps 2–3).
 //
 // gramian_partials: one block per segment item (a run of at most `chunk` columns of one segment).
 //   Each thread owns kColumns columns per tile of kTile columns. For each column it sums the rows

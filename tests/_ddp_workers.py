@@ -225,17 +225,22 @@ def disagreeing_states(rank: int, world_size: int, case: str, overlap: bool) -> 
         state = BucketMOOState(overlap=overlap)
         state.iter = rank  # as if one rank restored a different checkpoint
     ddp.register_comm_hook(state, bucket_moo_hook)
-    x, target = batch(rank, 0, 0, torch.float32)
-    try:
-        nn.functional.mse_loss(ddp(x), target).backward()
-        outcome = "no error"
-    except (ValueError, RuntimeError) as error:
-        outcome = f"{type(error).__name__}: {error}"
+    outcome = backward_outcome(ddp, rank)
     # A DDP reducer whose backward was interrupted can abort the process (std::terminate) if it
     # is destroyed at interpreter exit after the process group; free it while the group lives.
     del ddp
     gc.collect()
     return outcome
+
+
+def backward_outcome(ddp: DistributedDataParallel, rank: int) -> str:
+    """One backward of ``ddp`` on this rank's batch: ``"no error"`` or the error it raised."""
+    x, target = batch(rank, 0, 0, torch.float32)
+    try:
+        nn.functional.mse_loss(ddp(x), target).backward()
+    except (ValueError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
 
 
 def registration_errors(rank: int, world_size: int) -> dict[str, str]:

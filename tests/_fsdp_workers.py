@@ -271,7 +271,7 @@ def mean_vs_native(rank: int, world_size: int, objective_of_rank: tuple, steps: 
     return runs
 
 
-def _error_of(action: Callable[[], Any]) -> str:
+def error_of(action: Callable[[], Any]) -> str:
     try:
         action()
     except (TypeError, ValueError, RuntimeError) as error:
@@ -294,16 +294,14 @@ def install_errors(rank: int, world_size: int) -> dict[str, str]:
         return model
 
     errors = {
-        "not_fsdp": _error_of(lambda: install_fsdp_moo(make_model((7,), torch.float32), None)),
-        "no_units": _error_of(
+        "not_fsdp": error_of(lambda: install_fsdp_moo(make_model((7,), torch.float32), None)),
+        "no_units": error_of(
             lambda: install_fsdp_moo(make_model((7,), torch.float32), BucketMOOState())
         ),
-        "global": _error_of(
-            lambda: install_fsdp_moo(fsdp2(), BucketMOOState(granularity="global"))
-        ),
+        "global": error_of(lambda: install_fsdp_moo(fsdp2(), BucketMOOState(granularity="global"))),
     }
     mesh_2d = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("replicate", "shard"))
-    errors["native_hsdp"] = _error_of(
+    errors["native_hsdp"] = error_of(
         lambda: install_fsdp_moo(fsdp2(mesh=mesh_2d), BucketMOOState())
     )
     # Biases on a mesh of their own (another process group): a second parameter group.
@@ -313,36 +311,36 @@ def install_errors(rank: int, world_size: int) -> dict[str, str]:
     def per_parameter_mesh(param: nn.Parameter) -> ShardPlacementResult | None:
         return ShardPlacementResult(Shard(0), other_mesh_info) if param.ndim == 1 else None
 
-    errors["param_groups"] = _error_of(
+    errors["param_groups"] = error_of(
         lambda: install_fsdp_moo(fsdp2(shard_placement_fn=per_parameter_mesh), BucketMOOState())
     )
     installed = fsdp2()
     install_fsdp_moo(installed, BucketMOOState())
-    errors["twice"] = _error_of(lambda: install_fsdp_moo(installed, BucketMOOState()))
+    errors["twice"] = error_of(lambda: install_fsdp_moo(installed, BucketMOOState()))
     other_group = dist.new_group([0])  # every rank must call new_group; rank 0 is in it
     if rank == 0:
-        errors["other_group"] = _error_of(
+        errors["other_group"] = error_of(
             lambda: install_fsdp_moo(fsdp2(), BucketMOOState(process_group=other_group))
         )
     # An FSDP2 without one of the APIs the install needs (as in torch < 2.11).
     saved = FSDPModule.set_force_sum_reduction_for_comms
     del FSDPModule.set_force_sum_reduction_for_comms
     try:
-        errors["old_torch"] = _error_of(lambda: install_fsdp_moo(fsdp2(), BucketMOOState()))
+        errors["old_torch"] = error_of(lambda: install_fsdp_moo(fsdp2(), BucketMOOState()))
     finally:
         FSDPModule.set_force_sum_reduction_for_comms = saved
     # FSDP1.
     plain = make_model((7,), torch.float32)
-    errors["fsdp1_not_fsdp"] = _error_of(lambda: register_fsdp_moo_hook(plain, BucketMOOState()))
+    errors["fsdp1_not_fsdp"] = error_of(lambda: register_fsdp_moo_hook(plain, BucketMOOState()))
     inner = FullyShardedDataParallel(make_model((7,), torch.float32), device_id=CPU)
     outer = FullyShardedDataParallel(nn.Sequential(inner), device_id=CPU)
-    errors["fsdp1_global"] = _error_of(
+    errors["fsdp1_global"] = error_of(
         lambda: register_fsdp_moo_hook(outer, BucketMOOState(granularity="global"))
     )
     register_fsdp_moo_hook(outer, BucketMOOState())
-    errors["fsdp1_twice"] = _error_of(lambda: register_fsdp_moo_hook(outer, BucketMOOState()))
+    errors["fsdp1_twice"] = error_of(lambda: register_fsdp_moo_hook(outer, BucketMOOState()))
     # Only after the root's lazy initialisation does an inner instance know it is not the root.
-    errors["fsdp1_not_root"] = _error_of(lambda: register_fsdp_moo_hook(inner, BucketMOOState()))
+    errors["fsdp1_not_root"] = error_of(lambda: register_fsdp_moo_hook(inner, BucketMOOState()))
     hybrid = make_model((7,), torch.float32)
     hybrid[0] = FullyShardedDataParallel(
         hybrid[0],
@@ -350,13 +348,13 @@ def install_errors(rank: int, world_size: int) -> dict[str, str]:
         device_mesh=mesh_2d,
         device_id=CPU,
     )
-    errors["fsdp1_hybrid"] = _error_of(
+    errors["fsdp1_hybrid"] = error_of(
         lambda: register_fsdp_moo_hook(
             FullyShardedDataParallel(hybrid, device_id=CPU), BucketMOOState()
         )
     )
     errors["scaling_changed"] = scaling_changed_after_install(rank, world_size)
-    errors["hsdp_1d_mesh"] = _error_of(
+    errors["hsdp_1d_mesh"] = error_of(
         lambda: install_fsdp_moo(fsdp2(), BucketMOOState(), hsdp_mesh=other_mesh)
     )
     return errors
@@ -371,7 +369,7 @@ def scaling_changed_after_install(rank: int, world_size: int) -> str:
     model[0].set_gradient_divide_factor(float(world_size))
     x, target = batch(rank, 0, 0, torch.float32)
     loss = nn.functional.mse_loss(model(x), target)
-    outcome = _error_of(loss.backward)
+    outcome = error_of(loss.backward)
     del model, loss
     gc.collect()
     return outcome
@@ -389,7 +387,7 @@ def hsdp_mixed_replica(rank: int, world_size: int) -> str:
     state.set_objective("ja" if rank == 1 else state.objective_of_rank[rank])  # on every rank
     x, target = batch(rank, 0, 0, torch.float32)
     loss = nn.functional.mse_loss(model(x), target)
-    outcome = _error_of(loss.backward)
+    outcome = error_of(loss.backward)
     del model, loss
     gc.collect()
     return outcome

@@ -3,12 +3,12 @@ import them)."""
 
 import functools
 import gc
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from _ddp_workers import batch, make_model
+from _fsdp_workers import error_of
 from torch import Tensor, nn
 from torch.distributed import distributed_c10d as c10d
 from torch.distributed.device_mesh import DeviceMesh
@@ -28,14 +28,6 @@ from bucketmoo_hooks._compat import all_gather_single
 from bucketmoo_hooks._groups import group_timeout
 
 CPU = torch.device("cpu")
-
-
-def _error_of(action: Callable[[], Any]) -> str:
-    try:
-        action()
-    except (TypeError, ValueError, RuntimeError) as error:
-        return f"{type(error).__name__}: {error}"
-    return "no error"
 
 
 def _train(model: nn.Module, rank: int, steps: int) -> list[Tensor]:
@@ -121,7 +113,7 @@ def one_state_two_models(rank: int, world_size: int) -> dict[str, str]:
     encoder = DistributedDataParallel(make_model((7,), torch.float32))
     decoder = DistributedDataParallel(make_model((7,), torch.float32))
     register_bucket_moo_hook(encoder, state)
-    errors["ddp"] = _error_of(functools.partial(register_bucket_moo_hook, decoder, state))
+    errors["ddp"] = error_of(functools.partial(register_bucket_moo_hook, decoder, state))
 
     def fsdp2() -> nn.Module:
         model = make_model((7,), torch.float32)
@@ -130,18 +122,18 @@ def one_state_two_models(rank: int, world_size: int) -> dict[str, str]:
 
     fsdp_state = BucketMOOState()
     install_fsdp_moo(fsdp2(), fsdp_state)
-    errors["fsdp2"] = _error_of(lambda: install_fsdp_moo(fsdp2(), fsdp_state))
+    errors["fsdp2"] = error_of(lambda: install_fsdp_moo(fsdp2(), fsdp_state))
 
     def fsdp1() -> nn.Module:
         return FullyShardedDataParallel(make_model((7,), torch.float32), device_id=CPU)
 
     fsdp1_state = BucketMOOState()
     register_fsdp_moo_hook(fsdp1(), fsdp1_state)
-    errors["fsdp1"] = _error_of(lambda: register_fsdp_moo_hook(fsdp1(), fsdp1_state))
-    errors["ddp_then_fsdp2"] = _error_of(lambda: install_fsdp_moo(fsdp2(), state))
+    errors["fsdp1"] = error_of(lambda: register_fsdp_moo_hook(fsdp1(), fsdp1_state))
+    errors["ddp_then_fsdp2"] = error_of(lambda: install_fsdp_moo(fsdp2(), state))
     # register_comm_hook directly on the decoder, with the encoder's state.
     decoder.register_comm_hook(state, bucket_moo_hook)
-    errors["raw"] = _error_of(functools.partial(_train, decoder, rank, 1))
+    errors["raw"] = error_of(functools.partial(_train, decoder, rank, 1))
     # A reducer whose backward was interrupted can abort the process if destroyed after the
     # process group; free it while the group lives.
     del decoder
@@ -164,7 +156,7 @@ def subgroup_models(rank: int, world_size: int) -> dict[str, Any]:
     subgroup, _ = dist.new_subgroups(2)
     members = dist.get_process_group_ranks(subgroup)
     seen: dict[str, Any] = {"members": members}
-    seen["wrong_length"] = _error_of(
+    seen["wrong_length"] = error_of(
         lambda: register_bucket_moo_hook(
             DistributedDataParallel(make_model((7,), torch.float32), process_group=subgroup),
             BucketMOOState(["a", "b", "c"]),

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _ddp_workers import batch, make_model
+from _ddp_workers import backward_outcome, batch, make_model
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -33,12 +33,7 @@ def _ddp_step(rank: int, state: BucketMOOState) -> str:
     """One DDP backward under the hook; ``"no error"`` or the error it raised."""
     ddp = DistributedDataParallel(make_model((7,), torch.float32))
     ddp.register_comm_hook(state, bucket_moo_hook)
-    x, target = batch(rank, 0, 0, torch.float32)
-    try:
-        nn.functional.mse_loss(ddp(x), target).backward()
-        outcome = "no error"
-    except (ValueError, RuntimeError) as error:
-        outcome = f"{type(error).__name__}: {error}"
+    outcome = backward_outcome(ddp, rank)
     # A reducer whose backward was interrupted must be freed while the process group lives.
     del ddp
     gc.collect()

@@ -77,7 +77,7 @@ def fuses_weighting(weighting: Weighting) -> bool:
 
 
 class FusedBucket:
-    """Steps 2–6 of DESIGN.md §3 for one bucket in two fused kernels plus a small reduction.
+    """Steps 2–6 of docs/design.md §3 for one bucket in two fused kernels plus a small reduction.
 
     ``partial_gramians`` reads ``S`` once and returns the fp32 partial Gramians ``[S, L, L]`` (to be
     all-reduced in place); ``combine`` reads ``S`` once more, computes the weights on the device (or

@@ -41,7 +41,7 @@ class CAGrad(Weighting):
     Normalisation: identical gradients give ``g₀ + c g₀ = (1 + c) g₀``, so the update is divided
     by ``1 + c``, the paper code's ``rescale=2`` option (its default ``rescale=1`` divides by
     ``1 + c²`` and torchjd does not rescale); then identical gradients give that gradient back
-    (DESIGN §4). torchjd's weights are these times ``1 + c``.
+    (docs/design.md §4). torchjd's weights are these times ``1 + c``.
 
     Solver (float64 on the Gramian's device, no host sync, fixed work): a primal active-set method
     on the support of ``w``, started from the full support (duplicated objectives share their

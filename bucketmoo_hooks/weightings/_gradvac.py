@@ -23,7 +23,7 @@ class GradVac(Weighting):
 
     and the target follows ``φ̂_ij ← (1 − β) φ̂_ij + β φ_ij``. With ``φ̂ = 0`` this is PCGrad's
     projection. The update is ``d = (1/L) Σ_i g_i'`` (the paper sums; the mean keeps identical
-    gradients unchanged, DESIGN §4).
+    gradients unchanged, docs/design.md §4).
 
     The targets are kept per problem (``context.problem``: a DDP bucket, a parameter, or the
     model, as in the paper's per-layer-group variant and LibMTL's implementation) and per ordered

@@ -53,7 +53,7 @@ class NashMTL(Weighting):
             the weights reach 1e-7 of their limit within 20, 25, 31 and 39 iterations for
             ``L`` = 4, 8, 16 and 32; full-rank ones within 10.
         normalization: ``"sum"`` (default) returns ``α / Σα``, so identical gradients give that
-            gradient back (DESIGN.md §4); ``‖d‖`` is then a weighted harmonic mean of the
+            gradient back (docs/design.md §4); ``‖d‖`` is then a weighted harmonic mean of the
             objectives' norms. ``"none"`` returns the paper's ``α``, for which ``‖d‖`` does not
             depend on the gradients' lengths (``√L`` for ``L`` identical gradients); torchjd
             further clips ``‖d‖`` to ``max_norm``.

@@ -25,8 +25,8 @@ class PCGrad(Weighting):
     (``L − 1`` steps, each an ``L×L`` matmul and elementwise work; float64, no host sync).
 
     Normalisation: the paper sums the projected gradients (``d = Σ_i g_i'``, as torchjd does);
-    here they are averaged so that identical gradients give that gradient back (DESIGN §4), i.e.
-    the weights are the paper's divided by ``L``.
+    here they are averaged so that identical gradients give that gradient back
+    (docs/design.md §4), i.e. the weights are the paper's divided by ``L``.
 
     Random order: every objective ``i`` visits the others in the order of 32-bit keys drawn from
     a counter-based generator (a SplitMix64 mix of ``(seed, step, bucket)`` in Python integers,
