@@ -37,6 +37,7 @@ last bucket (``state.held_bytes``). With CUDA, ``torch.cuda.max_memory_allocated
 # No ``from __future__ import annotations``: DDP checks the comm hooks' annotations at runtime.
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -597,6 +598,7 @@ def run(args: argparse.Namespace) -> None:
             "records": [list(per_method) for per_method in zip(*gathered, strict=True)],
         }
         Path(args.out).write_text(json.dumps(summary))
+        print(table(summarise(summary), summary), flush=True)
     dist.barrier(group=control)
     dist.destroy_process_group()
 
@@ -637,10 +639,12 @@ def summarise(measurement: dict[str, Any]) -> list[dict[str, Any]]:
                 "buckets": first["buckets"],
             }
         )
-    baseline = next(r for r in rows if r["method"] == "allreduce")
+    baseline = next((r for r in rows if r["method"] == "allreduce"), None)
     fsdp = next((r for r in rows if r["method"] == "fsdp2"), None)
     for row in rows:
         reference = fsdp if row["method"].startswith("fsdp2") and fsdp else baseline
+        if reference is None:  # measured without its baseline: no ratios
+            continue
         row["baseline"] = reference["method"]
         row["bytes_ratio"] = row["algorithm_bytes"] / reference["algorithm_bytes"]
         if row["wire_bytes"] is not None:
@@ -799,6 +803,31 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """What ``run`` prints: one line per method, ratios to its baseline where it was measured."""
+
+    def ratio(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:.3f}x" if key in row else "—"
+
+    lines = [
+        f"R = {summary['world_size']} ({summary['backend']}, {summary['device']}), "
+        f"{summary['parameters']:,} parameters; per rank per step, slowest rank's "
+        "median step (p10-p90); ratios to allreduce (FSDP2 rows: to fsdp2)",
+        f"{'method':<14}{'MiB sent':>10}{'bytes':>9}{'step ms':>22}{'time':>9}"
+        f"{'hook body ms':>14}{'tail ms':>9}{'peak MiB':>10}",
+    ]
+    for row in rows:
+        step = row["step_ms"]
+        spread = f"{step['median']:.0f} ({step['p10']:.0f}-{step['p90']:.0f})"
+        peak = "—" if row["transient_mb"] is None else f"{row['transient_mb']:.0f}"
+        lines.append(
+            f"{row['method']:<14}{_mb(row['algorithm_bytes']):>10}{ratio(row, 'bytes_ratio'):>9}"
+            f"{spread:>22}{ratio(row, 'time_ratio'):>9}{row['hook_body_ms']['median']:>14.1f}"
+            f"{row['tail_ms']:>9.1f}{peak:>10}"
+        )
+    return "\n".join(lines)
+
+
 def rows_in_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(
         rows, key=lambda r: (r["parameters"], r["world_size"], METHODS.index(r["method"]))
@@ -872,13 +901,27 @@ def plot(result: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Commands: 'run' (under torchrun) measures once; 'sweep' launches the runs of the "
+        "recorded table. Each takes --help.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "sweep"):
-        sub = commands.add_parser(name)
-        sub.add_argument("--layers", type=int, default=8)
-        sub.add_argument("--d-model", type=int, default=512)
-        sub.add_argument("--context", type=int, default=64)
+    summaries = {
+        "run": "one measurement, launched by torchrun: every method in turn, a table on rank 0",
+        "sweep": "the world-size and model-size sweeps: JSON, Markdown and PNG under --out",
+    }
+    for name, summary in summaries.items():
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        sub.add_argument("--layers", type=int, default=8, help="transformer blocks")
+        sub.add_argument("--d-model", type=int, default=512, help="model width")
+        sub.add_argument("--context", type=int, default=64, help="tokens per sequence")
         sub.add_argument("--batch", type=int, default=2, help="sequences per rank per step")
         sub.add_argument("--steps", type=int, default=6, help="timed steps per method and round")
         sub.add_argument(
@@ -887,24 +930,39 @@ def main() -> None:
             default=2,
             help="rounds over the methods, each in a rotated order; their timed steps are pooled",
         )
-        sub.add_argument("--warmup", type=int, default=3)
+        sub.add_argument("--warmup", type=int, default=3, help="untimed steps first")
         sub.add_argument(
             "--memory-steps",
             type=int,
             default=2,
             help="steps of the memory pass after the timed passes (0: none)",
         )
-        sub.add_argument("--bucket-cap-mb", type=float, default=25.0)
-        sub.add_argument("--methods", default=",".join(METHODS))
-    commands.choices["run"].add_argument("--out", required=True)
+        sub.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP's bucket cap")
+        sub.add_argument(
+            "--methods",
+            default=",".join(METHODS),
+            help=f"comma-separated, of: {', '.join(METHODS)}",
+        )
+    commands.choices["run"].add_argument("--out", required=True, help="JSON written by rank 0")
     sweep_parser = commands.choices["sweep"]
-    sweep_parser.add_argument("--worlds", default="2,4,8")
+    sweep_parser.add_argument("--worlds", default="2,4,8", help="world sizes of the table")
     sweep_parser.add_argument("--sizes", default="2,8,16", help="layer counts of the size sweep")
-    sweep_parser.add_argument("--size-world", type=int, default=4)
-    sweep_parser.add_argument("--size-methods", default="allreduce,mgda,global,naive")
-    sweep_parser.add_argument("--out", type=Path, default=RESULTS)
-    sweep_parser.add_argument("--name", default="comm_overhead_cpu")
-    args = parser.parse_args()
+    sweep_parser.add_argument(
+        "--size-world", type=int, default=4, help="world size of the size sweep"
+    )
+    sweep_parser.add_argument(
+        "--size-methods", default="allreduce,mgda,global,naive", help="methods of the size sweep"
+    )
+    sweep_parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    sweep_parser.add_argument("--name", default="comm_overhead_cpu", help="results file stem")
+    # Under torchrun every rank parses: only rank 0 prints --help or a usage error.
+    quiet = os.environ.get("RANK", "0") != "0"
+    with contextlib.ExitStack() as stack:
+        if quiet:
+            sink = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(sink))
+            stack.enter_context(contextlib.redirect_stderr(sink))
+        args = parser.parse_args()
     for name in ("steps", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")

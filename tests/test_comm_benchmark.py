@@ -155,3 +155,21 @@ def test_protocol_phases_prints_every_phase() -> None:
         "protocol, presence checked",
     ]
     assert all(float(line.split()[-2]) > 0 for line in lines)
+
+
+def test_run_prints_a_table_and_help_lists_methods_and_defaults(
+    sweep: tuple[Path, dict],
+) -> None:
+    measured = [r for r in sweep[1]["rows"] if r["world_size"] == 2 and r["parameters"]]
+    summary = {"world_size": 2, "backend": "gloo", "device": "cpu", "parameters": 1234}
+    lines = _benchmark.table(measured, summary).splitlines()
+    assert lines[0].startswith("R = 2 (gloo, cpu), 1,234 parameters")
+    assert [line.split()[0] for line in lines[2:]] == [r["method"] for r in measured]
+    assert all(line.split()[2].endswith("x") for line in lines[2:])  # bytes ratio
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARK), "run", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert all(method in text for method in METHODS)
+    assert "(default: 6)" in text  # --steps
