@@ -51,6 +51,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 WHOLE_MODEL = -1
 LEGEND_PAIRS = 15
+#: Series longer than this many steps are drawn as a trailing mean over their faint raw values.
+SMOOTH_FROM = 100
 DPI = 120
 # "parameter" may be left out of hand-written records (read as null).
 BUCKET_KEYS = ("bucket", "objectives", "cosine", "norms", "weights", "update_norm")
@@ -351,13 +353,25 @@ def plot_cosine_heatmap(stats: Stats, path: Path) -> None:
     tick_font = min(9.0, max(4.0, 0.6 * cell))
     annotate = num <= 8 and cell >= 18
     same_steps = len({len(stats.bucket_steps[bucket]) for bucket in stats.buckets}) == 1
-    image = None
-    for position, (ax, bucket) in enumerate(zip(axes.flat, stats.buckets, strict=False)):
+    means = {}
+    for bucket in stats.buckets:
         count = stats.cosine_count[bucket]
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(count > 0, stats.cosine_sum[bucket] / np.maximum(count, 1), np.nan)
+        np.fill_diagonal(mean, np.nan)  # always 1: it would set the scale and say nothing
+        means[bucket] = mean
+    # One symmetric scale for every panel, set by the off-diagonal values.
+    finite = [abs(v) for m in means.values() for v in m.ravel() if math.isfinite(v)]
+    limit = min(1.0, max(0.05, max(finite, default=1.0)))
+    image = None
+    for position, (ax, bucket) in enumerate(zip(axes.flat, stats.buckets, strict=False)):
+        mean = means[bucket]
         image = ax.imshow(
-            np.ma.masked_invalid(mean), cmap=colormap, vmin=-1.0, vmax=1.0, interpolation="none"
+            np.ma.masked_invalid(mean),
+            cmap=colormap,
+            vmin=-limit,
+            vmax=limit,
+            interpolation="none",
         )
         # Names on the outer panels only: the left column and the lowest panel of each column.
         ax.set_xticks(range(num), stats.objectives, rotation=90 if num > 6 else 45)
@@ -375,7 +389,7 @@ def plot_cosine_heatmap(stats: Stats, path: Path) -> None:
         if annotate:
             for (i, j), value in np.ndenumerate(mean):
                 if math.isfinite(value):
-                    color = "white" if abs(value) > 0.6 else "black"
+                    color = "white" if abs(value) > 0.6 * limit else "black"
                     ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
     for ax in axes.flat[panels:]:
         ax.set_axis_off()
@@ -383,10 +397,10 @@ def plot_cosine_heatmap(stats: Stats, path: Path) -> None:
         colorbar = figure.colorbar(
             image, ax=axes.ravel().tolist(), shrink=min(0.9, 3 / rows), aspect=25
         )
-        colorbar.set_label("mean cosine similarity")
+        colorbar.set_label(f"mean cosine similarity (scale ±{limit:.2g})")
     figure.suptitle(
         f"Objective-pair cosine similarity per bucket, mean over {step_range(stats.steps)}"
-        "\n(grey: pair never present together)",
+        "\n(grey: the diagonal, and pairs never present together)",
         fontsize=11,
     )
     save(figure, path)
@@ -401,6 +415,13 @@ def _colors(count: int) -> list[Any]:
     return list(matplotlib.colormaps["nipy_spectral"](np.linspace(0.02, 0.95, count)))
 
 
+def _smoothing_note(stats: Stats) -> str:
+    steps = len(stats.steps)
+    if steps <= SMOOTH_FROM:
+        return ""
+    return f"\ntrailing mean over {max(3, steps // 25)} steps (faint: per step)"
+
+
 def _legend_outside(ax: Axes, count: int, title: str | None = None) -> None:
     ax.legend(
         title=title,
@@ -410,6 +431,33 @@ def _legend_outside(ax: Axes, count: int, title: str | None = None) -> None:
         ncols=max(1, math.ceil(count / 25)),
         frameon=False,
     )
+
+
+def _smoothed(values: Sequence[float], steps: int) -> list[float] | None:
+    """A trailing mean over ``max(3, steps // 25)`` points when a series is too long to read
+    point by point (over ``SMOOTH_FROM`` steps), else ``None``. NaNs are skipped."""
+    if steps <= SMOOTH_FROM:
+        return None
+    window = max(3, steps // 25)
+    series = np.asarray(values, dtype=float)
+    out = []
+    for end in range(1, len(series) + 1):
+        part = series[max(0, end - window) : end]
+        part = part[np.isfinite(part)]
+        out.append(float(part.mean()) if part.size else math.nan)
+    return out
+
+
+def _plot_series(
+    ax: Axes, steps: Sequence[int], values: Sequence[float], **style: Any
+) -> list[Any]:
+    """``values`` over ``steps``: as they are, or faint beneath their trailing mean when long."""
+    smooth = _smoothed(values, len(steps))
+    if smooth is None:
+        return ax.plot(steps, values, marker="o" if len(steps) <= 40 else None, **style)
+    faint = {k: v for k, v in style.items() if k in ("color", "zorder")}
+    ax.plot(steps, values, alpha=0.25, linewidth=0.6, **faint)
+    return ax.plot(steps, smooth, **style)
 
 
 def _time_axis(ax: Axes) -> None:
@@ -431,12 +479,14 @@ def plot_weights(stats: Stats, path: Path) -> None:
                 mean.append(sum(finite) / len(finite))
                 low.append(min(finite))
                 high.append(max(finite))
-        marker = "o" if len(steps) <= 40 else None
-        ax.plot(steps, mean, color=color, label=name, marker=marker, markersize=3, linewidth=1.4)
+        _plot_series(ax, steps, mean, color=color, label=name, markersize=3, linewidth=1.4)
         ax.fill_between(steps, low, high, color=color, alpha=band, linewidth=0)
     _time_axis(ax)
     ax.set_ylabel("weight")
-    ax.set_title("Weight per objective: mean over buckets (band: min–max across buckets)")
+    ax.set_title(
+        "Weight per objective: mean over buckets (band: min–max across buckets)"
+        + _smoothing_note(stats)
+    )
     _legend_outside(ax, len(stats.objectives), "objective")
     save(figure, path)
 
@@ -449,11 +499,10 @@ def plot_conflict_share(stats: Stats, path: Path) -> None:
         flags[step].append(in_conflict)
     steps = sorted(flags)
     share = [sum(flags[step]) / len(flags[step]) for step in steps]
-    marker = "o" if len(steps) <= 40 else None
     red = "tab:red"
     ax.fill_between(steps, share, color=red, alpha=0.15, linewidth=0)
-    handles = ax.plot(
-        steps, share, color=red, marker=marker, markersize=3, label="share of buckets in conflict"
+    handles = _plot_series(
+        ax, steps, share, color=red, markersize=3, label="share of buckets in conflict"
     )
     ax.set_ylim(0, 1.05)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
@@ -467,11 +516,11 @@ def plot_conflict_share(stats: Stats, path: Path) -> None:
         global_steps = sorted(stats.global_min_norm)
         values = [stats.global_min_norm[step] for step in global_steps]
         norms += values
-        handles += right.plot(
+        handles += _plot_series(
+            right,
             global_steps,
             values,
             color="black",
-            marker=marker,
             markersize=3,
             linewidth=1.4,
             label="global min-norm  min‖Σ w g‖ (whole model)",
@@ -479,12 +528,12 @@ def plot_conflict_share(stats: Stats, path: Path) -> None:
     update_steps = [step for step in sorted(stats.update_norm) if stats.update_norm[step].count]
     values = [stats.update_norm[step].value for step in update_steps]
     norms += values
-    handles += right.plot(
+    handles += _plot_series(
+        right,
         update_steps,
         values,
         color="tab:blue",
         linestyle="--",
-        marker=marker,
         markersize=3,
         label="mean per-bucket update norm ‖d‖",
     )
@@ -496,6 +545,7 @@ def plot_conflict_share(stats: Stats, path: Path) -> None:
         right.set_ylim(bottom=0)
     ax.set_title(
         f"Buckets in conflict (some pair cosine < {stats.threshold:g}) and update norms per step"
+        + _smoothing_note(stats)
     )
     ax.legend(
         handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=3, frameon=False
@@ -514,14 +564,13 @@ def plot_pair_cosine(stats: Stats, path: Path) -> None:
         steps = [step for step in sorted(by_step) if by_step[step].count]
         return steps, [by_step[step].value for step in steps]
 
-    marker = "o" if len(stats.steps) <= 40 else None
     for pair, _ in others:
-        ax.plot(*series(pair), color="0.75", linewidth=0.8, zorder=1)
+        _plot_series(ax, *series(pair), color="0.75", linewidth=0.8, zorder=1)
     for (pair, mean), color in zip(named, _colors(len(named)), strict=True):
-        ax.plot(
+        _plot_series(
+            ax,
             *series(pair),
             color=color,
-            marker=marker,
             markersize=3,
             linewidth=1.4,
             zorder=2,
@@ -536,6 +585,7 @@ def plot_pair_cosine(stats: Stats, path: Path) -> None:
     ax.set_ylabel("cosine similarity (mean over buckets)")
     ax.set_title(
         "Cosine per objective pair over steps (mean over buckets; dotted: conflict threshold)"
+        + _smoothing_note(stats)
     )
     if ranked:
         _legend_outside(ax, len(named) + bool(others), "pair (mean cosine)")

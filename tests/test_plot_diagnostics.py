@@ -190,3 +190,21 @@ def test_unreadable_input_exits_with_a_message_not_a_traceback(
     assert result.returncode != 0
     assert f"{path}{message}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_long_series_are_drawn_as_a_trailing_mean() -> None:
+    """Over 100 steps a series becomes a trailing mean over steps // 25 points (NaNs skipped);
+    shorter ones are drawn as they are."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_diagnostics", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module._smoothed([1.0, 2.0], 2) is None
+    values = [float(i % 2) for i in range(200)]
+    values[5] = float("nan")
+    smooth = module._smoothed(values, len(values))
+    assert len(smooth) == 200 and smooth[0] == 0.0
+    assert smooth[7] == pytest.approx((0 + 1 + 0 + 1 + 0 + 0 + 1) / 7)  # window 8, NaN skipped
+    assert smooth[-1] == pytest.approx(0.5)
