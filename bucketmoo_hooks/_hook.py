@@ -249,7 +249,7 @@ def _hold_until_last_bucket(
             combine_segments(weights, h.objectives, [(0, h.objectives.shape[1])], h.buffer.dtype)
             for h in held
         ]
-    else:  # some parameters lack some of the model's objectives: renormalised weights for each
+    else:  # some parameters lack some of the model's objectives: weights of their own
         parts = parameter_weights.split([len(h.layout.segments) for h in held])
         updates = [
             combine_segments(part, h.objectives, h.layout.segments, h.buffer.dtype)

@@ -145,12 +145,7 @@ def objective_shards(shards: Tensor, averaging: Tensor) -> Tensor:
         return shards.to(compute_dtype)
     if compute_dtype != torch.float32 or exact_matmul_in_fp32(shards.device):
         return averaging.to(compute_dtype) @ shards.to(compute_dtype)
-    wide = averaging.to(torch.float64)
-    objectives = shards.new_empty((averaging.shape[0], shards.shape[1]), dtype=compute_dtype)
-    step = _block_columns(shards)
-    for lo in range(0, shards.shape[1], step):
-        objectives[:, lo : lo + step] = wide @ shards[:, lo : lo + step].to(torch.float64)
-    return objectives
+    return _wide_product(averaging, shards, compute_dtype)
 
 
 def _is_identity(matrix: Tensor) -> bool:
@@ -232,12 +227,18 @@ def weighted_sum(weights: Tensor, objectives: Tensor) -> Tensor:
         return weights @ objectives
     if not cpu_path(objectives.device):
         return torch.mv(objectives.T, weights)
-    wide = weights.to(torch.float64)
-    update = objectives.new_empty(objectives.shape[1])
-    step = _block_columns(objectives)
-    for lo in range(0, objectives.shape[1], step):
-        update[lo : lo + step] = wide @ objectives[:, lo : lo + step].to(torch.float64)
-    return update
+    return _wide_product(weights, objectives, objectives.dtype)
+
+
+def _wide_product(left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
+    """``left @ right`` (``[k, L]`` or ``[L]`` by ``[L, c]``) accumulated in float64 over blocks
+    of ``right``'s columns, written in ``dtype``: no precision flag applies to it."""
+    wide = left.to(torch.float64)
+    result = right.new_empty((*left.shape[:-1], right.shape[1]), dtype=dtype)
+    step = _block_columns(right)
+    for lo in range(0, right.shape[1], step):
+        result[..., lo : lo + step] = wide @ right[:, lo : lo + step].to(torch.float64)
+    return result
 
 
 def _block_columns(matrix: Tensor) -> int:

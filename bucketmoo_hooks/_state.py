@@ -123,11 +123,11 @@ class BucketMOOState:
         absent: What an objective whose ranks did not use a parameter (a language adapter or
             head; its gradient is zero on those ranks) is for that parameter. ``"exclude"``
             (default): absent. Each problem's weights are solved over the objectives present on
-            it, and renormalised over those present on each parameter, so a parameter used by
-            one objective gets exactly that objective's average gradient (README,
-            "Language-specific parameters"). The presence counts ride in the Gramian all-reduce
-            (``L`` numbers per parameter); on a GPU they are read on the host, one
-            synchronisation per bucket. Skipped when the model is DDP without
+            it, and a parameter with fewer of them gets the weighting of the Gramian restricted
+            to those, so a parameter used by one objective gets exactly that objective's average
+            gradient (README, "Language-specific parameters"). The presence counts ride in the
+            Gramian all-reduce (``L`` numbers per parameter); on a GPU they are read on the
+            host, one synchronisation per bucket. Skipped when the model is DDP without
             ``find_unused_parameters`` or ``static_graph`` (registered with
             :func:`~bucketmoo_hooks.register_bucket_moo_hook`): every rank then uses every
             parameter. ``"zero"``: DDP's convention, the zero gradient counts (MGDA then gives

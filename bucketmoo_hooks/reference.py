@@ -94,8 +94,9 @@ def combine(
     With ``present`` (``[P, L]`` bool: objective ``ℓ`` used parameter ``p``; ``parameter_sizes``
     the ``P`` parameters' lengths, summing to ``n``), absent objectives are left out as the hook
     does with ``BucketMOOState(absent="exclude")`` (:mod:`bucketmoo_hooks._absent`): weights
-    solved over the objectives present somewhere, renormalised per parameter. The update keeps
-    the dtype of ``objective_grads``.
+    solved over the objectives present somewhere, and a parameter with fewer of them weighted
+    by the weighting of ``G`` restricted to those. The update keeps the dtype of
+    ``objective_grads``.
     """
     resolved = get_weighting(weighting)
     compute = objective_grads.to(torch.promote_types(objective_grads.dtype, torch.float32))

@@ -216,7 +216,6 @@ def mean_vs_allreduce(
 
 def disagreeing_states(rank: int, world_size: int, case: str, overlap: bool) -> str:
     """Ranks configured inconsistently: every rank must raise (never hang); return the error."""
-    ddp = DistributedDataParallel(make_model((7,), torch.float32))
     if case == "weighting":
         state = BucketMOOState(weighting="mgda" if rank == 0 else "mean", overlap=overlap)
     elif case == "objective_of_rank":
@@ -224,23 +223,25 @@ def disagreeing_states(rank: int, world_size: int, case: str, overlap: bool) -> 
     else:
         state = BucketMOOState(overlap=overlap)
         state.iter = rank  # as if one rank restored a different checkpoint
+    return hooked_backward(rank, state)
+
+
+def hooked_backward(rank: int, state: BucketMOOState) -> str:
+    """One backward of a small DDP model under the raw hook with ``state``: ``"no error"`` or
+    the error it raised."""
+    ddp = DistributedDataParallel(make_model((7,), torch.float32))
     ddp.register_comm_hook(state, bucket_moo_hook)
-    outcome = backward_outcome(ddp, rank)
+    x, target = batch(rank, 0, 0, torch.float32)
+    try:
+        nn.functional.mse_loss(ddp(x), target).backward()
+        outcome = "no error"
+    except (ValueError, RuntimeError) as error:
+        outcome = f"{type(error).__name__}: {error}"
     # A DDP reducer whose backward was interrupted can abort the process (std::terminate) if it
     # is destroyed at interpreter exit after the process group; free it while the group lives.
     del ddp
     gc.collect()
     return outcome
-
-
-def backward_outcome(ddp: DistributedDataParallel, rank: int) -> str:
-    """One backward of ``ddp`` on this rank's batch: ``"no error"`` or the error it raised."""
-    x, target = batch(rank, 0, 0, torch.float32)
-    try:
-        nn.functional.mse_loss(ddp(x), target).backward()
-    except (ValueError, RuntimeError) as error:
-        return f"{type(error).__name__}: {error}"
-    return "no error"
 
 
 def registration_errors(rank: int, world_size: int) -> dict[str, str]:

@@ -7,12 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _ddp_workers import backward_outcome, batch, make_model
+from _ddp_workers import batch, hooked_backward, make_model
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
-from torch.nn.parallel import DistributedDataParallel
 
-from bucketmoo_hooks import BucketMOOState, bucket_moo_hook, install_fsdp_moo
+from bucketmoo_hooks import BucketMOOState, install_fsdp_moo
 
 
 def tempered(gramian: Tensor, temperature: float) -> Tensor:
@@ -27,17 +26,6 @@ def scaled(scale: float) -> Callable[[Tensor], Tensor]:
         return torch.full((gramian.shape[0],), scale / gramian.shape[0])
 
     return weights
-
-
-def _ddp_step(rank: int, state: BucketMOOState) -> str:
-    """One DDP backward under the hook; ``"no error"`` or the error it raised."""
-    ddp = DistributedDataParallel(make_model((7,), torch.float32))
-    ddp.register_comm_hook(state, bucket_moo_hook)
-    outcome = backward_outcome(ddp, rank)
-    # A reducer whose backward was interrupted must be freed while the process group lives.
-    del ddp
-    gc.collect()
-    return outcome
 
 
 def _fsdp2_step(rank: int, state: BucketMOOState) -> str:
@@ -61,21 +49,21 @@ def id_and_weighting_checks(rank: int, world_size: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     # 0-d tensor ids, as a default collate yields them: one objective per value on every rank.
     state = BucketMOOState([torch.tensor(r) for r in range(world_size)])
-    results["tensor_map_outcome"] = _ddp_step(rank, state)
+    results["tensor_map_outcome"] = hooked_backward(rank, state)
     results["tensor_map_objectives"] = state.objective_map and state.objective_map.num_objectives
     state = BucketMOOState()
     state.set_objective(torch.tensor(0))
-    results["tensor_set_outcome"] = _ddp_step(rank, state)
+    results["tensor_set_outcome"] = hooked_backward(rank, state)
     results["tensor_set_objectives"] = state.objective_map and state.objective_map.num_objectives
     # Rank 0 sets its objective, the others forget to.
     for overlap in (False, True):
         state = BucketMOOState(overlap=overlap)
         if rank == 0:
             state.set_objective("en")
-        results[f"mixed_set_overlap_{overlap}"] = _ddp_step(rank, state)
+        results[f"mixed_set_overlap_{overlap}"] = hooked_backward(rank, state)
     state = BucketMOOState(weighting=functools.partial(tempered, temperature=1.0))
-    results["partial"] = _ddp_step(rank, state)
-    results["closures"] = _ddp_step(rank, BucketMOOState(weighting=scaled(1.0 + rank)))
+    results["partial"] = hooked_backward(rank, state)
+    results["closures"] = hooked_backward(rank, BucketMOOState(weighting=scaled(1.0 + rank)))
     state = BucketMOOState()
     if rank == 0:
         state.set_objective("en")
