@@ -66,9 +66,14 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from bucketmoo_hooks import BucketMOOReduceScatter, BucketMOOState, install_fsdp_moo
+from bucketmoo_hooks import (
+    BucketMOOReduceScatter,
+    BucketMOOState,
+    bucket_moo_hook,
+    install_bucket_moo,
+)
+from bucketmoo_hooks._collectives import SENT_BYTES
 from bucketmoo_hooks._compat import all_gather_single
-from bucketmoo_hooks._hook import bucket_moo_hook
 from bucketmoo_hooks.weightings import MGDA
 
 #: Every method, in table order. ``*-blocking`` is the hook with ``overlap=False`` (the hook as it
@@ -155,23 +160,29 @@ def _flat(items: Any) -> list[Tensor]:
     return [t for item in items for t in _flat(item)]
 
 
-# ProcessGroup method → (collective, bytes one rank sends under the bandwidth-optimal algorithm).
-_ALGORITHM: dict[str, tuple[str, Callable[..., int]]] = {
-    "allreduce": ("all_reduce", lambda r, a: 2 * (r - 1) * _nbytes(_flat(a[0])) // r),
-    "allreduce_coalesced": ("all_reduce", lambda r, a: 2 * (r - 1) * _nbytes(_flat(a[0])) // r),
-    "all_to_all_single": ("all_to_all", lambda r, a: (r - 1) * _nbytes([a[1]]) // r),
-    "alltoall": ("all_to_all", lambda r, a: (r - 1) * _nbytes(_flat(a[1])) // r),
-    "all_gather_single": ("all_gather", lambda r, a: (r - 1) * _nbytes([a[1]])),
-    "all_gather_single_coalesced": ("all_gather", lambda r, a: (r - 1) * _nbytes(_flat(a[1]))),
-    "allgather": ("all_gather", lambda r, a: (r - 1) * _nbytes(_flat(a[1]))),
-    "reduce_scatter_single": ("reduce_scatter", lambda r, a: (r - 1) * _nbytes([a[0]])),
-    "reduce_scatter_single_coalesced": (
-        "reduce_scatter",
-        lambda r, a: (r - 1) * _nbytes(_flat(a[0])),
-    ),
-    "reduce_scatter": ("reduce_scatter", lambda r, a: (r - 1) * _nbytes(_flat(a[0]))),
+# ProcessGroup method → (collective, the tensors its bytes are counted from, how many of them
+# make the size SENT_BYTES takes: the all-reduced tensor, the all-to-all's or reduce-scatter's
+# input, the all-gather's output; lists are the per-rank pieces of that size).
+_ALGORITHM: dict[str, tuple[str, Callable[[int, tuple], int]]] = {
+    "allreduce": ("all_reduce", lambda r, a: _nbytes(_flat(a[0]))),
+    "allreduce_coalesced": ("all_reduce", lambda r, a: _nbytes(_flat(a[0]))),
+    "all_to_all_single": ("all_to_all", lambda r, a: _nbytes([a[1]])),
+    "alltoall": ("all_to_all", lambda r, a: _nbytes(_flat(a[1]))),
+    "all_gather_single": ("all_gather", lambda r, a: _nbytes([a[0]])),
+    "all_gather_single_coalesced": ("all_gather", lambda r, a: _nbytes(_flat(a[0]))),
+    "allgather": ("all_gather", lambda r, a: r * _nbytes(_flat(a[1]))),
+    "reduce_scatter_single": ("reduce_scatter", lambda r, a: _nbytes([a[1]])),
+    "reduce_scatter_single_coalesced": ("reduce_scatter", lambda r, a: _nbytes(_flat(a[1]))),
+    "reduce_scatter": ("reduce_scatter", lambda r, a: r * _nbytes(_flat(a[0]))),
     "broadcast": ("broadcast", lambda r, a: _nbytes(_flat(a[0]))),
 }
+
+
+def _sent(collective: str, world_size: int, nbytes: int) -> int:
+    """Bytes one rank sends in ``collective`` of ``nbytes`` (a broadcast: the root's tensor)."""
+    if collective == "broadcast":
+        return nbytes
+    return SENT_BYTES[collective](nbytes, world_size)
 
 
 class CollectiveCounter:
@@ -194,7 +205,8 @@ class CollectiveCounter:
 
             def counted(group: Any, *args: Any, _o=original, _c=collective, _n=count) -> Any:
                 if group is not self.ignore:
-                    self.sent[_c] = self.sent.get(_c, 0) + _n(group.size(), args)
+                    size = group.size()
+                    self.sent[_c] = self.sent.get(_c, 0) + _sent(_c, size, _n(size, args))
                 return _o(group, *args)
 
             setattr(process_group, method, counted)
@@ -406,7 +418,7 @@ def build(
         fully_shard(model)
         if method == "fsdp2-moo":
             state = BucketMOOState(weighting="mgda")
-            install_fsdp_moo(model, state)
+            install_bucket_moo(model, state)
             return model, state
         return model, None
     ddp = DistributedDataParallel(model, bucket_cap_mb=config.bucket_cap_mb)
@@ -425,11 +437,11 @@ def build(
         return ddp, None
     weighting, granularity, overlap = HOOK_METHODS[method]
     state = BucketMOOState(weighting=weighting, granularity=granularity, overlap=overlap)
-    # What register_bucket_moo_hook sets (it cannot wrap the hook in a timer): stable problem
+    # What install_bucket_moo sets (it cannot wrap the hook in a timer): stable problem
     # keys, and no presence check, since this DDP (no find_unused_parameters) uses every parameter
     # on every rank (benchmarks/protocol_phases.py times the check).
-    state._parameter_index = {id(p): i for i, p in enumerate(model.parameters())}
-    state._every_parameter_used = True
+    state._runtime.parameter_index = {id(p): i for i, p in enumerate(model.parameters())}
+    state._runtime.every_parameter_used = True
     ddp.register_comm_hook(state, timed_hook(bucket_moo_hook, times))
     return ddp, state
 

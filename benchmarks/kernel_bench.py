@@ -34,13 +34,9 @@ from pathlib import Path
 import torch
 
 from bucketmoo_hooks import ObjectiveMap
+from bucketmoo_hooks._absent import solve_weights
 from bucketmoo_hooks._kernels import fused_kernels
-from bucketmoo_hooks._protocol import (
-    combine_segments,
-    objective_shards,
-    partial_gramians,
-    segment_weights,
-)
+from bucketmoo_hooks._linalg import combine_segments, objective_shards, partial_gramians
 from bucketmoo_hooks.weightings import MGDA, WeightingContext
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -143,7 +139,8 @@ def measure(config: dict, timer: Timer, copy_bw: float, l2_bytes: int) -> dict:
     def torch_path() -> torch.Tensor:
         objectives = objective_shards(next(rotation), averaging)
         segment = [(0, columns)]
-        weights = segment_weights(weighting, partial_gramians(objectives, segment), contexts)
+        gramians = partial_gramians(objectives, segment)
+        weights, _ = solve_weights(weighting, gramians, None, contexts, [0])
         return combine_segments(weights, objectives, segment, dtype)
 
     repeats = 20 if nbytes < 2**28 else 5

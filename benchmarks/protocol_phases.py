@@ -6,10 +6,11 @@ in isolation (no backward competing for the cores), median of ``--repeats``::
     torchrun --nproc-per-node 2 benchmarks/protocol_phases.py
 
 Rank 0 prints one line per phase in milliseconds: the all-reduce the hook replaces, then the
-hook's phases (all-to-all, partial Gramian, Gramian all-reduce, MGDA solve, combination,
-all-gather) and the whole protocol end to end, then what checking for absent objectives adds
-(the presence counts of the bucket's ``--parameters`` equal parameters, and the protocol end to
-end with them: what the raw hook and DDP with ``find_unused_parameters`` pay). On CPU the
+hook's phases, numbered as the steps of docs/design.md §3 (all-to-all, averages and partial
+Gramian, Gramian all-reduce, MGDA solve, combination, all-gather), and the whole bucket end to
+end through the hook's core, then what checking for absent objectives adds (the presence counts
+of the bucket's ``--parameters`` equal parameters, and the bucket end to end with them: what the
+raw hook and DDP with ``find_unused_parameters`` pay). On CPU the
 phases are host work, so their sum against the all-reduce is the hook's extra CPU time per
 bucket: what a machine with no idle core pays in step time (``benchmarks/comm_overhead.py``).
 """
@@ -22,19 +23,13 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from bucketmoo_hooks._absent import ParameterLayout, presence_counts
-from bucketmoo_hooks._hook import _gather_into
+from bucketmoo_hooks import BucketMOOState, ObjectiveMap, _core
+from bucketmoo_hooks._absent import presence_counts
+from bucketmoo_hooks._collectives import Collectives
 from bucketmoo_hooks._ledger import BucketTraffic
-from bucketmoo_hooks._protocol import (
-    BucketComm,
-    Workspace,
-    combine_segments,
-    objective_shards,
-    partial_gramians,
-    scatter_shards,
-    shard_segments,
-    solve_shards,
-)
+from bucketmoo_hooks._linalg import combine_segments, objective_shards, partial_gramians
+from bucketmoo_hooks._protocol import Gradient
+from bucketmoo_hooks._shard import Workspace, scatter_shards, shard_segments
 from bucketmoo_hooks.weightings import MGDA, WeightingContext
 
 
@@ -59,9 +54,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     world_size = dist.get_world_size()
     bucket = torch.randn(args.numel, generator=torch.Generator().manual_seed(dist.get_rank()))
-    comm = BucketComm(dist.group.WORLD, BucketTraffic(0, bucket.numel(), bucket.element_size()))
+    comm = Collectives(dist.group.WORLD, BucketTraffic(0, bucket.numel(), bucket.element_size()))
     workspace = Workspace()
-    averaging = torch.eye(world_size)  # every rank its own objective
+    objective_map = ObjectiveMap.from_ids(list(range(world_size)))  # every rank its own objective
+    averaging = objective_map.averaging_matrix(bucket.device)
     weighting = MGDA()
     context = WeightingContext(0, 0, tuple(range(world_size)))
 
@@ -73,24 +69,32 @@ def main() -> None:
     update = combine_segments(weights, objectives, whole, bucket.dtype)
 
     sizes = [len(part) for part in torch.arange(args.numel).tensor_split(args.parameters)]
-    layout = ParameterLayout.of(shard_segments(sizes, dist.get_rank(), shards.shape[1]), "bucket")
+    parameters = shard_segments(sizes, dist.get_rank(), shards.shape[1])
+    problem = _core.Bucket(0, "bucket 0", None, [None] * len(sizes))
+    # The hook's core on the bucket, as DDP's buckets go through it: ``"zero"`` counts no
+    # presence (DDP without find_unused_parameters), ``"exclude"`` does.
+    states = {
+        absent: BucketMOOState(weighting=weighting, absent=absent) for absent in ("zero", "exclude")
+    }
 
-    def protocol(checked: ParameterLayout | None = None) -> None:
-        received = scatter_shards(comm, bucket, workspace)
-        result = solve_shards(comm, received, averaging, weighting, [context], layout=checked)
-        _gather_into(bucket, comm, result.update).wait()
+    def end_to_end(absent: str) -> None:
+        gradient = Gradient(bucket, None, sizes)
+        state = states[absent]
+        _core.reduce(state, comm, problem, gradient, objective_map, averaging).wait()
 
     phases = {
         "all-reduce (DDP allreduce_hook)": lambda: dist.all_reduce(bucket),
         "1 all-to-all": lambda: scatter_shards(comm, bucket, workspace),
-        "2 partial Gramian": lambda: partial_gramians(objectives, whole),
-        "3 Gramian all-reduce": lambda: dist.all_reduce(gramians.clone()),
-        "4 MGDA solve": lambda: weighting(gramians[0], context),
-        "5 combination": lambda: combine_segments(weights, objectives, whole, bucket.dtype),
-        "6 all-gather": lambda: _gather_into(bucket, comm, update).wait(),
-        "protocol end to end": protocol,
-        "presence counts": lambda: presence_counts(shards, averaging, layout.segments),
-        "protocol, presence checked": lambda: protocol(layout),
+        "2-3 averages, partial Gramian": lambda: partial_gramians(
+            objective_shards(shards, averaging), whole
+        ),
+        "4 Gramian all-reduce": lambda: dist.all_reduce(gramians.clone()),
+        "5 MGDA solve": lambda: weighting(gramians[0], context),
+        "6 combination": lambda: combine_segments(weights, objectives, whole, bucket.dtype),
+        "7 all-gather": lambda: comm.gather_into(bucket, update).wait(),
+        "bucket end to end": lambda: end_to_end("zero"),
+        "presence counts": lambda: presence_counts(shards, averaging, parameters),
+        "bucket end to end, presence checked": lambda: end_to_end("exclude"),
     }
     times = {name: timed(action, args.repeats) for name, action in phases.items()}
     if dist.get_rank() == 0:

@@ -25,18 +25,17 @@ gradients, as if every parameter were shared.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from ._device_path import to_device
+from ._linalg import Segment
 from .weightings import Weighting, WeightingContext
 
 #: Values of ``BucketMOOState(absent=...)``.
 ABSENT_CHOICES = ("exclude", "zero")
-
-Segment = tuple[int, int]
 
 
 def check_absent(choice: object) -> str:
@@ -47,25 +46,6 @@ def check_absent(choice: object) -> str:
             f"got {choice!r}"
         )
     return choice
-
-
-@dataclass(frozen=True, slots=True)
-class ParameterLayout:
-    """Where a problem's parameters lie in a slice, for telling which objectives are present.
-
-    Attributes:
-        segments: ``(lo, hi)`` of every parameter in the slice (``(0, 0)`` outside it).
-        problems: The problem (segment of the weighting's Gramians) each parameter belongs to.
-    """
-
-    segments: tuple[Segment, ...]
-    problems: tuple[int, ...]
-
-    @classmethod
-    def of(cls, segments: Sequence[Segment], granularity: str) -> "ParameterLayout":
-        """One problem per parameter (``"parameter"``), else one for all of them."""
-        problems = range(len(segments)) if granularity == "parameter" else [0] * len(segments)
-        return cls(tuple(segments), tuple(problems))
 
 
 def presence_counts(rows: Tensor, averaging: Tensor, segments: Sequence[Segment]) -> Tensor:
@@ -96,6 +76,37 @@ def partly_present(counts: Tensor) -> Tensor | None:
     if bool((present.all(dim=1) | ~present.any(dim=1)).all()):
         return None
     return present
+
+
+def solve_weights(
+    weighting: Weighting,
+    gramians: Tensor,
+    counts: Tensor | None,
+    contexts: Sequence[WeightingContext],
+    problems: Sequence[int],
+    solved_later: bool = False,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Step 5: the weights of every problem, over the objectives present on it.
+
+    Args:
+        gramians: ``[S, L, L]``, one per problem, solved with ``contexts[s]``.
+        counts: ``[P, L]`` presence counts of the problems' parameters (``> 0``: present; a
+            bool tensor will do), or ``None``: every objective is present everywhere.
+        problems: The problem of each of the ``P`` parameters.
+        solved_later: The combination solves the weighting itself (the fused kernels): return
+            ``None`` weights unless presence calls for per-parameter ones.
+
+    Returns:
+        ``[S, L]`` problem weights, and ``[P, L]`` per-parameter weights or ``None`` when every
+        parameter has all of its problem's objectives (:func:`solve_present`).
+    """
+    present = None if counts is None else partly_present(counts)
+    if present is not None:
+        return solve_present(weighting, gramians, contexts, present, problems)
+    if solved_later:
+        return None, None
+    weights = [weighting(g, context) for g, context in zip(gramians, contexts, strict=True)]
+    return torch.stack(weights), None
 
 
 def solve_present(

@@ -1,24 +1,26 @@
-"""FSDP1 (``FullyShardedDataParallel``): the shard-Gramian protocol as every unit's comm hook.
+"""FSDP1 (``FullyShardedDataParallel``): every unit's comm hook goes through the core.
 
 Sharded strategies (``FULL_SHARD``, ``SHARD_GRAD_OP``) call the hook as ``hook(state, grad,
-output)`` with the unit's padded flat gradient ``[R·c]`` and a ``[c]`` output: rank ``r`` owns
-chunk ``r``, so an all-to-all gives rank ``j`` its slice ``S_j`` of every rank's gradient and the
-combined slice is the output (docs/design.md §3 without step 7, the bytes of a reduce-scatter).
-``NO_SHARD`` calls ``hook(state, grad)`` and expects the reduced gradient in place: the DDP form
-of the protocol (all-to-all, Gramian, all-gather). FSDP1 runs no comm hook under the hybrid
-strategies; FSDP2 with :func:`install_fsdp_moo` (``hsdp_mesh=``) serves HSDP.
+output)`` with the unit's padded flat gradient ``[R·c]`` and a ``[c]`` output, rank ``r`` owning
+chunk ``r``: a reduce-scatter (with the shard protocol, docs/design.md §3 without step 7, the
+bytes of a reduce-scatter). ``NO_SHARD`` calls ``hook(state, grad)`` and expects the reduced
+gradient in place: an all-reduce, as DDP's bucket. FSDP1 runs no comm hook under the hybrid
+strategies; FSDP2 with :func:`install_bucket_moo` (``hsdp_mesh=``) serves HSDP.
 """
 
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-from ._protocol import BucketComm, scatter_shards, shard_segments
+from . import _core
+from ._collectives import Collectives
+from ._linalg import row_segments
+from ._protocol import Gradient
+from ._runtime import ranks_of, register
 from ._state import BucketMOOState
-from ._units import BackwardSteps, FSDPUnit, row_segments, solve_unit
+from ._units import BackwardSteps, FSDPUnit
 
 _HYBRID = (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2)
 
@@ -43,26 +45,14 @@ def _fsdp1_hook(hook_state: _UnitHookState, grad: Tensor, output: Tensor | None 
     objective_map = hook_state.steps.objective_map(state.group, unit)
     for lo, hi in unit.frozen:  # FSDP drops these gradients after the reduction anyway
         grad[lo:hi].zero_()
-    group = hook_state.group
-    comm = BucketComm(
-        group, state.ledger.open_bucket(unit.index, grad.numel(), grad.element_size())
+    comm = Collectives(
+        hook_state.group, state.ledger.open_bucket(unit.index, grad.numel(), grad.element_size())
     )
-    if output is None:  # NO_SHARD: the DDP form, the reduced gradient in place
-        shards = scatter_shards(comm, grad)
-    else:
-        received = torch.empty_like(grad)
-        comm.all_to_all(received, grad).wait()
-        shards = received.view(comm.world_size, -1)
-    parameters = shard_segments(unit.segment_sizes, group.rank(), shards.shape[1])
-    averaging = state._averaging_matrix(objective_map, grad.device)
-    update = solve_unit(state, unit, comm, shards, averaging, objective_map, parameters)
-    if output is not None:
-        output.copy_(update)
-        return
-    numel = grad.numel()
-    gathered = grad.new_empty(update.numel() * comm.world_size)
-    comm.all_gather(gathered, update).wait()
-    grad.copy_(gathered[:numel])
+    averaging = state._runtime.averaging(objective_map, grad.device)
+    gradient = Gradient(grad, output, unit.segment_sizes)
+    future = _core.reduce(state, comm, unit.bucket, gradient, objective_map, averaging)
+    if future is not None:  # NO_SHARD: the reduced gradient in place
+        future.wait()
 
 
 def _unit_of(
@@ -91,39 +81,12 @@ def _unit_of(
     return FSDPUnit(index, name, tuple(originals), parameter_problems, tuple(sizes), frozen)
 
 
-def register_fsdp_moo_hook(
-    model: FullyShardedDataParallel, state: BucketMOOState
-) -> list[FSDPUnit]:
-    """Register bucket-level MOO as the comm hook of every FSDP1 unit of ``model``.
-
-    Unit ``i`` is the ``i``-th ``FullyShardedDataParallel`` instance in ``model.modules()`` order
-    (its bucket id). FSDP1 applies no gradient division when a comm hook is registered, and the
-    hook writes the combination on the scale of an average. ``no_sync()`` accumulation and
-    ``MixedPrecision(reduce_dtype=...)`` (Gramian in fp32 regardless) work unchanged.
-
-    Args:
-        model: The root ``FullyShardedDataParallel`` instance, before its first forward.
-        state: The hook state, for this model only; ``state.process_group=None`` adopts the
-            model's group (``objective_of_rank`` has one entry per rank of that group). A group
-            without a CPU backend gets its gloo host group here (README, "Process groups").
-
-    Returns:
-        The units in module order (instances that manage no parameter are skipped).
-
-    Raises:
-        TypeError: ``model`` is not a root FSDP1 instance or ``state`` not a state.
-        ValueError: A hybrid sharding strategy (named with its unit), a comm hook already
-            registered, ``granularity="global"``, a state registered on another model, a state
-            whose group does not have the model's group's ranks, or an ``objective_of_rank``
-            without one entry per rank of the group.
-    """
-    if not isinstance(model, FullyShardedDataParallel):
-        raise TypeError(
-            "model must be a torch.distributed.fsdp.FullyShardedDataParallel (FSDP1), got "
-            f"{type(model).__name__}; for fully_shard (FSDP2) use install_fsdp_moo"
-        )
-    if not isinstance(state, BucketMOOState):
-        raise TypeError(f"state must be a BucketMOOState, got {type(state).__name__}")
+def install_fsdp1(model: FullyShardedDataParallel, state: BucketMOOState) -> list[FSDPUnit]:
+    """:func:`~bucketmoo_hooks.install_bucket_moo` for FSDP1: a comm hook with its own hook state
+    on every unit, unit ``i`` being the ``i``-th ``FullyShardedDataParallel`` instance in
+    ``model.modules()`` order (its bucket id). FSDP1 divides nothing when a comm hook is
+    registered, and the hook writes the combination on the scale of an average. Returns the
+    units (instances that manage no parameter are skipped)."""
     if not model.check_is_root():
         raise TypeError("model must be the root FullyShardedDataParallel instance")
     if state.granularity == "global":
@@ -144,15 +107,13 @@ def register_fsdp_moo_hook(
             raise ValueError(
                 f"{label} uses {module.sharding_strategy.name}: FSDP1 runs no comm hook under "
                 "hybrid sharding; use FSDP2 (fully_shard over the shard dimension) with "
-                "install_fsdp_moo(..., hsdp_mesh=mesh)"
+                "install_bucket_moo(..., hsdp_mesh=mesh)"
             )
         if module._comm_hook is not None:
             raise ValueError(f"{label} already has a comm hook; FSDP accepts one hook only")
-        if dist.get_process_group_ranks(module.process_group) != dist.get_process_group_ranks(
-            model.process_group
-        ):
+        if ranks_of(module.process_group) != ranks_of(model.process_group):
             raise ValueError(f"{label} reduces over another group than the root")
-    state._register(model, model.process_group, cpu_buckets=False)
+    register(state, model, model.process_group, cpu_buckets=False)
     positions = {id(p): i for i, p in enumerate(model.parameters())}
     steps = BackwardSteps(state)
     model.register_comm_hook(None, _fsdp1_hook)

@@ -1,11 +1,11 @@
-"""FSDP2 (``fully_shard``): the shard-Gramian protocol as every unit's reduce-scatter.
+"""FSDP2 (``fully_shard``): every unit's reduce-scatter goes through the core.
 
 FSDP2 lays a unit's gradients out as ``[R, c]``, row ``r`` being the shard rank ``r`` will own
-(every parameter padded to a multiple of ``R`` rows). That is step 1's layout already, so the
-protocol of docs/design.md §3 runs without padding and without step 7: an all-to-all gives rank
-``j`` its slice ``S_j`` of every rank's gradient, and the combined slice ``d_j`` *is* the
-reduce-scatter output. Per rank it sends ``(R−1)·c·b`` bytes, exactly a reduce-scatter, plus the
-``L×L`` fp32 Gramian all-reduce.
+(every parameter padded to a multiple of ``R`` rows). With the shard protocol (docs/design.md
+§3) that is step 1's layout already, so it runs without padding and without step 7: an
+all-to-all gives rank ``j`` its slice ``S_j`` of every rank's gradient, and the combined slice
+``d_j`` *is* the reduce-scatter output. Per rank it sends ``(R−1)·c·b`` bytes, exactly a
+reduce-scatter, plus the ``L×L`` fp32 Gramian all-reduce.
 
 HSDP (a ``(replicate, shard)`` mesh, one objective per replica): each replica reduce-scatters its
 gradient as usual (one objective, a plain sum), and the all-reduce across replicas becomes the
@@ -24,14 +24,16 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
-from ._compat import reduce_scatter_single
+from . import _core
+from ._collectives import Collectives
 from ._ledger import BucketTraffic
 from ._objectives import ObjectiveMap
-from ._protocol import BucketComm, scatter_shards, shard_segments
+from ._protocol import Gradient
+from ._runtime import ranks_of, register
 from ._state import BucketMOOState
-from ._units import BackwardSteps, FSDPUnit, UnitComm, row_segments, solve_unit
+from ._units import BackwardSteps, FSDPUnit
 
-# What install_fsdp_moo calls on every unit; FSDP2 of torch < 2.11 lacks some of them.
+# What install_bucket_moo calls on every unit; FSDP2 of torch < 2.11 lacks some of them.
 _REQUIRED_API = (
     "set_custom_reduce_scatter",
     "set_gradient_divide_factor",
@@ -53,10 +55,6 @@ def _param_groups(module: FSDPModule) -> list:
         f"unsupported FSDP2 version (torch {torch.__version__}): its state has neither "
         "_fsdp_param_groups nor _fsdp_param_group; bucketmoo_hooks supports torch 2.11 to 2.13"
     )
-
-
-def _ranks(group: dist.ProcessGroup) -> list[int]:
-    return dist.get_process_group_ranks(group)
 
 
 @dataclass(slots=True)
@@ -84,18 +82,18 @@ class _Hybrid:
                     "give every rank of a replica the same objective id"
                 )
         return ObjectiveMap.from_keys(
-            [keys[self.positions[r]] for r in _ranks(self.replicate_group)]
+            [keys[self.positions[r]] for r in ranks_of(self.replicate_group)]
         )
 
 
 class BucketMOOReduceScatter(ReduceScatter):
     r"""FSDP2 reduce-scatter of one unit that combines the ranks' objective gradients.
 
-    Installed by :func:`install_fsdp_moo` (``FSDPModule.set_custom_reduce_scatter``). FSDP calls
+    Installed by :func:`install_bucket_moo` (``FSDPModule.set_custom_reduce_scatter``). FSDP calls
     it with the unit's flat gradient ``[R·c]`` (row ``r`` = the shard rank ``r`` owns) and a
     ``[c]`` output; it writes this rank's shard of ``d = Σ_ℓ w_ℓ ḡ_ℓ``, ``w`` from the unit's
     Gramian, on the scale of an average. FSDP must therefore divide nothing: ``op`` must be
-    ``AVG``, or ``SUM`` with a gradient divide factor of 1 (what :func:`install_fsdp_moo` sets);
+    ``AVG``, or ``SUM`` with a gradient divide factor of 1 (what :func:`install_bucket_moo` sets);
     any other request (``PREMUL_SUM`` from a custom divide factor, or a ``SUM`` that FSDP would
     divide afterwards) raises instead of returning a wrongly scaled gradient. The work is done
     when the call returns (on CUDA: queued on the current stream), so nothing is returned to
@@ -136,56 +134,40 @@ class BucketMOOReduceScatter(ReduceScatter):
                 f"got {input_tensor.dtype}"
             )
         traffic, objective_map = self._open(input_tensor)
+        comm = Collectives(group, traffic)
         if self._hybrid is not None:
             # Within a replica every rank trains one objective: a plain sum; the conflict-aware
             # step is the cross-replica all-reduce (``cross_replica``).
-            world_size = group.size()
-            traffic.add(
-                "reduce_scatter",
-                (world_size - 1) * output_tensor.numel() * output_tensor.element_size(),
-            )
-            reduce_scatter_single(output_tensor, input_tensor, op=ReduceOp.SUM, group=group)
+            comm.reduce_scatter(output_tensor, input_tensor).wait()
             self._pending = (traffic, objective_map)
             return
-        comm = BucketComm(group, traffic)
-        received = torch.empty_like(input_tensor)
-        comm.all_to_all(received, input_tensor).wait()
-        shards = received.view(comm.world_size, -1)
-        unit = self._reduced_unit(shards.shape[1])
-        parameters = row_segments(unit.segment_sizes)
-        averaging = self.state._averaging_matrix(objective_map, input_tensor.device)
-        update = solve_unit(self.state, unit, comm, shards, averaging, objective_map, parameters)
-        output_tensor.copy_(update)
+        unit = self._reduced_unit(input_tensor.numel() // comm.world_size)
+        averaging = self.state._runtime.averaging(objective_map, input_tensor.device)
+        gradient = Gradient(input_tensor, output_tensor, unit.segment_sizes, rows=True)
+        _core.reduce(self.state, comm, unit.bucket, gradient, objective_map, averaging)
 
     def cross_replica(self, output: Tensor) -> None:
         """HSDP all-reduce hook: replace the average over replicas by the conflict-aware step.
 
         ``output`` holds this rank's shard summed over its replica (``m`` ranks): ``R'`` replicate
-        ranks run the protocol on it (all-to-all, Gramian, weights, all-gather), with averaging
-        matrix ``M/m`` so that row ``ℓ`` is objective ``ℓ``'s mean gradient, and the Gramian
-        all-reduced over the shard group as well. Bytes: those of the all-reduce it replaces.
+        ranks run the protocol on it as an all-reduce, with averaging matrix ``M/m`` so that row
+        ``ℓ`` is objective ``ℓ``'s mean gradient, and the Gramian all-reduced over the shard
+        group as well, so that it covers the whole unit. Bytes: those of the all-reduce it
+        replaces.
         """
         hybrid = self._hybrid
         assert hybrid is not None
         # Without a reduce-scatter (one rank per replica), FSDP calls the hook directly.
         traffic, objective_map = self._pending or self._open(output)
         self._pending = None
-        comm = UnitComm(hybrid.replicate_group, traffic, hybrid.shard_group)
-        shards = scatter_shards(comm, output)
-        averaging = self.state._averaging_matrix(objective_map, output.device)
+        comm = Collectives(hybrid.replicate_group, traffic, outer=hybrid.shard_group)
+        averaging = self.state._runtime.averaging(objective_map, output.device)
         averaging = averaging / hybrid.shard_group.size()
         unit = self._reduced_unit(output.numel())
-        parameters = shard_segments(
-            unit.segment_sizes, hybrid.replicate_group.rank(), shards.shape[1]
-        )
-        update = solve_unit(self.state, unit, comm, shards, averaging, objective_map, parameters)
-        numel = output.numel()
-        if update.numel() * comm.world_size == numel:
-            comm.all_gather(output, update).wait()
-        else:
-            padded = output.new_empty(update.numel() * comm.world_size)
-            comm.all_gather(padded, update).wait()
-            output.copy_(padded[:numel])
+        gradient = Gradient(output, None, unit.segment_sizes)
+        future = _core.reduce(self.state, comm, unit.bucket, gradient, objective_map, averaging)
+        assert future is not None  # an all-reduce's result
+        future.wait()
 
     def _open(self, flat: Tensor) -> tuple[BucketTraffic, ObjectiveMap]:
         """Open the unit (and the step at a backward pass's first unit): its traffic record, and
@@ -209,7 +191,7 @@ class BucketMOOReduceScatter(ReduceScatter):
                 f"{self.unit.label}: bucket-MOO needs a gradient for every parameter of the "
                 f"unit, but FSDP reduced a row of {row} elements instead of {sum(sizes)} (some "
                 "parameters got no gradient, and ranks that used different parameters would "
-                "reduce mismatched rows); install_fsdp_moo calls "
+                "reduce mismatched rows); install_bucket_moo calls "
                 "set_reduce_scatter_unused_params(True) on every unit: do not turn it off"
             )
         return unit
@@ -224,7 +206,7 @@ class BucketMOOReduceScatter(ReduceScatter):
         raise ValueError(
             f"{self.unit.label}: FSDP asked for a reduce-scatter with op {name} and gradient "
             f"divide factor {factor}; bucket-MOO writes the combined gradient on the scale of an "
-            "average, so FSDP must divide nothing: install with install_fsdp_moo (it calls "
+            "average, so FSDP must divide nothing: install with install_bucket_moo (it calls "
             "set_gradient_divide_factor(1.0) and set_force_sum_reduction_for_comms(True)) and do "
             "not change either afterwards"
         )
@@ -253,63 +235,25 @@ def _mesh_of(label: str, param_group: object) -> DeviceMesh:
             f"{label} is sharded on a {mesh.ndim}-D mesh ({param.placements}): native HSDP "
             "all-reduces the replicas' gradients itself after the reduce-scatter, which no hook "
             "can replace. Shard over the shard dimension only (fully_shard(module, "
-            "mesh=mesh['shard'])) and pass the 2-D mesh as install_fsdp_moo(..., hsdp_mesh=mesh)"
+            "mesh=mesh['shard'])) and pass the 2-D mesh as install_bucket_moo(..., hsdp_mesh=mesh)"
         )
     return mesh
 
 
-def install_fsdp_moo(
+def install_fsdp2(
     model: nn.Module,
     state: BucketMOOState,
     *,
     hsdp_mesh: DeviceMesh | None = None,
 ) -> list[FSDPUnit]:
-    """Make every FSDP2 unit of ``model`` reduce its gradients with bucket-level MOO.
-
-    Walks the ``fully_shard`` modules of ``model`` in module order (unit ``i`` is the ``i``-th,
-    its bucket id), installs a :class:`BucketMOOReduceScatter` on each, and takes over gradient
-    scaling: ``set_gradient_divide_factor(1.0)`` and ``set_force_sum_reduction_for_comms(True)``
-    so that FSDP divides nothing (the combination is already on the scale of an average), and
-    ``set_reduce_scatter_unused_params(True)`` so that ranks that used different parameters
-    (language adapters) reduce the same layout, a parameter's zero gradient marking the
-    objectives that did not use it as absent (README, "Language-specific parameters"). Call
-    it on every rank after ``fully_shard`` and before the first backward (a group without a CPU
-    backend gets its gloo host group here, README "Process groups"). Gradient accumulation
-    (``set_requires_gradient_sync(False)``: the last micro-batch's backward reduces the
-    accumulated gradient), ``MixedPrecisionPolicy`` (the Gramian stays fp32 whatever the reduce
-    dtype) and ``CPUOffloadPolicy`` work unchanged.
-
-    Args:
-        model: A module containing ``fully_shard`` modules (usually the root itself).
-        state: The hook state, for this model only. If ``state.process_group`` is ``None`` it
-            adopts the units' shard group (1-D) or stays the default group (HSDP);
-            ``objective_of_rank`` has one entry per rank of that group.
-        hsdp_mesh: For HSDP, the 2-D ``(replicate, shard)`` mesh, the units being sharded over
-            ``hsdp_mesh["shard"]`` (1-D ``fully_shard``). Every replica (all ranks of one shard
-            group) trains one objective; ``objective_of_rank`` still has one entry per rank of
-            the state's group, which must span the whole mesh.
-
-    Returns:
-        The units, in module order (units that manage no parameter are skipped).
-
-    Raises:
-        TypeError: ``model`` has no ``fully_shard`` module, or ``state`` is not a state.
-        ValueError: A unit cannot be served (several parameter groups, native HSDP, a custom
-            reduce-scatter already set), ``granularity="global"``, the state's group does not
-            match the units' mesh, the state is installed on another model, or
-            ``objective_of_rank`` does not have one entry per rank of the group.
-        RuntimeError: The installed torch's FSDP2 lacks an API this needs.
-    """
-    if not isinstance(state, BucketMOOState):
-        raise TypeError(f"state must be a BucketMOOState, got {type(state).__name__}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    """:func:`~bucketmoo_hooks.install_bucket_moo` for FSDP2: a :class:`BucketMOOReduceScatter`
+    on every ``fully_shard`` unit, in module order (unit ``i`` is the ``i``-th, its bucket id),
+    and FSDP's gradient scaling taken over: ``set_gradient_divide_factor(1.0)`` and
+    ``set_force_sum_reduction_for_comms(True)`` (the combination is already on the scale of an
+    average), ``set_reduce_scatter_unused_params(True)`` (ranks that used different parameters
+    reduce the same layout, an unused parameter's zero gradient marking its objective absent).
+    With ``hsdp_mesh``, the cross-replica all-reduce hook too. Returns the units."""
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, FSDPModule)]
-    if not modules:
-        raise TypeError(
-            f"model ({type(model).__name__}) has no fully_shard (FSDP2) module; for FSDP1 use "
-            "register_fsdp_moo_hook, for DDP register_bucket_moo_hook"
-        )
     if state.granularity == "global":
         raise ValueError(
             "granularity='global' is DDP-only: FSDP consumes each unit's reduce-scatter output "
@@ -349,7 +293,7 @@ def install_fsdp_moo(
                 "FSDP runs one per unit"
             )
         meshes.append(_mesh_of(label, param_group))
-        shard_groups.add(tuple(_ranks(meshes[-1].get_group())))
+        shard_groups.add(tuple(ranks_of(meshes[-1].get_group())))
         planned.append((module, param_group, _unit_of(index, name, param_group, positions)))
     if not planned:
         raise TypeError(f"no fully_shard module of {type(model).__name__} manages parameters")
@@ -361,7 +305,7 @@ def install_fsdp_moo(
     shard_group = meshes[0].get_group()
     hybrid = None if hsdp_mesh is None else _hybrid_layout(state, hsdp_mesh, shard_group)
     # HSDP: the state's own group, checked to span the mesh; else the units' shard group.
-    state._register(model, None if hybrid else shard_group, cpu_buckets=False)
+    register(state, model, None if hybrid else shard_group, cpu_buckets=False)
     steps = BackwardSteps(state)
     for module, param_group, unit in planned:
         comm = BucketMOOReduceScatter(state, unit, steps, param_group, hybrid)
@@ -384,13 +328,13 @@ def _hybrid_layout(
             "hsdp_mesh must be the 2-D (replicate, shard) DeviceMesh the units are sharded on "
             f"the second dimension of, got {mesh!r}"
         )
-    if _ranks(mesh.get_group(1)) != _ranks(shard_group):
+    if ranks_of(mesh.get_group(1)) != ranks_of(shard_group):
         raise ValueError(
-            f"the units are sharded over ranks {_ranks(shard_group)}, which is not this rank's "
-            f"shard group of hsdp_mesh ({_ranks(mesh.get_group(1))}); shard with "
+            f"the units are sharded over ranks {ranks_of(shard_group)}, which is not this rank's "
+            f"shard group of hsdp_mesh ({ranks_of(mesh.get_group(1))}); shard with "
             "fully_shard(module, mesh=hsdp_mesh['shard'])"
         )
-    group_ranks = _ranks(state.group)
+    group_ranks = ranks_of(state.group)
     replicas = mesh.mesh.tolist()
     if sorted(r for replica in replicas for r in replica) != sorted(group_ranks):
         raise ValueError(

@@ -1,40 +1,87 @@
-"""One call for any data-parallel wrapper: what ``accelerate`` and the Trainer callback use."""
+"""One installer for every engine: DDP, FSDP2 (and HSDP), FSDP1."""
+
+from dataclasses import dataclass
 
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
-from ._fsdp1 import register_fsdp_moo_hook
-from ._fsdp2 import install_fsdp_moo
-from ._hook import register_bucket_moo_hook
+from ._ddp import install_ddp
+from ._fsdp1 import install_fsdp1
+from ._fsdp2 import install_fsdp2
 from ._state import BucketMOOState
+from ._units import FSDPUnit
 
 
-def install_bucket_moo(model: nn.Module, state: BucketMOOState) -> str:
-    """Install bucket-level MOO on ``model`` whatever data-parallel wrapper it has.
+@dataclass(frozen=True, slots=True)
+class Installation:
+    """What :func:`install_bucket_moo` installed.
 
-    Takes the model as ``accelerate``'s ``Accelerator.prepare`` (or any other code) returns it:
-    ``DistributedDataParallel`` → :func:`register_bucket_moo_hook`; FSDP1
-    ``FullyShardedDataParallel`` → :func:`register_fsdp_moo_hook`; a model with ``fully_shard``
-    (FSDP2) modules → :func:`install_fsdp_moo`. Call it on every rank before the first backward.
+    Attributes:
+        engine: ``"ddp"``, ``"fsdp1"`` or ``"fsdp2"``.
+        units: FSDP: the units, in module order (unit ``i``'s index is its bucket id in
+            diagnostics and the ledger); DDP: empty (DDP forms its buckets at the first step).
+    """
 
-    Returns:
-        Which path was installed: ``"ddp"``, ``"fsdp1"`` or ``"fsdp2"``.
+    engine: str
+    units: tuple[FSDPUnit, ...] = ()
+
+
+def install_bucket_moo(
+    model: nn.Module, state: BucketMOOState, *, hsdp_mesh: DeviceMesh | None = None
+) -> Installation:
+    """Make ``model``'s gradient reduction conflict-aware with ``state``, whatever its engine.
+
+    - ``DistributedDataParallel``: registers :func:`bucket_moo_hook` as its comm hook (what
+      ``model.register_comm_hook(state, bucket_moo_hook)`` does, with clear errors for setups
+      the hook cannot serve), and tells the state the model's parameter order, which gives
+      every problem a stable key (:attr:`WeightingContext.problem`) for stateful weightings.
+    - FSDP2 (a model with ``fully_shard`` modules): replaces every unit's reduce-scatter and
+      takes over FSDP's gradient scaling (docs/fsdp.md). Gradient accumulation
+      (``set_requires_gradient_sync(False)``), ``MixedPrecisionPolicy`` (the Gramian stays
+      fp32) and ``CPUOffloadPolicy`` work unchanged.
+    - HSDP: FSDP2 sharded over ``hsdp_mesh["shard"]`` with ``hsdp_mesh`` the 2-D
+      ``(replicate, shard)`` mesh; every replica trains one objective, and the cross-replica
+      all-reduce becomes the conflict-aware step.
+    - FSDP1 (the root ``FullyShardedDataParallel``, before its first forward): a comm hook on
+      every unit; ``no_sync()`` and ``MixedPrecision(reduce_dtype=...)`` work unchanged.
+
+    Takes the model as ``accelerate``'s ``Accelerator.prepare`` returns it. Call it on every
+    rank of the group before the first backward: it creates the gloo groups the hook needs
+    beside the model's (a rendezvous of its ranks, docs/protocols.md). If
+    ``state.process_group`` is ``None`` the state adopts the model's group (FSDP2: the units'
+    shard group; HSDP: the default group, which must span the mesh); ``objective_of_rank`` has
+    one entry per rank of that group.
 
     Raises:
         TypeError: ``model`` is not distributed (e.g. ``accelerate`` with one process, where
-            there is nothing to combine), or is wrapped in something else (DeepSpeed,
-            ``torch.compile``: pass the wrapped module); as well as what the path itself raises.
+            there is nothing to combine) or wrapped in something else (DeepSpeed,
+            ``torch.compile``: pass the wrapped module), ``state`` is not a
+            :class:`BucketMOOState`, or ``hsdp_mesh`` is given for another engine than FSDP2.
+        ValueError: The engine is set up in a way the hook cannot serve, named with the unit
+            and the fix: ``DDP(mixed_precision=...)``, a comm hook or custom reduce-scatter
+            already installed, FSDP1 hybrid sharding, native 2-D HSDP meshes,
+            ``granularity="global"`` with FSDP, a state already installed on another model, a
+            state whose group lacks the model's ranks, or ``objective_of_rank`` without one
+            entry per rank.
+        RuntimeError: The installed torch's FSDP2 lacks an API this needs.
     """
+    if not isinstance(state, BucketMOOState):
+        raise TypeError(f"state must be a BucketMOOState, got {type(state).__name__}")
+    fsdp2 = isinstance(model, nn.Module) and any(isinstance(m, FSDPModule) for m in model.modules())
+    if hsdp_mesh is not None and not fsdp2:
+        raise TypeError(
+            f"hsdp_mesh is for FSDP2 models (fully_shard over hsdp_mesh['shard']), but model is "
+            f"a {type(model).__name__} without fully_shard modules"
+        )
     if isinstance(model, DistributedDataParallel):
-        register_bucket_moo_hook(model, state)
-        return "ddp"
+        install_ddp(model, state)
+        return Installation("ddp")
     if isinstance(model, FullyShardedDataParallel):
-        register_fsdp_moo_hook(model, state)
-        return "fsdp1"
-    if isinstance(model, nn.Module) and any(isinstance(m, FSDPModule) for m in model.modules()):
-        install_fsdp_moo(model, state)
-        return "fsdp2"
+        return Installation("fsdp1", tuple(install_fsdp1(model, state)))
+    if fsdp2:
+        return Installation("fsdp2", tuple(install_fsdp2(model, state, hsdp_mesh=hsdp_mesh)))
     raise TypeError(
         f"model ({type(model).__name__}) is not wrapped for data parallelism: bucket-MOO needs "
         "DistributedDataParallel, FullyShardedDataParallel (FSDP1) or fully_shard (FSDP2), as "

@@ -2,10 +2,7 @@
 
 from dataclasses import dataclass, field
 
-
-def ring_allreduce_bytes(numel: int, element_size: int, world_size: int) -> int:
-    """Bytes one rank sends in a bandwidth-optimal (ring) all-reduce: ``2(R−1)/R · n · b``."""
-    return 2 * (world_size - 1) * numel * element_size // world_size
+from ._collectives import all_reduce_bytes, reduce_scatter_bytes
 
 
 @dataclass(slots=True)
@@ -29,11 +26,12 @@ class BucketTraffic:
         return sum(self.sent.values())
 
     def allreduce_bytes(self, world_size: int) -> int:
-        return ring_allreduce_bytes(self.numel, self.element_size, world_size)
+        """What DDP's ring all-reduce of the same bucket sends."""
+        return all_reduce_bytes(self.numel * self.element_size, world_size)
 
     def reduce_scatter_bytes(self, world_size: int) -> int:
-        """What FSDP's own reduce-scatter of the same unit sends: ``(R−1)/R · n · b``."""
-        return (world_size - 1) * self.numel * self.element_size // world_size
+        """What FSDP's own reduce-scatter of the same unit sends."""
+        return reduce_scatter_bytes(self.numel * self.element_size, world_size)
 
 
 class CommLedger:

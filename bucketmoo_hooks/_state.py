@@ -1,42 +1,22 @@
-import functools
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._absent import ParameterLayout, Segment, check_absent
-from ._compat import all_gather_single
+from ._absent import check_absent
+from ._core import PROTOCOLS
 from ._diagnostics import Diagnostics
-from ._groups import HOST, OVERLAP, helper_group, shared_worker
 from ._kernels import check_kernels
 from ._ledger import CommLedger
-from ._nonfinite import check_nonfinite, raise_if_nonfinite
+from ._nonfinite import check_nonfinite
 from ._objectives import ObjectiveMap, canonical_objective, objective_key
-from ._protocol import Workspace
-from ._worker import BucketWorker
+from ._runtime import Runtime, described_group
+from ._steps import StepAgreement
 from .weightings import CallableWeighting, Weighting, get_weighting
 
-# Distinct (objective map, device) pairs whose averaging matrix is kept; per-step sampling of
-# languages can produce many maps, so the cache is bounded.
-_AVERAGING_CACHE_SIZE = 64
-# Attributes that are rebuilt after unpickling rather than saved.
-_TRANSIENT = (
-    "process_group",
-    "_metadata_group",
-    "_averaging",
-    "_step_map",
-    "_held",
-    "_parameter_index",
-    "_side_streams",
-    "_worker",
-    "_workspace",
-    "_every_parameter_used",
-    "_model",
-)
+# Rebuilt after unpickling rather than saved: tied to the process.
+_TRANSIENT = ("process_group", "_runtime")
 GRANULARITIES = ("bucket", "parameter", "global")
 _STATE_DICT_VERSION = 1
 
@@ -129,9 +109,12 @@ class BucketMOOState:
             Gramian all-reduce (``L`` numbers per parameter); on a GPU they are read on the
             host, one synchronisation per bucket. Skipped when the model is DDP without
             ``find_unused_parameters`` or ``static_graph`` (registered with
-            :func:`~bucketmoo_hooks.register_bucket_moo_hook`): every rank then uses every
+            :func:`~bucketmoo_hooks.install_bucket_moo`): every rank then uses every
             parameter. ``"zero"``: DDP's convention, the zero gradient counts (MGDA then gives
             such a parameter no update when another objective is present).
+        protocol: How the ranks exchange a bucket (docs/protocols.md). ``"shard"`` (default,
+            the only one so far): the paper's exact all-to-all / Gramian all-reduce / all-gather,
+            the bytes of a ring all-reduce plus ``L²`` fp32 numbers per bucket.
 
     Attributes:
         iter: Synchronised backward passes completed (advanced on the last bucket of each step).
@@ -144,30 +127,25 @@ class BucketMOOState:
     default group; set ``state.process_group`` afterwards if another group is needed.
     """
 
-    __slots__ = (
-        "_averaging",
-        "_every_parameter_used",
-        "_held",
-        "_metadata_group",
-        "_model",
-        "_objective",
-        "_parameter_index",
-        "_side_streams",
-        "_step_map",
-        "_worker",
-        "_workspace",
+    __slots__ = (  # noqa: RUF023 (grouped by role, as the docstring lists them)
+        # -- configuration (what the ranks must agree on; see _config_digest) ----------------------
         "absent",
         "diagnostics",
         "granularity",
-        "held_bytes",
-        "iter",
         "kernels",
-        "ledger",
         "nonfinite",
         "objective_of_rank",
         "overlap",
         "process_group",
+        "protocol",
         "weighting",
+        # -- progress, saved by state_dict ---------------------------------------------------------
+        "iter",
+        "ledger",
+        "held_bytes",
+        # -- owned ---------------------------------------------------------------------------------
+        "_steps",  # StepAgreement: set_objective's value and the step's objective map
+        "_runtime",  # Runtime: model, groups, worker, streams, buffers; never pickled
     )
 
     def __init__(
@@ -181,9 +159,12 @@ class BucketMOOState:
         overlap: bool = True,
         nonfinite: str = "propagate",
         absent: str = "exclude",
+        protocol: str = "shard",
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {protocol!r}")
         if objective_of_rank is not None:
             if isinstance(objective_of_rank, str | bytes) or not isinstance(
                 objective_of_rank, Sequence
@@ -213,9 +194,7 @@ class BucketMOOState:
         self.overlap = overlap
         self.nonfinite = check_nonfinite(nonfinite)
         self.absent = check_absent(absent)
-        # Set by the registration functions when the engine guarantees that every rank uses every
-        # parameter (DDP without find_unused_parameters): then nothing can be absent.
-        self._every_parameter_used = False
+        self.protocol = protocol
         if diagnostics is not None and not isinstance(diagnostics, Diagnostics):
             raise TypeError(
                 f"diagnostics must be a bucketmoo_hooks.Diagnostics or None, "
@@ -226,21 +205,13 @@ class BucketMOOState:
             diagnostics.add_labels(objective_of_rank or ())
         self.iter = 0
         self.held_bytes = 0
-        self._held: list = []
-        self._objective: tuple[Hashable, int] | None = None
-        self._metadata_group: dist.ProcessGroup | None = None
-        self._averaging: OrderedDict[tuple[tuple[int, ...], torch.device], Tensor] = OrderedDict()
-        self._step_map: ObjectiveMap | None = None
-        # id(parameter) → position in model.parameters(), set by register_bucket_moo_hook.
-        self._parameter_index: dict[int, int] | None = None
-        self._worker: BucketWorker | None = None
-        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._workspace = Workspace()  # CPU exchange buffers, reused from bucket to bucket
         self.ledger = CommLedger()
-        # The model a registration function installed this state on (weakly): one per state.
-        self._model: weakref.ref[nn.Module] | None = None
+        self._steps = StepAgreement()
+        self._runtime = Runtime()
         if process_group is not None:  # else the group is known at registration
-            self._check_world_size(process_group.size(), _described("process_group", process_group))
+            self._check_world_size(
+                process_group.size(), described_group("process_group", process_group)
+            )
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -267,15 +238,14 @@ class BucketMOOState:
         id an objective of its own). A 0-d tensor or numpy scalar counts as its Python value
         (``tensor(0)`` is ``0``); a tensor with dimensions and NaN are refused.
         """
-        objective = canonical_objective(objective)
-        self._objective = (objective, objective_key(objective))
+        objective = self._steps.set_objective(objective)
         if self.diagnostics is not None:
             self.diagnostics.add_labels([objective])
 
     @property
     def objective_map(self) -> ObjectiveMap | None:
         """The rank → objective map of the step in progress, else of the last step (or ``None``)."""
-        return self._step_map
+        return self._steps.objective_map
 
     # -- checkpointing ---------------------------------------------------------------------------
 
@@ -346,49 +316,6 @@ class BucketMOOState:
                 f"{world_size} ranks; give one objective id per rank of that group"
             )
 
-    def _register(
-        self, model: nn.Module, group: dist.ProcessGroup | None, cpu_buckets: bool
-    ) -> None:
-        """What every registration function does once the model is checked, before it installs
-        anything: refuse a state registered on another live model; adopt ``group`` (the one the
-        model reduces over; ``None``: the state's own) if ``process_group`` is ``None``, else
-        check that ``process_group`` has its ranks in order; check ``objective_of_rank`` against
-        the group adopted; create the gloo groups the hook will use beside it (a rendezvous of
-        its ranks, here rather than inside backward). Raises alike on every rank, before the
-        rendezvous.
-        """
-        registered = None if self._model is None else self._model()
-        if registered is not None:
-            raise ValueError(
-                f"this BucketMOOState is already registered on another model "
-                f"({type(registered).__name__}); create one state per DDP or FSDP model"
-            )
-        if group is None:
-            group, described = self.group, "the state's process group"
-        elif self.process_group is None:
-            described = "the model's process group"
-        elif _ranks(self.process_group) != _ranks(group):
-            raise ValueError(
-                f"state.process_group (ranks {_ranks(self.process_group)}) is not the process "
-                f"group the model reduces over (ranks {_ranks(group)}); pass process_group=None "
-                "to adopt the model's group, or a group with its ranks"
-            )
-        else:  # the state's own group over the model's ranks: the one the hook uses
-            group, described = self.process_group, "process_group"
-        self._check_world_size(group.size(), _described(described, group))
-        self._host_group(group)
-        if self.overlap and cpu_buckets:
-            helper_group(group, OVERLAP)
-        self.process_group = group
-        self._model = weakref.ref(model)
-
-    def _own_objective_key(self, rank: int) -> int:
-        if self._objective is not None:
-            return self._objective[1]
-        if self.objective_of_rank is not None:
-            return objective_key(self.objective_of_rank[rank])
-        return objective_key(rank)
-
     def _config_digest(self, world_size: int) -> int:
         """What all ranks must agree on, besides the step: weighting, granularity, default map."""
         return objective_key(
@@ -400,119 +327,10 @@ class BucketMOOState:
                 self.nonfinite,
                 # Whether presence counts ride in the Gramian all-reduce: its size.
                 self.absent,
-                self._every_parameter_used,
+                self._runtime.every_parameter_used,
+                self.protocol,
             )
         )
-
-    def _begin_step(self, group: dist.ProcessGroup) -> ObjectiveMap:
-        """Exchange ``(step, config digest, objective key)`` with every rank and build the map.
-
-        The step's low bit tells whether the rank's objective was set by :meth:`set_objective`
-        (``2·iter + set``), so the payload stays 3 int64. The exchange is host-side (a gloo group
-        over the same ranks when the group itself has no CPU backend), so it never synchronises
-        with a GPU.
-        """
-        world_size, rank = group.size(), group.rank()
-        self._check_world_size(world_size)
-        self.ledger.world_size = world_size
-        if self.diagnostics is not None and self.objective_of_rank is None:
-            self.diagnostics.add_labels(range(world_size))  # the default ids
-        config = self._config_digest(world_size)
-        stamp = 2 * self.iter + (self._objective is not None)
-        payload = torch.tensor([stamp, config, self._own_objective_key(rank)])
-        gathered = torch.empty(world_size * payload.numel(), dtype=torch.int64)
-        all_gather_single(gathered, payload, group=self._host_group(group))
-        self.ledger.record_overhead(
-            "objective_exchange", (world_size - 1) * payload.numel() * payload.element_size()
-        )
-        stamps, configs, keys = gathered.view(world_size, -1).T.tolist()
-        steps = [s >> 1 for s in stamps]
-        if len(set(steps)) != 1:
-            raise RuntimeError(
-                f"ranks are at different steps of the hook (state.iter per rank: {steps}); "
-                "all ranks must construct or restore their BucketMOOState identically"
-            )
-        if len(set(configs)) != 1:
-            raise ValueError(
-                "ranks disagree on the BucketMOOState configuration (weighting, world size, "
-                "objective_of_rank, granularity, nonfinite, absent, or how it was registered: "
-                "register every rank's model alike); this rank has "
-                f"weighting={self.weighting.config()}, "
-                f"objective_of_rank={self.objective_of_rank!r}; ranks with a different "
-                f"configuration: {[r for r, c in enumerate(configs) if c != config]}"
-            )
-        set_on = [r for r, s in enumerate(stamps) if s & 1]
-        if 0 < len(set_on) < world_size:
-            # A forgotten call would silently make that rank's default id an objective of its own.
-            unset = [r for r, s in enumerate(stamps) if not s & 1]
-            raise ValueError(
-                f"state.set_objective was called on ranks {set_on} but not on ranks {unset} "
-                f"before step {steps[0]}; a rank without it trains its default objective "
-                "(objective_of_rank, else its rank) apart from the others: call "
-                "state.set_objective(id) on every rank before backward(), or on none"
-            )
-        self._step_map = ObjectiveMap.from_keys(keys)
-        self._held = []  # slices of an interrupted step are stale
-        return self._step_map
-
-    def _gramian_check(
-        self, where: str, objectives: tuple[int, ...], averaging: Tensor
-    ) -> Callable[[Tensor], None] | None:
-        """What ``solve_shards`` calls on the all-reduced Gramians (``nonfinite="raise"``)."""
-        if self.nonfinite != "raise":
-            return None
-        ids = self.objective_of_rank or range(averaging.shape[1])
-        names = {objective_key(i): i for i in ids}
-        if self._objective is not None:
-            names[self._objective[1]] = self._objective[0]
-        return functools.partial(
-            raise_if_nonfinite, where=where, objectives=objectives, averaging=averaging, names=names
-        )
-
-    def _end_step(self) -> None:
-        if self.diagnostics is not None:
-            self.diagnostics.end_step(self.iter)
-        self.iter += 1
-        self.ledger.close_step()
-
-    def _parameter_layout(self, segments: Sequence[Segment]) -> ParameterLayout | None:
-        """The parameters of a slice (``segments``), when objectives may be absent from some."""
-        if self.absent == "zero" or self._every_parameter_used:
-            return None
-        return ParameterLayout.of(segments, self.granularity)
-
-    def _parameter_positions(self, bucket: dist.GradBucket) -> tuple[int, ...] | None:
-        """Positions in ``model.parameters()`` of the bucket's parameters, if the model is known."""
-        if self._parameter_index is None:
-            return None
-        try:
-            return tuple(self._parameter_index[id(p)] for p in bucket.parameters())
-        except KeyError:
-            raise ValueError(
-                f"bucket_moo_hook: bucket {bucket.index()} holds parameters of another model than "
-                "the one this BucketMOOState was registered on; create one state per DDP model"
-            ) from None
-
-    def _host_group(self, group: dist.ProcessGroup) -> dist.ProcessGroup:
-        if _has_cpu_backend(group):
-            return group
-        if self._metadata_group is None:
-            self._metadata_group = helper_group(group, HOST)
-        return self._metadata_group
-
-    def _overlap_worker(self, group: dist.ProcessGroup) -> BucketWorker:
-        """The worker thread for CPU buckets, over the copy of ``group`` that every state over
-        its ranks shares (made at registration; with ``register_comm_hook`` directly, here at
-        bucket 0, where every rank of the group makes it alike)."""
-        if self._worker is None or self._worker.closed:
-            self._worker = shared_worker(helper_group(group, OVERLAP))
-        return self._worker
-
-    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
-        stream = self._side_streams.get(device)
-        if stream is None:
-            stream = self._side_streams[device] = torch.cuda.Stream(device)
-        return stream
 
     def close(self) -> None:
         """Stop the overlap worker thread, if any, once the buckets handed to it are reduced.
@@ -521,20 +339,7 @@ class BucketMOOState:
         them starts a new one (on the same copy of the process group). Optional: it also stops
         once no state holds it and at interpreter exit.
         """
-        if self._worker is not None:
-            self._worker.close()
-
-    def _averaging_matrix(self, objective_map: ObjectiveMap, device: torch.device) -> Tensor:
-        cache_key = (objective_map.keys, device)
-        matrix = self._averaging.get(cache_key)
-        if matrix is None:
-            matrix = objective_map.averaging_matrix(device)
-            self._averaging[cache_key] = matrix
-            if len(self._averaging) > _AVERAGING_CACHE_SIZE:
-                self._averaging.popitem(last=False)
-        else:
-            self._averaging.move_to_end(cache_key)
-        return matrix
+        self._runtime.close()
 
     # -- pickling, as PowerSGDState: without the process group -----------------------------------
 
@@ -543,35 +348,13 @@ class BucketMOOState:
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.process_group = None
-        self._metadata_group = None
-        self._averaging = OrderedDict()
-        self._step_map = None
-        self._held = []
-        self._parameter_index = None
-        self._worker = None
-        self._side_streams = {}
-        self._workspace = Workspace()
-        self._every_parameter_used = False
-        self._model = None
-        self.absent = "exclude"  # states pickled before the option existed
+        self._runtime = Runtime()
         for slot, value in state.items():
             setattr(self, slot, value)
 
     def __repr__(self) -> str:
         return (
             f"BucketMOOState(objective_of_rank={self.objective_of_rank!r}, "
-            f"weighting={self.weighting!r}, granularity={self.granularity!r}, iter={self.iter})"
+            f"weighting={self.weighting!r}, granularity={self.granularity!r}, "
+            f"protocol={self.protocol!r}, iter={self.iter})"
         )
-
-
-def _ranks(group: dist.ProcessGroup) -> list[int]:
-    return dist.get_process_group_ranks(group)
-
-
-def _described(name: str, group: dist.ProcessGroup) -> str:
-    return f"{name} (global ranks {_ranks(group)})"
-
-
-def _has_cpu_backend(group: dist.ProcessGroup) -> bool:
-    """Whether collectives on CPU tensors run on ``group`` (gloo, or a ``cpu:gloo,...`` group)."""
-    return "gloo" in dist.get_backend(group)

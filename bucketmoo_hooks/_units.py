@@ -1,4 +1,4 @@
-"""What the FSDP paths share: a unit's identity, where a hook step begins and ends, and the solve.
+"""What the FSDP adapters share: a unit's identity, and where a hook step begins and ends.
 
 A *unit* is one FSDP parameter group (an FSDP2 ``fully_shard`` module, an FSDP1 instance); it
 plays the part of a DDP bucket. FSDP reduces units in reverse module order, only units that have
@@ -6,19 +6,16 @@ gradients, and may reduce the root in its own end-of-backward callback, so "buck
 last bucket" of DDP have no FSDP equivalent: :class:`BackwardSteps` takes their place.
 """
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
-from ._ledger import BucketTraffic
+from . import _core
+from ._linalg import Segment
 from ._objectives import ObjectiveMap
-from ._protocol import BucketComm, Segment, solve_shards
 from ._state import BucketMOOState
-from .weightings import WeightingContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +46,10 @@ class FSDPUnit:
     @property
     def label(self) -> str:
         return f"FSDP unit {self.index} ({self.name or 'root'!r})"
+
+    @property
+    def bucket(self) -> _core.Bucket:
+        return _core.Bucket(self.index, self.label, self.problem, self.parameter_problems)
 
     def only(self, kept: Sequence[int]) -> "FSDPUnit":
         """The unit restricted to its parameters at positions ``kept`` (e.g. those FSDP reduces);
@@ -93,115 +94,13 @@ class BackwardSteps:
                 # The previous backward pass raised before its final callback: close its step
                 # (its bytes were sent, and every rank counts it alike) before opening this one.
                 self._close()
-            self.state._begin_step(group)
+            objective_map = _core.open_step(self.state, group)
             self._task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._close)
-        objective_map = self.state._step_map
-        assert objective_map is not None  # set by _begin_step
-        return objective_map
+            return objective_map
+        return _core.step_map(self.state, unit.bucket)
 
     def _close(self) -> None:
         if self._task is not None:
             self._task = None
-            self.state._end_step()
-
-
-class UnitComm(BucketComm):
-    """:class:`BucketComm` whose Gramian all-reduce also sums over a second group.
-
-    HSDP: the protocol runs over the replicate group on one shard of the unit, so the Gramian of
-    the whole unit is the sum of the replicate-group Gramians over the shard group.
-    """
-
-    __slots__ = ("outer",)
-
-    def __init__(
-        self, group: dist.ProcessGroup, traffic: BucketTraffic, outer: dist.ProcessGroup
-    ) -> None:
-        super().__init__(group, traffic)
-        self.outer = outer
-
-    def all_reduce(self, tensor: Tensor) -> dist.Work:
-        super().all_reduce(tensor).wait()
-        nbytes = tensor.numel() * tensor.element_size()
-        self.traffic.add("all_reduce", 2 * (self.outer.size() - 1) * nbytes // self.outer.size())
-        return dist.all_reduce(tensor, group=self.outer, async_op=True)
-
-
-def row_segments(sizes: Sequence[int]) -> list[Segment]:
-    """Segments of consecutive pieces of ``sizes`` elements in a row that holds all of them."""
-    bounds = [0, *itertools.accumulate(sizes)]
-    return list(itertools.pairwise(bounds))
-
-
-def solve_unit(
-    state: BucketMOOState,
-    unit: FSDPUnit,
-    comm: BucketComm,
-    shards: Tensor,
-    averaging: Tensor,
-    objective_map: ObjectiveMap,
-    parameters: Sequence[Segment],
-) -> Tensor:
-    """Steps 2–6 of the protocol on one unit; returns this rank's combined slice ``d_j``.
-
-    ``shards`` is ``S_j ∈ ℝ^{R×c}``. ``parameters``: where each of the unit's parameters lies in
-    the slice, one per entry of ``unit.parameter_problems`` (the problems with
-    ``granularity="parameter"``; where objectives may be absent, in any case).
-    Records diagnostics like the DDP hook; the state's ``kernels`` choose the fused CUDA kernels
-    or the torch path, as for DDP.
-    """
-    context = WeightingContext(state.iter, unit.index, objective_map.objectives)
-    segments = parameters if state.granularity == "parameter" else None
-    if segments is None:
-        contexts = [replace(context, problem=unit.problem)]
-    else:
-        contexts = [
-            replace(context, segment=s, problem=problem)
-            for s, problem in enumerate(unit.parameter_problems)
-        ]
-    return solve_problems(
-        state, unit.index, unit.label, comm, shards, averaging, contexts, segments, parameters
-    )
-
-
-def solve_problems(
-    state: BucketMOOState,
-    index: int,
-    label: str,
-    comm: BucketComm,
-    shards: Tensor,
-    averaging: Tensor,
-    contexts: Sequence[WeightingContext],
-    segments: Sequence[Segment] | None,
-    parameters: Sequence[Segment],
-) -> Tensor:
-    """Steps 2–6 of one bucket or unit with the state's weighting, kernels, non-finite check,
-    presence check and diagnostics (bucket id ``index``); returns the combined slice ``d_j``.
-
-    ``segments``: the problems (``None``: one for the slice); ``parameters``: where each
-    parameter lies in the slice.
-    """
-    objectives = contexts[0].objectives
-    check = state._gramian_check(f"{label} at step {state.iter}", objectives, averaging)
-    combination = solve_shards(
-        comm,
-        shards,
-        averaging,
-        state.weighting,
-        contexts,
-        segments,
-        state.kernels,
-        check,
-        state._parameter_layout(parameters),
-    )
-    if state.diagnostics is not None:
-        state.diagnostics.record(
-            state.iter,
-            index,
-            objectives,
-            combination.gramians,
-            combination.weights,
-            segmented=segments is not None,
-        )
-    return combination.update
+            _core.close_step(self.state)

@@ -1,9 +1,9 @@
 """Alpha–beta cost model of the gradient reduction: bytes and time per rank per step.
 
 Bytes are exact: what one rank sends under the bandwidth-optimal algorithm of each collective
-that a method issues (ring all-reduce ``2(R−1)/R·n·b``; all-to-all and reduce-scatter
-``(R−1)/R·n·b``; all-gather ``(R−1)·n_in·b``), bucket by bucket, rounded as the counter of
-``benchmarks/comm_overhead.py`` rounds them, which checks them against gloo
+that a method issues (ring all-reduce ``2(R−1)/R·n·b``; all-to-all, reduce-scatter and
+all-gather ``(R−1)/R·n·b``), bucket by bucket, with the formulas the hooks count their own
+traffic with (:mod:`._collectives`), which ``benchmarks/comm_overhead.py`` checks against gloo
 (``tests/test_comm_benchmark.py``). NCCL's ring and pairwise algorithms send the same bytes.
 
 Time is a model, for NCCL on GPU clusters of ``gpus_per_node`` GPUs joined by one NIC per GPU
@@ -34,6 +34,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._collectives import all_gather_bytes, all_reduce_bytes, all_to_all_bytes, reduce_scatter_bytes
+from ._shard import shard_length
+
 METHODS = (
     "allreduce",  # DDP allreduce_hook
     "bucket_moo",  # bucket_moo_hook, any granularity (global MOO sends the same bytes)
@@ -46,13 +49,9 @@ METHODS = (
 EXCHANGE_BYTES = 3 * 8
 
 
-def ring_all_reduce(nbytes: int, world_size: int) -> int:
-    return 2 * (world_size - 1) * nbytes // world_size
-
-
-def shard(numel: int, world_size: int) -> int:
-    """``c = ⌈n/R⌉``: the slice of a bucket one rank combines."""
-    return -(-numel // world_size)
+def exchange_bytes(world_size: int) -> int:
+    """The per-step objective exchange of the library's methods (an all-gather)."""
+    return all_gather_bytes(world_size * EXCHANGE_BYTES, world_size)
 
 
 def _powersgd_sizes(
@@ -97,25 +96,30 @@ def bucket_bytes(
         shapes: The bucket's parameter shapes (``method="powersgd"`` only).
     """
     r, b = world_size, element_size
-    c = shard(numel, r)
+    c = shard_length(numel, r)
     # fp64 buckets keep an fp64 Gramian; everything narrower accumulates in fp32.
     numbers = problems * num_objectives**2 + parameters * num_objectives
-    gramian = ring_all_reduce(numbers * max(4, b), r)
+    gramian = all_reduce_bytes(numbers * max(4, b), r)
+    padded = r * c * b  # the bucket padded to R slices of c
     if method == "allreduce":
-        return {"all_reduce": ring_all_reduce(numel * b, r)}
+        return {"all_reduce": all_reduce_bytes(numel * b, r)}
     if method == "bucket_moo":
-        return {"all_to_all": (r - 1) * c * b, "all_reduce": gramian, "all_gather": (r - 1) * c * b}
-    if method == "naive":
-        return {"all_gather": (r - 1) * numel * b}
+        return {
+            "all_to_all": all_to_all_bytes(padded, r),
+            "all_reduce": gramian,
+            "all_gather": all_gather_bytes(padded, r),
+        }
+    if method == "naive":  # every rank gathers every rank's whole bucket
+        return {"all_gather": all_gather_bytes(r * numel * b, r)}
     if method == "fsdp_reduce_scatter":
-        return {"reduce_scatter": (r - 1) * c * b}
+        return {"reduce_scatter": reduce_scatter_bytes(padded, r)}
     if method == "fsdp_moo":
-        return {"all_to_all": (r - 1) * c * b, "all_reduce": gramian}
+        return {"all_to_all": all_to_all_bytes(padded, r), "all_reduce": gramian}
     if method == "powersgd":
         if shapes is None:
             raise ValueError("method='powersgd' needs the bucket's parameter shapes")
         sizes = _powersgd_sizes(shapes, powersgd_rank, min_compression_rate)
-        return {"all_reduce": sum(ring_all_reduce(n * b, r) for n in sizes)}
+        return {"all_reduce": sum(all_reduce_bytes(n * b, r) for n in sizes)}
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -141,7 +145,7 @@ def step_bytes(
         for collective, nbytes in sent.items():
             total[collective] = total.get(collective, 0) + nbytes
     if method in ("bucket_moo", "fsdp_moo"):
-        total["all_gather"] = total.get("all_gather", 0) + (world_size - 1) * EXCHANGE_BYTES
+        total["all_gather"] = total.get("all_gather", 0) + exchange_bytes(world_size)
     return total
 
 
@@ -270,7 +274,7 @@ def predict(
         for collective, nbytes in sent.items():
             total[collective] = total.get(collective, 0) + nbytes
             comm += cluster.collective_time(collective, nbytes, world_size)
-        c = shard(numel, world_size)
+        c = shard_length(numel, world_size)
         if method in ("bucket_moo", "fsdp_moo"):
             # The fused kernels read the received R×c slices twice (Gramian, then combination).
             compute += (2 * world_size + 1) * c * element_size / cluster.memory_bandwidth
@@ -278,7 +282,7 @@ def predict(
         elif method == "naive":  # the same on every rank, over the whole bucket
             compute += (2 * world_size + 1) * numel * element_size / cluster.memory_bandwidth
     if method in ("bucket_moo", "fsdp_moo"):
-        exchange = (world_size - 1) * EXCHANGE_BYTES
+        exchange = exchange_bytes(world_size)
         total["all_gather"] = total.get("all_gather", 0) + exchange
         comm += cluster.collective_time("all_gather", exchange, world_size)
     return Prediction(

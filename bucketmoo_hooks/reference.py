@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._absent import check_absent, partly_present, presence_counts, solve_present
+from ._absent import check_absent, presence_counts, solve_weights
+from ._linalg import combine_segments, gramian_of, row_segments
 from ._objectives import ObjectiveMap
-from ._protocol import combine_segments, gramian_of
 from .weightings import Weighting, WeightingContext, get_weighting
 
 __all__ = [
@@ -101,24 +101,19 @@ def combine(
     resolved = get_weighting(weighting)
     compute = objective_grads.to(torch.promote_types(objective_grads.dtype, torch.float32))
     gramian = gramian_of(compute)
-    whole = [(0, compute.shape[1])]
-    parameter_weights = None
+    parameters = [(0, compute.shape[1])]
     if present is not None:
         parameters = _parameter_segments(parameter_sizes, compute.shape[1], present.shape[0])
-        present = partly_present(present)
-    if present is None:
-        weights = resolved(gramian, context)
-    else:
         context = context or WeightingContext(0, 0, tuple(range(compute.shape[0])))
-        solved, parameter_weights = solve_present(
-            resolved, gramian[None], [context], present, [0] * len(present)
-        )
-        weights = solved[0]
+    weights, parameter_weights = solve_weights(
+        resolved, gramian[None], present, [context], [0] * len(parameters)
+    )
+    assert weights is not None
     if parameter_weights is None:
-        update = combine_segments(weights[None], compute, whole, objective_grads.dtype)
+        update = combine_segments(weights, compute, [(0, compute.shape[1])], objective_grads.dtype)
     else:
         update = combine_segments(parameter_weights, compute, parameters, objective_grads.dtype)
-    return Combination(update, gramian, weights)
+    return Combination(update, gramian, weights[0])
 
 
 def _parameter_segments(
@@ -130,8 +125,7 @@ def _parameter_segments(
             f"parameter_sizes must give the length of each of the {count} parameters of present, "
             f"summing to the gradient length {numel}; got {parameter_sizes!r}"
         )
-    bounds = [0, *itertools.accumulate(sizes)]
-    return list(itertools.pairwise(bounds))
+    return row_segments(sizes)
 
 
 def presence(

@@ -18,7 +18,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "bucketmoo_hooks.trainer needs transformers: pip install 'bucketmoo_hooks[transformers]'"
     ) from error
 
-from ._install import install_bucket_moo
+from ._install import Installation, install_bucket_moo
 from ._state import BucketMOOState
 
 __all__ = ["BucketMOOCallback"]
@@ -38,7 +38,8 @@ class BucketMOOCallback(TrainerCallback):
         state: The hook state (one objective per process, e.g. its language).
 
     Attributes:
-        path: What was installed: ``"ddp"``, ``"fsdp1"``, ``"fsdp2"`` (``None`` before training).
+        installation: What was installed (:class:`~bucketmoo_hooks.Installation`: the engine,
+            and the FSDP units), ``None`` before training.
     """
 
     def __init__(self, trainer: Trainer, state: BucketMOOState) -> None:
@@ -48,11 +49,11 @@ class BucketMOOCallback(TrainerCallback):
             raise TypeError(f"state must be a BucketMOOState, got {type(state).__name__}")
         self.trainer = trainer
         self.state = state
-        self.path: str | None = None
+        self.installation: Installation | None = None
         self._installed_on: object = None
 
     def on_train_begin(self, args, state, control, **kwargs):  # Trainer's signature
         model = self.trainer.model_wrapped
         if model is not self._installed_on:
-            self.path = install_bucket_moo(model, self.state)
+            self.installation = install_bucket_moo(model, self.state)
             self._installed_on = model

@@ -108,7 +108,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = BucketMOOState(objective_of_rank=language_of_rank, weighting=args.weighting)
-    path = install_bucket_moo(model, state)
+    path = install_bucket_moo(model, state).engine  # "ddp", "fsdp1" or "fsdp2"
 
     def held_out() -> float:
         with torch.no_grad():

@@ -50,10 +50,10 @@ from bucketmoo_hooks import (
     BucketMOOState,
     Diagnostics,
     Weighting,
-    register_bucket_moo_hook,
-    ring_allreduce_bytes,
+    install_bucket_moo,
     weighting_names,
 )
+from bucketmoo_hooks.cost_model import bucket_bytes
 from bucketmoo_hooks.data import load_udhr, udhr_languages, udhr_split
 from bucketmoo_hooks.data.corpora import cache_dir, corpus_languages, load_corpus
 from bucketmoo_hooks.probe import language_separability
@@ -587,7 +587,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                 granularity=args.granularity,
                 diagnostics=diagnostics,
             )
-            register_bucket_moo_hook(ddp, state)
+            install_bucket_moo(ddp, state)
     else:
         engine = SingleDeviceMOO(
             params,
@@ -822,7 +822,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             f"({sent / ring:.3f}x)"
         )
     elif distributed:
-        ring = ring_allreduce_bytes(n_params, 4, world)
+        ring = bucket_bytes("allreduce", n_params, world, num_objectives=1)["all_reduce"]
         comm = {"allreduce_bytes": ring}
         log(f"\ncomm, rank 0, last step: plain DDP ring all-reduce, ~{ring / 1e3:.1f} kB (no hook)")
     else:

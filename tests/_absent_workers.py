@@ -20,10 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bucketmoo_hooks import (
     BucketMOOState,
+    _core,
     bucket_moo_hook,
-    install_fsdp_moo,
-    register_bucket_moo_hook,
-    register_fsdp_moo_hook,
+    install_bucket_moo,
 )
 
 LANGUAGES = ("de", "fr")  # one adapter each; both also share the Latin-script adapter
@@ -75,7 +74,7 @@ class AdapterRun:
     #: DDP's bucket cap: tiny puts every parameter in a bucket of its own, large shares one.
     bucket_cap_mb: float = 25.0
     absent: str = "exclude"
-    #: Register with register_bucket_moo_hook (no per-bucket capture) instead of a raw hook.
+    #: Register with install_bucket_moo (no per-bucket capture) instead of a raw hook.
     registered: bool = False
     steps: int = 2
     #: The language of every rank.
@@ -126,9 +125,9 @@ def ddp_run(rank: int, world_size: int, run: AdapterRun) -> dict[str, Any]:
         return future
 
     if run.registered:
-        register_bucket_moo_hook(ddp, state)
+        install_bucket_moo(ddp, state)
     else:
-        state._parameter_index = position  # as register_bucket_moo_hook does
+        state._runtime.parameter_index = position  # as install_bucket_moo does
         ddp.register_comm_hook(state, capture)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     steps = []
@@ -154,18 +153,18 @@ def checks_presence(find_unused_parameters: bool, static_graph: bool) -> bool:
         nn.Linear(2, 2), find_unused_parameters=find_unused_parameters, static_graph=static_graph
     )
     state = BucketMOOState(OBJECTIVES)
-    register_bucket_moo_hook(ddp, state)
-    return state._parameter_layout([(0, 6)]) is not None
+    install_bucket_moo(ddp, state)
+    return _core.checks_presence(state)
 
 
 def registered_unlike(rank: int) -> str:
-    """Rank 0 registers with register_bucket_moo_hook (no presence check), the others raw (with
+    """Rank 0 registers with install_bucket_moo (no presence check), the others raw (with
     it): their Gramian all-reduces would differ in size, so every rank must refuse the step."""
     model = nn.Linear(3, 2)
     ddp = DistributedDataParallel(model)
     state = BucketMOOState(OBJECTIVES)
     if rank == 0:
-        register_bucket_moo_hook(ddp, state)
+        install_bucket_moo(ddp, state)
     else:
         ddp.register_comm_hook(state, bucket_moo_hook)
     try:
@@ -198,10 +197,10 @@ def fsdp_run(
     state = BucketMOOState(OBJECTIVES, weighting=weighting)
     if version == 1:
         wrapped = FullyShardedDataParallel(model, device_id=CPU, use_orig_params=True)
-        register_fsdp_moo_hook(wrapped, state)
+        install_bucket_moo(wrapped, state)
     else:
         wrapped = fully_shard(model)
-        install_fsdp_moo(wrapped, state)
+        install_bucket_moo(wrapped, state)
     loss_of(wrapped, rank, 0, language).backward()
     if version == 1:
         with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):

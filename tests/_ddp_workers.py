@@ -21,12 +21,12 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-import bucketmoo_hooks._state
+import bucketmoo_hooks._runtime
 from bucketmoo_hooks import (
     BucketMOOState,
     Diagnostics,
     bucket_moo_hook,
-    register_bucket_moo_hook,
+    install_bucket_moo,
 )
 from bucketmoo_hooks._compat import all_gather_single
 from bucketmoo_hooks.weightings import Weighting, WeightingContext
@@ -86,7 +86,7 @@ def every_rank_bucket(
 
 def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
     if scenario.separate_host_group:
-        bucketmoo_hooks._state._has_cpu_backend = lambda group: False
+        bucketmoo_hooks._runtime.has_cpu_backend = lambda group: False
     model = make_model(scenario.hidden, scenario.dtype)
     shadow = copy.deepcopy(model)  # plain local copy: the rank's own gradient, for the check
     ddp = DistributedDataParallel(
@@ -101,7 +101,7 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         diagnostics=Diagnostics(scenario.diagnostics_every) if scenario.diagnostics_every else None,
     )
     position = {id(p): i for i, p in enumerate(model.parameters())}
-    state._parameter_index = position  # as register_bucket_moo_hook does: stable problem keys
+    state._runtime.parameter_index = position  # as install_bucket_moo does: stable problem keys
     shadow_params = list(shadow.parameters())
     records: list[dict[str, Any]] = []
     step = 0
@@ -171,7 +171,7 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         "ledger": ledger,
         "maps": maps,
         "iter": state.iter,
-        "used_separate_group": state._metadata_group is not None,
+        "used_separate_group": state._runtime._host_group is not None,
         "held_bytes": state.held_bytes,
         "diagnostics": pulled_diagnostics(state),
     }
@@ -201,7 +201,7 @@ def mean_vs_allreduce(
         if name == "allreduce":
             ddp.register_comm_hook(dist.group.WORLD, allreduce_hook)
         else:
-            register_bucket_moo_hook(ddp, BucketMOOState(objective_of_rank, weighting="mean"))
+            install_bucket_moo(ddp, BucketMOOState(objective_of_rank, weighting="mean"))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         grads = []
         for step in range(steps):
@@ -256,21 +256,21 @@ def registration_errors(rank: int, world_size: int) -> dict[str, str]:
         return "no error"
 
     model = make_model((7,), torch.float32)
-    errors = {"not_ddp": error_of(lambda: register_bucket_moo_hook(model, BucketMOOState()))}
+    errors = {"not_ddp": error_of(lambda: install_bucket_moo(model, BucketMOOState()))}
     other_group = dist.new_group([0])  # every rank must call new_group; rank 0 is in it
     ddp = DistributedDataParallel(model)
     if rank == 0:
         errors["other_group"] = error_of(
-            lambda: register_bucket_moo_hook(ddp, BucketMOOState(process_group=other_group))
+            lambda: install_bucket_moo(ddp, BucketMOOState(process_group=other_group))
         )
     errors["wrong_length"] = error_of(
-        lambda: register_bucket_moo_hook(ddp, BucketMOOState(objective_of_rank=[0, 1, 2]))
+        lambda: install_bucket_moo(ddp, BucketMOOState(objective_of_rank=[0, 1, 2]))
     )
-    register_bucket_moo_hook(ddp, BucketMOOState())
-    errors["second_hook"] = error_of(lambda: register_bucket_moo_hook(ddp, BucketMOOState()))
+    install_bucket_moo(ddp, BucketMOOState())
+    errors["second_hook"] = error_of(lambda: install_bucket_moo(ddp, BucketMOOState()))
     precision = _MixedPrecision(param_dtype=torch.float16, reduce_dtype=torch.float16)
     mixed = DistributedDataParallel(make_model((7,), torch.float32), mixed_precision=precision)
-    errors["mixed_precision"] = error_of(lambda: register_bucket_moo_hook(mixed, BucketMOOState()))
+    errors["mixed_precision"] = error_of(lambda: install_bucket_moo(mixed, BucketMOOState()))
     return errors
 
 
@@ -291,7 +291,7 @@ def train_with_checkpoint(
     ddp = DistributedDataParallel(model, **ddp_options)
     objectives = ["en", "de", "ja", "en"][:world_size]
     state = BucketMOOState(objectives, weighting=weighting, granularity="bucket")
-    register_bucket_moo_hook(ddp, state)
+    install_bucket_moo(ddp, state)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     if steps.start > 0:
         saved = torch.load(f"{checkpoint}/rank{rank}.pt", weights_only=True)
@@ -335,8 +335,8 @@ def problem_keys(rank: int, world_size: int, granularity: str, known_order: bool
     weighting = RecordingMean()
     state = BucketMOOState(weighting=weighting, granularity=granularity)
     position = {id(p): i for i, p in enumerate(model.parameters())}
-    if known_order:  # what register_bucket_moo_hook tells the state (checked on its own)
-        state._parameter_index = position
+    if known_order:  # what install_bucket_moo tells the state (checked on its own)
+        state._runtime.parameter_index = position
     buckets: list[tuple[int, tuple[int, ...]]] = []
     step = 0
 
@@ -351,11 +351,11 @@ def problem_keys(rank: int, world_size: int, granularity: str, known_order: bool
         x, target = batch(rank, step, 0, torch.float32)
         nn.functional.mse_loss(ddp(x), target).backward()
     registered = BucketMOOState()
-    register_bucket_moo_hook(DistributedDataParallel(model), registered)
+    install_bucket_moo(DistributedDataParallel(model), registered)
     return {
         "buckets": buckets,
         "contexts": [(c.step, c.bucket, c.segment, c.problem) for c in weighting.contexts],
-        "registered_order": registered._parameter_index == position,
+        "registered_order": registered._runtime.parameter_index == position,
     }
 
 
@@ -367,7 +367,7 @@ def train_until_fault(
     they waited for it."""
     model = make_model((31, 17), torch.float32)
     ddp = DistributedDataParallel(model, bucket_cap_mb=0.001)
-    register_bucket_moo_hook(ddp, BucketMOOState(["en", "de", "ja", "en"][:world_size]))
+    install_bucket_moo(ddp, BucketMOOState(["en", "de", "ja", "en"][:world_size]))
     for step in range(fault_step + 1):
         x, target = batch(rank, step, 0, torch.float32)
         if step == fault_step and rank == faulty_rank:
@@ -398,7 +398,7 @@ def replica_agreement(
     for name in weightings:
         model = make_model((13,), torch.float32)
         ddp = DistributedDataParallel(model, bucket_cap_mb=0.0005, find_unused_parameters=True)
-        register_bucket_moo_hook(ddp, BucketMOOState(objectives, weighting=name))
+        install_bucket_moo(ddp, BucketMOOState(objectives, weighting=name))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         agreeing, snapshot = 0, None
         for step in range(steps):
@@ -455,7 +455,7 @@ def degenerate_step(
     ddp = DistributedDataParallel(model, bucket_cap_mb=1e-6, find_unused_parameters=True)
     state = BucketMOOState(objective_of_rank, weighting=weighting)
     position = {id(p): i for i, p in enumerate(model.parameters())}
-    state._parameter_index = position  # as register_bucket_moo_hook does
+    state._runtime.parameter_index = position  # as install_bucket_moo does
     records = []
 
     def capture(
@@ -489,7 +489,7 @@ def grad_scaler_run(
     for name in weightings:
         model = make_model((13,), torch.float32)
         ddp = DistributedDataParallel(model, bucket_cap_mb=0.0005, find_unused_parameters=True)
-        register_bucket_moo_hook(ddp, BucketMOOState(["en", "de", "ja", "en"][:world_size], name))
+        install_bucket_moo(ddp, BucketMOOState(["en", "de", "ja", "en"][:world_size], name))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
         scales, params = [], []
@@ -517,7 +517,7 @@ def nonfinite_raise_run(
     ddp = DistributedDataParallel(model, bucket_cap_mb=0.0005, find_unused_parameters=True)
     objectives = ["en", "de", "ja", "en"][:world_size]
     state = BucketMOOState(objectives, granularity=granularity, overlap=overlap, nonfinite="raise")
-    register_bucket_moo_hook(ddp, state)
+    install_bucket_moo(ddp, state)
     errors: dict[int, str] = {}
     for step in range(2):
         x, target = batch(rank, step, 0, torch.float32)

@@ -32,8 +32,7 @@ from bucketmoo_hooks import (
     BucketMOOReduceScatter,
     BucketMOOState,
     Diagnostics,
-    install_fsdp_moo,
-    register_fsdp_moo_hook,
+    install_bucket_moo,
 )
 from bucketmoo_hooks._compat import all_gather_single
 
@@ -86,7 +85,7 @@ def shard(model: nn.Sequential, scenario: FSDPScenario) -> tuple[nn.Module, Call
         for i in (0, 2):
             model[i] = FullyShardedDataParallel(model[i], **options)
         wrapped = FullyShardedDataParallel(model, **options)
-        units = register_fsdp_moo_hook(wrapped, state)
+        units = list(install_bucket_moo(wrapped, state).units)
         return wrapped, None, (state, units)
     options: dict[str, Any] = {}
     if scenario.reduce_dtype is not None:
@@ -100,7 +99,7 @@ def shard(model: nn.Sequential, scenario: FSDPScenario) -> tuple[nn.Module, Call
     for i in (0, 2):
         fully_shard(model[i], **options)
     fully_shard(model, **options)
-    units = install_fsdp_moo(model, state, hsdp_mesh=mesh)
+    units = list(install_bucket_moo(model, state, hsdp_mesh=mesh).units)
     return model, model.set_requires_gradient_sync, (state, units)
 
 
@@ -294,15 +293,17 @@ def install_errors(rank: int, world_size: int) -> dict[str, str]:
         return model
 
     errors = {
-        "not_fsdp": error_of(lambda: install_fsdp_moo(make_model((7,), torch.float32), None)),
+        "not_fsdp": error_of(lambda: install_bucket_moo(make_model((7,), torch.float32), None)),
         "no_units": error_of(
-            lambda: install_fsdp_moo(make_model((7,), torch.float32), BucketMOOState())
+            lambda: install_bucket_moo(make_model((7,), torch.float32), BucketMOOState())
         ),
-        "global": error_of(lambda: install_fsdp_moo(fsdp2(), BucketMOOState(granularity="global"))),
+        "global": error_of(
+            lambda: install_bucket_moo(fsdp2(), BucketMOOState(granularity="global"))
+        ),
     }
     mesh_2d = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("replicate", "shard"))
     errors["native_hsdp"] = error_of(
-        lambda: install_fsdp_moo(fsdp2(mesh=mesh_2d), BucketMOOState())
+        lambda: install_bucket_moo(fsdp2(mesh=mesh_2d), BucketMOOState())
     )
     # Biases on a mesh of their own (another process group): a second parameter group.
     other_mesh = DeviceMesh.from_group(dist.new_group(list(range(world_size))), "cpu")
@@ -312,35 +313,35 @@ def install_errors(rank: int, world_size: int) -> dict[str, str]:
         return ShardPlacementResult(Shard(0), other_mesh_info) if param.ndim == 1 else None
 
     errors["param_groups"] = error_of(
-        lambda: install_fsdp_moo(fsdp2(shard_placement_fn=per_parameter_mesh), BucketMOOState())
+        lambda: install_bucket_moo(fsdp2(shard_placement_fn=per_parameter_mesh), BucketMOOState())
     )
     installed = fsdp2()
-    install_fsdp_moo(installed, BucketMOOState())
-    errors["twice"] = error_of(lambda: install_fsdp_moo(installed, BucketMOOState()))
+    install_bucket_moo(installed, BucketMOOState())
+    errors["twice"] = error_of(lambda: install_bucket_moo(installed, BucketMOOState()))
     other_group = dist.new_group([0])  # every rank must call new_group; rank 0 is in it
     if rank == 0:
         errors["other_group"] = error_of(
-            lambda: install_fsdp_moo(fsdp2(), BucketMOOState(process_group=other_group))
+            lambda: install_bucket_moo(fsdp2(), BucketMOOState(process_group=other_group))
         )
     # An FSDP2 without one of the APIs the install needs (as in torch < 2.11).
     saved = FSDPModule.set_force_sum_reduction_for_comms
     del FSDPModule.set_force_sum_reduction_for_comms
     try:
-        errors["old_torch"] = error_of(lambda: install_fsdp_moo(fsdp2(), BucketMOOState()))
+        errors["old_torch"] = error_of(lambda: install_bucket_moo(fsdp2(), BucketMOOState()))
     finally:
         FSDPModule.set_force_sum_reduction_for_comms = saved
     # FSDP1.
     plain = make_model((7,), torch.float32)
-    errors["fsdp1_not_fsdp"] = error_of(lambda: register_fsdp_moo_hook(plain, BucketMOOState()))
+    errors["fsdp1_not_fsdp"] = error_of(lambda: install_bucket_moo(plain, BucketMOOState()))
     inner = FullyShardedDataParallel(make_model((7,), torch.float32), device_id=CPU)
     outer = FullyShardedDataParallel(nn.Sequential(inner), device_id=CPU)
     errors["fsdp1_global"] = error_of(
-        lambda: register_fsdp_moo_hook(outer, BucketMOOState(granularity="global"))
+        lambda: install_bucket_moo(outer, BucketMOOState(granularity="global"))
     )
-    register_fsdp_moo_hook(outer, BucketMOOState())
-    errors["fsdp1_twice"] = error_of(lambda: register_fsdp_moo_hook(outer, BucketMOOState()))
+    install_bucket_moo(outer, BucketMOOState())
+    errors["fsdp1_twice"] = error_of(lambda: install_bucket_moo(outer, BucketMOOState()))
     # Only after the root's lazy initialisation does an inner instance know it is not the root.
-    errors["fsdp1_not_root"] = error_of(lambda: register_fsdp_moo_hook(inner, BucketMOOState()))
+    errors["fsdp1_not_root"] = error_of(lambda: install_bucket_moo(inner, BucketMOOState()))
     hybrid = make_model((7,), torch.float32)
     hybrid[0] = FullyShardedDataParallel(
         hybrid[0],
@@ -349,13 +350,13 @@ def install_errors(rank: int, world_size: int) -> dict[str, str]:
         device_id=CPU,
     )
     errors["fsdp1_hybrid"] = error_of(
-        lambda: register_fsdp_moo_hook(
+        lambda: install_bucket_moo(
             FullyShardedDataParallel(hybrid, device_id=CPU), BucketMOOState()
         )
     )
     errors["scaling_changed"] = scaling_changed_after_install(rank, world_size)
     errors["hsdp_1d_mesh"] = error_of(
-        lambda: install_fsdp_moo(fsdp2(), BucketMOOState(), hsdp_mesh=other_mesh)
+        lambda: install_bucket_moo(fsdp2(), BucketMOOState(), hsdp_mesh=other_mesh)
     )
     return errors
 
@@ -365,7 +366,7 @@ def scaling_changed_after_install(rank: int, world_size: int) -> str:
     model = make_model((7,), torch.float32)
     fully_shard(model[0])
     fully_shard(model)
-    install_fsdp_moo(model, BucketMOOState())
+    install_bucket_moo(model, BucketMOOState())
     model[0].set_gradient_divide_factor(float(world_size))
     x, target = batch(rank, 0, 0, torch.float32)
     loss = nn.functional.mse_loss(model(x), target)
@@ -383,7 +384,7 @@ def hsdp_mixed_replica(rank: int, world_size: int) -> str:
     fully_shard(model[0], mesh=mesh["shard"])
     fully_shard(model, mesh=mesh["shard"])
     state = BucketMOOState(["en"] * (world_size // 2) + ["de"] * (world_size // 2))
-    install_fsdp_moo(model, state, hsdp_mesh=mesh)
+    install_bucket_moo(model, state, hsdp_mesh=mesh)
     state.set_objective("ja" if rank == 1 else state.objective_of_rank[rank])  # on every rank
     x, target = batch(rank, 0, 0, torch.float32)
     loss = nn.functional.mse_loss(model(x), target)

@@ -15,14 +15,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-import bucketmoo_hooks._state
+import bucketmoo_hooks._runtime
 from bucketmoo_hooks import (
     BucketMOOState,
     bucket_moo_hook,
-    install_fsdp_moo,
+    install_bucket_moo,
     reference,
-    register_bucket_moo_hook,
-    register_fsdp_moo_hook,
 )
 from bucketmoo_hooks._compat import all_gather_single
 from bucketmoo_hooks._groups import group_timeout
@@ -56,7 +54,7 @@ def asymmetric_subgroups(rank: int, world_size: int) -> dict[str, Any]:
     """Subgroups that leave a rank out, created before the hook's gloo groups: training must go
     through, with the helper groups made under the same name on every rank."""
     # As on NCCL: every group gets a gloo host group for the objective exchange.
-    bucketmoo_hooks._state._has_cpu_backend = lambda group: False
+    bucketmoo_hooks._runtime.has_cpu_backend = lambda group: False
     seen: dict[str, Any] = {}
     dist.new_group([0])  # every rank calls it, as torch requires; rank 1 is not a member
     # register_comm_hook directly: the groups are made inside the first backward.
@@ -76,14 +74,14 @@ def asymmetric_subgroups(rank: int, world_size: int) -> dict[str, Any]:
     ddp = DistributedDataParallel(model, process_group=backwards, bucket_cap_mb=0.001)
     before = _group_count()
     adopted = BucketMOOState(["b", "a"])
-    register_bucket_moo_hook(ddp, adopted)
+    install_bucket_moo(ddp, adopted)
     seen["made_at_registration"] = _group_count() - before
     other = DistributedDataParallel(
         make_model((7,), torch.float32), process_group=backwards, bucket_cap_mb=0.001
     )
     before = _group_count()
     second = BucketMOOState(["b", "a"])
-    register_bucket_moo_hook(other, second)  # same ranks: the same groups
+    install_bucket_moo(other, second)  # same ranks: the same groups
     seen["made_for_second_state"] = _group_count() - before
     before = _group_count()
     _train(ddp, rank, 2)
@@ -92,12 +90,15 @@ def asymmetric_subgroups(rank: int, world_size: int) -> dict[str, Any]:
     x, target = batch(rank, 5, 0, torch.float32)
     (nn.functional.mse_loss(ddp(x), target) + nn.functional.mse_loss(other(x), target)).backward()
     seen["made_in_backward"] = _group_count() - before
-    copy = adopted._worker.group
+    copy = adopted._runtime._worker.group
     seen["copy_ranks"] = dist.get_process_group_ranks(copy)
     seen["copy_rank_is_group_rank"] = copy.rank() == backwards.rank()
-    seen["same_timeout"] = group_timeout(copy) == group_timeout(adopted._metadata_group) == timeout
+    seen["same_timeout"] = (
+        group_timeout(copy) == group_timeout(adopted._runtime._host_group) == timeout
+    )
     seen["shared"] = (
-        second._worker is adopted._worker and second._metadata_group is adopted._metadata_group
+        second._runtime._worker is adopted._runtime._worker
+        and second._runtime._host_group is adopted._runtime._host_group
     )
     seen["iters"] = (adopted.iter, second.iter)
     seen["params"] = _parameters(model)
@@ -112,8 +113,8 @@ def one_state_two_models(rank: int, world_size: int) -> dict[str, str]:
     state = BucketMOOState()
     encoder = DistributedDataParallel(make_model((7,), torch.float32))
     decoder = DistributedDataParallel(make_model((7,), torch.float32))
-    register_bucket_moo_hook(encoder, state)
-    errors["ddp"] = error_of(functools.partial(register_bucket_moo_hook, decoder, state))
+    install_bucket_moo(encoder, state)
+    errors["ddp"] = error_of(functools.partial(install_bucket_moo, decoder, state))
 
     def fsdp2() -> nn.Module:
         model = make_model((7,), torch.float32)
@@ -121,16 +122,16 @@ def one_state_two_models(rank: int, world_size: int) -> dict[str, str]:
         return model
 
     fsdp_state = BucketMOOState()
-    install_fsdp_moo(fsdp2(), fsdp_state)
-    errors["fsdp2"] = error_of(lambda: install_fsdp_moo(fsdp2(), fsdp_state))
+    install_bucket_moo(fsdp2(), fsdp_state)
+    errors["fsdp2"] = error_of(lambda: install_bucket_moo(fsdp2(), fsdp_state))
 
     def fsdp1() -> nn.Module:
         return FullyShardedDataParallel(make_model((7,), torch.float32), device_id=CPU)
 
     fsdp1_state = BucketMOOState()
-    register_fsdp_moo_hook(fsdp1(), fsdp1_state)
-    errors["fsdp1"] = error_of(lambda: register_fsdp_moo_hook(fsdp1(), fsdp1_state))
-    errors["ddp_then_fsdp2"] = error_of(lambda: install_fsdp_moo(fsdp2(), state))
+    install_bucket_moo(fsdp1(), fsdp1_state)
+    errors["fsdp1"] = error_of(lambda: install_bucket_moo(fsdp1(), fsdp1_state))
+    errors["ddp_then_fsdp2"] = error_of(lambda: install_bucket_moo(fsdp2(), state))
     # register_comm_hook directly on the decoder, with the encoder's state.
     decoder.register_comm_hook(state, bucket_moo_hook)
     errors["raw"] = error_of(functools.partial(_train, decoder, rank, 1))
@@ -157,7 +158,7 @@ def subgroup_models(rank: int, world_size: int) -> dict[str, Any]:
     members = dist.get_process_group_ranks(subgroup)
     seen: dict[str, Any] = {"members": members}
     seen["wrong_length"] = error_of(
-        lambda: register_bucket_moo_hook(
+        lambda: install_bucket_moo(
             DistributedDataParallel(make_model((7,), torch.float32), process_group=subgroup),
             BucketMOOState(["a", "b", "c"]),
         )
@@ -172,7 +173,7 @@ def subgroup_models(rank: int, world_size: int) -> dict[str, Any]:
         make_model((7,), torch.float32), process_group=subgroup, bucket_cap_mb=0.001
     )
     state = BucketMOOState(["a", "b"], granularity="global")
-    register_bucket_moo_hook(ddp, state)
+    install_bucket_moo(ddp, state)
     [combined] = _train(ddp, rank, 1)
     seen["ddp_error"] = (combined - expected).abs().max().item()
     seen["ddp_scale"] = expected.abs().max().item()
@@ -189,7 +190,7 @@ def subgroup_models(rank: int, world_size: int) -> dict[str, Any]:
                 fully_shard(model, mesh=mesh)
             if hooked:
                 state = BucketMOOState(["a", "b"], weighting="mean")
-                install = register_fsdp_moo_hook if version == 1 else install_fsdp_moo
+                install = install_bucket_moo
                 install(model, state)
                 seen[f"fsdp{version}_adopted"] = members == dist.get_process_group_ranks(
                     state.process_group

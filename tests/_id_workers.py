@@ -11,7 +11,7 @@ from _ddp_workers import batch, hooked_backward, make_model
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 
-from bucketmoo_hooks import BucketMOOState, install_fsdp_moo
+from bucketmoo_hooks import BucketMOOState, install_bucket_moo
 
 
 def tempered(gramian: Tensor, temperature: float) -> Tensor:
@@ -31,7 +31,7 @@ def scaled(scale: float) -> Callable[[Tensor], Tensor]:
 def _fsdp2_step(rank: int, state: BucketMOOState) -> str:
     model = make_model((7,), torch.float32)
     fully_shard(model)
-    install_fsdp_moo(model, state)
+    install_bucket_moo(model, state)
     x, target = batch(rank, 0, 0, torch.float32)
     loss = nn.functional.mse_loss(model(x), target)
     try:

@@ -32,7 +32,7 @@ def installed_paths(rank: int, world_size: int) -> dict[str, str]:
     paths = {}
     for name, model in models.items():
         try:
-            paths[name] = install_bucket_moo(model, BucketMOOState())
+            paths[name] = install_bucket_moo(model, BucketMOOState()).engine
         except TypeError as error:
             paths[name] = f"TypeError: {error}"
     return paths
@@ -94,7 +94,7 @@ def train_with_trainer(rank: int, world_size: int, steps: int) -> dict[str, Any]
         trainer.train()
     ledger = state.ledger
     return {
-        "path": callback.path,
+        "path": callback.installation.engine,
         "iter": state.iter,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "params": torch.cat([p.detach().flatten() for p in model.parameters()]),

@@ -1,11 +1,15 @@
 """What the kernel tests share (CPU emulator and GPU): inputs, float64 references, tolerances."""
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from bucketmoo_hooks import ObjectiveMap
-from bucketmoo_hooks.weightings import WeightingContext
+from bucketmoo_hooks._absent import solve_weights
+from bucketmoo_hooks._protocol import Request
+from bucketmoo_hooks._shard import exchange_shards
+from bucketmoo_hooks.weightings import Weighting, WeightingContext
 
 Segments = Sequence[tuple[int, int]] | None
 
@@ -65,3 +69,46 @@ class LocalComm:
 
     def all_reduce(self, tensor: torch.Tensor) -> "LocalComm.Done":
         return self.Done()
+
+
+@dataclass(frozen=True)
+class Solved:
+    update: torch.Tensor
+    gramians: torch.Tensor
+    weights: torch.Tensor
+
+
+def solve_shards(
+    comm: object,
+    shards: torch.Tensor,
+    averaging: torch.Tensor,
+    weighting: Weighting,
+    contexts: Sequence[WeightingContext],
+    segments: Segments,
+    kernels: str,
+) -> Solved:
+    """Steps 2–6 of the shard protocol on a given slice ``S_j`` (every segment a problem, or the
+    slice one problem), as the core runs them: phase 1, the weights, phase 2's combination."""
+    per_parameter = segments is not None
+    parameters = list(segments) if per_parameter else [(0, shards.shape[1])]
+    request = Request(per_parameter, presence=False, kernels=kernels, workspace=None)
+    exchange = exchange_shards(comm, None, shards, averaging, parameters, request)
+    weights, parameter_weights = solve_weights(
+        weighting,
+        exchange.gramians,
+        None,
+        contexts,
+        range(len(contexts)),
+        solved_later=exchange.solves(weighting),
+    )
+    weights, update = exchange.combine(weighting, weights, parameter_weights)
+    return Solved(update, exchange.gramians, weights)
+
+
+def problem_weights(
+    weighting: Weighting, gramians: torch.Tensor, contexts: Sequence[WeightingContext]
+) -> torch.Tensor:
+    """Step 5 as the core runs it, every objective present: ``[S, L]``."""
+    weights, _ = solve_weights(weighting, gramians, None, contexts, [])
+    assert weights is not None
+    return weights

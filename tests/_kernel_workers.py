@@ -7,7 +7,7 @@ from _emulator import EmulatedBackend
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bucketmoo_hooks import BucketMOOState, _protocol, register_bucket_moo_hook
+from bucketmoo_hooks import BucketMOOState, _shard, install_bucket_moo
 from bucketmoo_hooks._kernels import FusedBucket
 
 
@@ -22,12 +22,12 @@ def train_with_emulated_kernels(
         def emulated(choice, shards, averaging, segments):
             return FusedBucket(backend, shards, averaging, segments)
 
-        _protocol.fused_kernels = emulated
+        _shard.fused_kernels = emulated
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 301), nn.Tanh(), nn.Linear(301, 7))
     ddp = DistributedDataParallel(model, bucket_cap_mb=0.004)
     state = BucketMOOState(objective_of_rank=[0, 1, 0][:world_size], granularity=granularity)
-    register_bucket_moo_hook(ddp, state)
+    install_bucket_moo(ddp, state)
     generator = torch.Generator().manual_seed(rank)
     for _ in range(2):
         ddp.zero_grad()

@@ -12,7 +12,7 @@ from _ddp_workers import batch, make_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bucketmoo_hooks import BucketMOOState, bucket_moo_hook, register_bucket_moo_hook
+from bucketmoo_hooks import BucketMOOState, bucket_moo_hook, install_bucket_moo
 from bucketmoo_hooks.weightings import MGDA, Weighting, WeightingContext
 
 
@@ -29,7 +29,7 @@ def overlap_on_and_off(rank: int, world_size: int, granularity: str) -> dict[str
         state = BucketMOOState(
             ["en", "de", "en", "ja"][:world_size], granularity=granularity, overlap=overlap
         )
-        register_bucket_moo_hook(ddp, state)
+        install_bucket_moo(ddp, state)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
         ledgers = []
         for step in range(4):
@@ -43,7 +43,7 @@ def overlap_on_and_off(rank: int, world_size: int, granularity: str) -> dict[str
             "iter": state.iter,
             "ledgers": ledgers,
             "held_bytes": state.held_bytes,
-            "workspace_bytes": state._workspace.nbytes,
+            "workspace_bytes": state._runtime.workspace.nbytes,
             "largest_bucket_bytes": max(t.numel * t.element_size for t in state.ledger.last_step),
         }
     return runs
@@ -127,14 +127,14 @@ def worker_shutdown(rank: int, world_size: int) -> dict[str, Any]:
     model = make_model((7,), torch.float32)
     ddp = DistributedDataParallel(model)
     state = BucketMOOState()
-    register_bucket_moo_hook(ddp, state)
+    install_bucket_moo(ddp, state)
     x, target = batch(rank, 0, 0, torch.float32)
     nn.functional.mse_loss(ddp(x), target).backward()
     seen["training"] = len(overlap_threads())
     # The worker's copy of the group fails a stalled peer as soon as the user's group would.
     timeouts = [
         g._get_backend(torch.device("cpu")).options._timeout
-        for g in (dist.group.WORLD, state._worker.group)
+        for g in (dist.group.WORLD, state._runtime._worker.group)
     ]
     seen["same_timeout"] = timeouts[0] == timeouts[1] != dist.default_pg_timeout
     state.close()

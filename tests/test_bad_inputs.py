@@ -22,7 +22,6 @@ from bucketmoo_hooks import (
     install_bucket_moo,
     objective_key,
     reference,
-    register_bucket_moo_hook,
 )
 from bucketmoo_hooks.data import load_udhr, udhr_split
 from bucketmoo_hooks.weightings import (
@@ -52,7 +51,7 @@ def ddp(**options: object) -> DistributedDataParallel:
 
 def hooked() -> DistributedDataParallel:
     model = ddp()
-    register_bucket_moo_hook(model, BucketMOOState(["en"]))
+    install_bucket_moo(model, BucketMOOState(["en"]))
     return model
 
 
@@ -328,19 +327,20 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
 DISTRIBUTED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     (
         "register: not DDP",
-        lambda: register_bucket_moo_hook(nn.Linear(2, 2), BucketMOOState()),
+        lambda: install_bucket_moo(nn.Linear(2, 2), BucketMOOState()),
         TypeError,
-        r"model must be a torch.nn.parallel.DistributedDataParallel, got Linear",
+        r"model \(Linear\) is not wrapped for data parallelism: bucket-MOO needs "
+        r"DistributedDataParallel",
     ),
     (
         "register: not a state",
-        lambda: register_bucket_moo_hook(ddp(), {"weighting": "mgda"}),
+        lambda: install_bucket_moo(ddp(), {"weighting": "mgda"}),
         TypeError,
         r"state must be a BucketMOOState, got dict",
     ),
     (
         "register: second hook",
-        lambda: register_bucket_moo_hook(hooked(), BucketMOOState(["en"])),
+        lambda: install_bucket_moo(hooked(), BucketMOOState(["en"])),
         ValueError,
         r"the model already has a comm hook \(\['bucket_moo_hook'\]\)",
     ),
@@ -353,7 +353,7 @@ DISTRIBUTED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     (
         # With process_group=None the group is the model's, known at registration.
         "register: objective count",
-        lambda: register_bucket_moo_hook(ddp(), BucketMOOState(["en", "de"])),
+        lambda: install_bucket_moo(ddp(), BucketMOOState(["en", "de"])),
         ValueError,
         r"objective_of_rank has 2 entries but the model's process group \(global ranks \[0\]\) "
         r"has 1 ranks",

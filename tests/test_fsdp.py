@@ -27,7 +27,8 @@ from _fsdp_workers import (
 from torch import nn
 from torch.distributed.fsdp import ShardingStrategy
 
-from bucketmoo_hooks import reference, ring_allreduce_bytes
+from bucketmoo_hooks import reference
+from bucketmoo_hooks._collectives import all_reduce_bytes
 from bucketmoo_hooks.weightings import Weighting, WeightingContext, get_weighting
 
 BF16 = torch.bfloat16
@@ -235,15 +236,15 @@ def test_bytes_match_the_protocol(world_size: int, scenario: FSDPScenario) -> No
                 assert bucket["sent"] == {
                     "reduce_scatter": (shard_ranks - 1) * shard * element,
                     "all_to_all": (replicas - 1) * piece * element,
-                    "all_reduce": ring_allreduce_bytes(gramian, 1, replicas)
-                    + ring_allreduce_bytes(gramian, 1, shard_ranks),
+                    "all_reduce": all_reduce_bytes(gramian * 1, replicas)
+                    + all_reduce_bytes(gramian * 1, shard_ranks),
                     "all_gather": (replicas - 1) * piece * element,
                 }
                 continue
             slices = -(-bucket["numel"] // world_size) * (world_size - 1) * element
             expected = {
                 "all_to_all": slices,
-                "all_reduce": ring_allreduce_bytes(gramian, 1, world_size),
+                "all_reduce": all_reduce_bytes(gramian * 1, world_size),
             }
             if scenario.strategy == ShardingStrategy.NO_SHARD:
                 expected["all_gather"] = slices
@@ -264,7 +265,7 @@ def test_bytes_within_budget_of_plain_reduce_scatter() -> None:
             sent = sum(sum(b["sent"].values()) for b in buckets)
             sent += sum(step_ledger["overhead"].values())
             plain = sum(plain_reduce_scatter_bytes(b, 4) for b in buckets)
-            gramians = len(buckets) * ring_allreduce_bytes(num_objectives**2, 4, 4)
+            gramians = len(buckets) * all_reduce_bytes(num_objectives**2 * 4, 4)
             assert sent <= 1.02 * plain + gramians, (sent, plain, gramians)
 
 
@@ -305,7 +306,7 @@ def test_unsupported_combinations_fail_at_install_time() -> None:
     per_rank = run_distributed(2, install_errors)
     errors = per_rank[0]
     assert errors["not_fsdp"].startswith("TypeError: state must be a BucketMOOState")
-    assert errors["no_units"].startswith("TypeError: model (Sequential) has no fully_shard")
+    assert errors["no_units"].startswith("TypeError: model (Sequential) is not wrapped for")
     assert errors["global"].startswith("ValueError: granularity='global' is DDP-only")
     assert errors["native_hsdp"].startswith("ValueError: FSDP unit 1 ('0') is sharded on a 2-D")
     assert "hsdp_mesh=mesh" in errors["native_hsdp"]
@@ -314,7 +315,7 @@ def test_unsupported_combinations_fail_at_install_time() -> None:
     assert errors["other_group"].startswith("ValueError: state.process_group (ranks [0])")
     assert errors["old_torch"].startswith("RuntimeError: FSDP unit 0 ('root'): the installed FSDP2")
     assert "set_force_sum_reduction_for_comms" in errors["old_torch"]
-    assert errors["fsdp1_not_fsdp"].startswith("TypeError: model must be a torch.distributed")
+    assert errors["fsdp1_not_fsdp"].startswith("TypeError: model (Sequential) is not wrapped")
     assert errors["fsdp1_not_root"].startswith("TypeError: model must be the root")
     assert errors["fsdp1_global"].startswith("ValueError: granularity='global' is DDP-only")
     assert errors["fsdp1_twice"].startswith("ValueError: FSDP unit 0 ('root') already has a comm")

@@ -24,18 +24,15 @@ from _kernel_checks import (
     contexts_for,
     exact_gramians,
     gramian_error,
+    problem_weights,
+    solve_shards,
 )
 
 from bucketmoo_hooks import BucketMOOState, ObjectiveMap, bucket_moo_hook, reference
+from bucketmoo_hooks._collectives import Collectives
 from bucketmoo_hooks._kernels import fused_kernels, probe_kernels
 from bucketmoo_hooks._ledger import BucketTraffic
-from bucketmoo_hooks._protocol import (
-    BucketComm,
-    combine_segments,
-    objective_shards,
-    segment_weights,
-    solve_shards,
-)
+from bucketmoo_hooks._linalg import combine_segments, objective_shards
 from bucketmoo_hooks.weightings import MGDA, WeightingContext, get_weighting, weighting_names
 
 pytestmark = [
@@ -69,7 +66,7 @@ def solve_simulated_ranks(rank: int, world_size: int, dtype: torch.dtype, kernel
     objective_map = ObjectiveMap.from_ids(ids)
     grads = torch.randn(len(ids), 100_003, device="cuda").to(dtype)
     averaging = objective_map.averaging_matrix("cuda")
-    comm = BucketComm(dist.group.WORLD, BucketTraffic(0, grads.numel(), grads.element_size()))
+    comm = Collectives(dist.group.WORLD, BucketTraffic(0, grads.numel(), grads.element_size()))
     context = WeightingContext(0, 0, objective_map.objectives)
     if kernels == "cuda":  # as BucketMOOState(kernels="cuda") does: the probe synchronises once
         assert probe_kernels(grads.device) is None
@@ -113,9 +110,9 @@ def ddp_on_cuda(rank: int, world_size: int, kernels: str, granularity: str) -> d
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
-    # As register_bucket_moo_hook does for a DDP without find_unused_parameters: no presence
+    # As install_bucket_moo does for a DDP without find_unused_parameters: no presence
     # check, whose host read would be a synchronisation (README, "Language-specific parameters").
-    state._every_parameter_used = True
+    state._runtime.every_parameter_used = True
     ddp.register_comm_hook(state, strict_hook)
     for _ in range(3):
         ddp(torch.randn(16, 64, device="cuda")).square().mean().backward()
@@ -123,7 +120,11 @@ def ddp_on_cuda(rank: int, world_size: int, kernels: str, granularity: str) -> d
             assert torch.isfinite(parameter.grad).all()
         grads = [parameter.grad.cpu() for parameter in model.parameters()]
         ddp.zero_grad()
-    return {"iter": state.iter, "separate_group": state._metadata_group is not None, "grads": grads}
+    return {
+        "iter": state.iter,
+        "separate_group": state._runtime._host_group is not None,
+        "grads": grads,
+    }
 
 
 @pytest.mark.parametrize("granularity", ["bucket", "parameter", "global"])
@@ -195,8 +196,8 @@ def test_kernels_equal_the_torch_path(ids, columns, dtype, segments, weighting) 
     bound = max(2e-5, 2 * gramian_error(torch_gramians, exact))
     assert_gramians_close(gramians, exact, bound)
 
-    expected_weights = segment_weights(weighting, gramians.cpu(), contexts).cuda()
-    given = None if fused.solves(weighting) else segment_weights(weighting, gramians, contexts)
+    expected_weights = problem_weights(weighting, gramians.cpu(), contexts).cuda()
+    given = None if fused.solves(weighting) else problem_weights(weighting, gramians, contexts)
     weights, update = fused.combine(gramians, weighting, given)
     torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
     assert_update_close(update, combine_segments(weights, objectives, whole, dtype))

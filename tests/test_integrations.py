@@ -12,7 +12,7 @@ import pytest
 from _distributed import run_distributed
 from _integration_workers import train_with_trainer
 
-from bucketmoo_hooks import ring_allreduce_bytes
+from bucketmoo_hooks._collectives import all_reduce_bytes
 
 pytest.importorskip("accelerate")
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_accelerate_example_runs_end_to_end_with_fsdp2(tmp_path: Path) -> None:
     assert report["languages"] == ["eng", "rus"]
     for before, after in report["losses"]:
         assert after < before - 1.0  # bits per byte, from ~8 (uniform over bytes)
-    gramians = report["buckets"] * ring_allreduce_bytes(4, 4, 2)
+    gramians = report["buckets"] * all_reduce_bytes(4 * 4, 2)
     assert report["plain"] < report["sent"] <= 1.02 * report["plain"] + gramians
 
 

@@ -19,19 +19,16 @@ from _kernel_checks import (
     bucket,
     contexts_for,
     exact_gramians,
+    problem_weights,
+    solve_shards,
 )
 from _kernel_workers import train_with_emulated_kernels
 from test_weightings import KINDS, gramian_of
 
-from bucketmoo_hooks import _protocol
+from bucketmoo_hooks import _shard
 from bucketmoo_hooks._kernels import FusedBucket
 from bucketmoo_hooks._kernels._sources import compile_options
-from bucketmoo_hooks._protocol import (
-    combine_segments,
-    objective_shards,
-    segment_weights,
-    solve_shards,
-)
+from bucketmoo_hooks._linalg import combine_segments, objective_shards
 from bucketmoo_hooks.weightings import MGDA, Weighting, get_weighting
 
 pytestmark = pytest.mark.skipif(not have_compiler(), reason="needs g++ for the CPU emulator")
@@ -75,7 +72,7 @@ def test_kernels_match_the_torch_path(
     assert_gramians_close(gramians, exact_gramians(shards, averaging, segments), 1e-5)
 
     # Weights and update from the same Gramians as the torch path would get after the all-reduce.
-    expected_weights = segment_weights(weighting, gramians, contexts)
+    expected_weights = problem_weights(weighting, gramians, contexts)
     given = None if fused.solves(weighting) else expected_weights
     weights, update = fused.combine(gramians, weighting, given)
     torch.testing.assert_close(weights, expected_weights, rtol=1e-6, atol=1e-7)
@@ -144,7 +141,7 @@ def test_solve_shards_dispatches_to_the_kernels(
         used.append(choice)
         return FusedBucket(backend, shards, averaging, segments)
 
-    monkeypatch.setattr(_protocol, "fused_kernels", emulated)
+    monkeypatch.setattr(_shard, "fused_kernels", emulated)
     result = solve_shards(comm, shards, averaging, resolved, contexts, segments, "cuda")
     assert used == ["cuda"]
     assert_gramians_close(result.gramians, exact_gramians(shards, averaging, segments), 1e-5)

@@ -15,7 +15,7 @@ from _kernel_checks import bucket
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bucketmoo_hooks._device_path import force_device_path
-from bucketmoo_hooks._protocol import (
+from bucketmoo_hooks._linalg import (
     exact_matmul_in_fp32,
     gramian_of,
     objective_shards,

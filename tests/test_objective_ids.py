@@ -95,8 +95,8 @@ def test_ids_whose_pickle_varies_are_refused_or_normalised() -> None:
 def test_every_entry_point_takes_a_scalar_tensor_as_its_value() -> None:
     state = BucketMOOState([torch.tensor(0), "de"], diagnostics=Diagnostics())
     state.set_objective(torch.tensor(7))
-    assert state._own_objective_key(rank=0) == objective_key(7)
-    assert state._objective == (7, objective_key(7))
+    assert state._steps.own_key(state, rank=0) == objective_key(7)
+    assert state._steps.objective == (7, objective_key(7))
     assert set(state.diagnostics.labels.values()) == {"0", "de", "7"}  # not "tensor(0)"
     digest = BucketMOOState([0, "de"])._config_digest(2)
     assert BucketMOOState([torch.tensor(0), "de"])._config_digest(2) == digest

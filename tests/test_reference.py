@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from bucketmoo_hooks import CommLedger, ObjectiveMap, objective_key, reference, ring_allreduce_bytes
+from bucketmoo_hooks import CommLedger, ObjectiveMap, objective_key, reference
+from bucketmoo_hooks._collectives import all_reduce_bytes
 
 
 def grads_of(world_size: int, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -81,7 +82,7 @@ def test_bad_reference_input_is_refused() -> None:
 
 def test_shard_segments_cover_each_piece_once() -> None:
     """Parameter granularity: every parameter's elements land in exactly one rank's slice."""
-    from bucketmoo_hooks._protocol import shard_segments
+    from bucketmoo_hooks._shard import shard_segments
 
     sizes, world_size = [5, 1, 9, 3], 3
     shard = -(-sum(sizes) // world_size)  # 6
@@ -138,8 +139,8 @@ def test_objective_map_and_averaging_matrix() -> None:
 
 
 def test_ring_allreduce_bytes() -> None:
-    assert ring_allreduce_bytes(1000, 4, 4) == 6000  # 2·3/4·1000·4
-    assert ring_allreduce_bytes(1000, 2, 1) == 0
+    assert all_reduce_bytes(1000 * 4, 4) == 6000  # 2·3/4·1000·4
+    assert all_reduce_bytes(1000 * 2, 1) == 0
 
 
 def test_ledger_closes_steps_and_keeps_totals() -> None:
@@ -155,5 +156,5 @@ def test_ledger_closes_steps_and_keeps_totals() -> None:
     assert [t.numel for t in ledger.last_step] == [100, 60]
     assert ledger.step_overhead == {"objective_exchange": 72}
     assert ledger.last_step_bytes() == 2 * 301 + 2 * 300 + 72
-    assert ledger.last_step_allreduce_bytes() == ring_allreduce_bytes(160, 4, 4)
+    assert ledger.last_step_allreduce_bytes() == all_reduce_bytes(160 * 4, 4)
     assert ledger.totals == {"objective_exchange": 144, "all_to_all": 1202, "all_gather": 1200}

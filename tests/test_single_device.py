@@ -7,7 +7,7 @@ from _distributed import run_distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bucketmoo_hooks import BucketMOOState, Diagnostics, reference, register_bucket_moo_hook
+from bucketmoo_hooks import BucketMOOState, Diagnostics, install_bucket_moo, reference
 from bucketmoo_hooks.single_device import SingleDeviceMOO, ddp_bucket_partition
 
 LANGUAGES = ["en", "de", "en", "ja"]  # 4 ranks, 3 objectives, one group of two
@@ -39,7 +39,7 @@ def ddp_trajectory(rank: int, weighting: str | None, granularity: str) -> dict:
     state = None
     if weighting is not None:
         state = BucketMOOState(LANGUAGES, weighting, granularity=granularity)
-        register_bucket_moo_hook(ddp, state)
+        install_bucket_moo(ddp, state)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trajectory = []
     for step in range(3):

@@ -59,15 +59,16 @@ def test_group_needs_an_initialised_process_group() -> None:
 def test_set_objective_checks_the_id_at_once() -> None:
     state = BucketMOOState()
     state.set_objective("ja")
-    assert state._own_objective_key(rank=5) == objective_key("ja")
+    assert state._steps.own_key(state, rank=5) == objective_key("ja")
     with pytest.raises(TypeError, match="must be hashable"):
         state.set_objective({"ja"})
 
 
 def test_own_objective_defaults() -> None:
-    assert BucketMOOState()._own_objective_key(rank=2) == objective_key(2)
+    fresh = BucketMOOState()
+    assert fresh._steps.own_key(fresh, rank=2) == objective_key(2)
     state = BucketMOOState(objective_of_rank=["en", "de"])
-    assert state._own_objective_key(rank=1) == objective_key("de")
+    assert state._steps.own_key(state, rank=1) == objective_key("de")
 
 
 def test_pickling_keeps_configuration_and_progress_but_not_the_group() -> None:
@@ -81,7 +82,7 @@ def test_pickling_keeps_configuration_and_progress_but_not_the_group() -> None:
     assert restored.objective_of_rank == ("en", "de")
     assert repr(restored.weighting) == "MGDA(iterations=9)"
     assert restored.iter == 12
-    assert restored._own_objective_key(rank=0) == objective_key("ja")
+    assert restored._steps.own_key(restored, rank=0) == objective_key("ja")
     assert restored.ledger.totals == {"objective_exchange": 24}
     assert restored.objective_map is None
     assert "iter=12" in repr(restored)
@@ -156,6 +157,6 @@ def test_pickling_keeps_the_overlap_choice_but_not_the_worker() -> None:
     assert BucketMOOState().overlap
     restored = pickle.loads(pickle.dumps(state))
     assert restored.overlap is False
-    assert restored._worker is None
-    assert restored._side_streams == {}
+    assert restored._runtime._worker is None
+    assert restored._runtime._side_streams == {}
     assert "overlap" not in state.state_dict()  # a runtime choice, like kernels

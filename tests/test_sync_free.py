@@ -10,12 +10,11 @@ the check on a device with CUDA's sync debug mode.
 
 import pytest
 import torch
-from _kernel_checks import LocalComm, bucket, contexts_for
+from _kernel_checks import LocalComm, bucket, contexts_for, solve_shards
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bucketmoo_hooks import Diagnostics, weighting_names
 from bucketmoo_hooks._device_path import cpu_path, force_device_path
-from bucketmoo_hooks._protocol import solve_shards
 from bucketmoo_hooks.weightings import WeightingContext, get_weighting
 
 aten = torch.ops.aten

@@ -1,4 +1,4 @@
-"""The fused kernels bound to one bucket: what ``solve_shards`` calls instead of steps 2–6."""
+"""Fused kernels bound to one bucket: the shard protocol's steps 2–6 on CUDA (:mod:`.._shard`)."""
 
 import ctypes
 import threading
@@ -87,7 +87,7 @@ class FusedBucket:
         backend: What compiles and launches the kernels.
         shards: ``S_j`` ``[R, c]``, fp32/bf16/fp16, on the backend's device.
         averaging: ``M`` ``[L, R]``: every column exactly one nonzero (the averaging matrix).
-        segments: Independent problems in the slice (:func:`~.._protocol.shard_segments`), or
+        segments: Independent problems in the slice (:func:`~.._shard.shard_segments`), or
             ``None`` for one problem over the whole slice.
 
     Raises:

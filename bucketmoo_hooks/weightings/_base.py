@@ -21,15 +21,16 @@ class WeightingContext:
 
     Attributes:
         step: The hook's step counter (synchronised backward passes so far).
-        bucket: The bucket's index in this step. DDP renumbers buckets when it rebuilds them
-            after the first iteration, so this is a label, not a key for long-lived state.
+        bucket: The bucket's index in this step (the FSDP unit's index), ``-1`` for the whole
+            model (``granularity="global"``). DDP renumbers buckets when it rebuilds them after
+            the first iteration, so this is a label, not a key for long-lived state.
         objectives: The objective keys in Gramian order (see :func:`bucketmoo_hooks.objective_key`).
         segment: With ``granularity="parameter"``, the parameter's position in the bucket;
             ``None`` when the problem covers the whole bucket (or, with ``"global"``, the model).
         problem: Stable key of this problem, for weightings that keep state per problem: the
             positions in ``model.parameters()`` of the parameters it covers (``()`` for the
             whole model). It survives DDP's bucket rebuild, restarts and checkpoints. ``None``
-            when the hook was registered without :func:`bucketmoo_hooks.register_bucket_moo_hook`,
+            when the hook was registered without :func:`bucketmoo_hooks.install_bucket_moo`,
             which is what tells the state the model's parameter order.
     """
 

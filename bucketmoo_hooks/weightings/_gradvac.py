@@ -52,7 +52,7 @@ class GradVac(Weighting):
         if context is not None and context.problem is None:
             raise ValueError(
                 "gradvac keeps targets per bucket and needs stable bucket keys: register the "
-                "hook with bucketmoo_hooks.register_bucket_moo_hook(model, state)"
+                "hook with bucketmoo_hooks.install_bucket_moo(model, state)"
             )
         problem = None if context is None else context.problem
         objectives = tuple(range(num_objectives)) if context is None else context.objectives

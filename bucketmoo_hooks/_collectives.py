@@ -1,0 +1,114 @@
+"""Every collective the hooks issue, each with the bytes one rank sends through it.
+
+Bytes are those of the bandwidth-optimal algorithm of each collective (what NCCL's ring and
+pairwise algorithms send), from the size ``n·b`` of the tensor the collective is about: the
+all-reduced tensor, the all-to-all's input, the all-gather's output, the reduce-scatter's input.
+One formula per collective: :mod:`.cost_model` and :class:`._ledger.BucketTraffic` use these.
+"""
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import ReduceOp
+
+from ._compat import all_gather_single, reduce_scatter_single
+
+if TYPE_CHECKING:
+    from ._ledger import BucketTraffic
+
+
+def all_reduce_bytes(nbytes: int, world_size: int) -> int:
+    """Ring all-reduce: ``2(R−1)/R · n·b``."""
+    return 2 * (world_size - 1) * nbytes // world_size
+
+
+def all_to_all_bytes(nbytes: int, world_size: int) -> int:
+    """All-to-all: every rank keeps its own chunk and sends the other ``R−1``: ``(R−1)/R · n·b``."""
+    return (world_size - 1) * nbytes // world_size
+
+
+def all_gather_bytes(nbytes: int, world_size: int) -> int:
+    """All-gather into ``n·b`` bytes: ``R−1`` chunks of ``n·b/R``."""
+    return (world_size - 1) * nbytes // world_size
+
+
+def reduce_scatter_bytes(nbytes: int, world_size: int) -> int:
+    """Reduce-scatter of ``n·b`` bytes: ``(R−1)/R · n·b``."""
+    return (world_size - 1) * nbytes // world_size
+
+
+SENT_BYTES: dict[str, Callable[[int, int], int]] = {
+    "all_reduce": all_reduce_bytes,
+    "all_to_all": all_to_all_bytes,
+    "all_gather": all_gather_bytes,
+    "reduce_scatter": reduce_scatter_bytes,
+}
+
+
+def nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class Collectives:
+    """The collectives of one bucket or unit over ``group``, each counted in its traffic.
+
+    With an ``outer`` group (HSDP: the protocol runs over the replicate group on one shard of a
+    unit), :meth:`all_reduce` also sums over ``outer``, so that a Gramian covers the whole unit.
+    """
+
+    __slots__ = ("group", "outer", "traffic", "world_size")
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        traffic: "BucketTraffic",
+        outer: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.group = group
+        self.traffic = traffic
+        self.outer = outer
+        self.world_size = group.size()
+
+    def all_to_all(self, output: Tensor, input: Tensor) -> dist.Work:
+        self.traffic.add("all_to_all", all_to_all_bytes(nbytes(input), self.world_size))
+        return dist.all_to_all_single(output, input, group=self.group, async_op=True)
+
+    def all_reduce(self, tensor: Tensor) -> dist.Work:
+        """SUM over the group (and then over ``outer``)."""
+        self.traffic.add("all_reduce", all_reduce_bytes(nbytes(tensor), self.world_size))
+        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        if self.outer is None:
+            return work
+        work.wait()
+        self.traffic.add("all_reduce", all_reduce_bytes(nbytes(tensor), self.outer.size()))
+        return dist.all_reduce(tensor, group=self.outer, async_op=True)
+
+    def all_gather(self, output: Tensor, input: Tensor) -> dist.Work:
+        self.traffic.add("all_gather", all_gather_bytes(nbytes(output), self.world_size))
+        return all_gather_single(output, input, group=self.group, async_op=True)
+
+    def reduce_scatter(self, output: Tensor, input: Tensor) -> dist.Work:
+        """SUM of every rank's ``input`` (``[R·c]``), chunk ``r`` to rank ``r``."""
+        self.traffic.add("reduce_scatter", reduce_scatter_bytes(nbytes(input), self.world_size))
+        return reduce_scatter_single(
+            output, input, op=ReduceOp.SUM, group=self.group, async_op=True
+        )
+
+    def gather_into(self, buffer: Tensor, update: Tensor) -> torch.futures.Future[Tensor]:
+        """All-gather every rank's ``update`` slice into ``buffer`` (the last slice may be
+        padding past ``buffer``'s end); the future resolves to ``buffer``."""
+        numel = buffer.numel()
+        if update.numel() * self.world_size == numel:  # no padding: straight into the buffer
+            return self.all_gather(buffer, update).get_future().then(lambda _: buffer)
+        padded = buffer.new_empty(update.numel() * self.world_size)
+        future = self.all_gather(padded, update).get_future()
+
+        def unpad(_: torch.futures.Future) -> Tensor:
+            if padded.is_cuda:  # read on the callback's stream: keep the block until then
+                padded.record_stream(torch.cuda.current_stream(padded.device))
+            return buffer.copy_(padded[:numel])
+
+        return future.then(unpad)

@@ -1,0 +1,156 @@
+"""What a state uses while it runs, and how an installer ties a state to its model and group.
+
+None of it is configuration or progress: it is rebuilt after unpickling, never saved.
+"""
+
+import weakref
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ._groups import HOST, OVERLAP, helper_group, shared_worker
+from ._objectives import ObjectiveMap
+from ._shard import Workspace
+from ._worker import BucketWorker
+
+if TYPE_CHECKING:
+    from ._state import BucketMOOState
+
+# Distinct (objective map, device) pairs whose averaging matrix is kept; per-step sampling of
+# languages can produce many maps, so the cache is bounded.
+_AVERAGING_CACHE_SIZE = 64
+
+
+class Runtime:
+    """The registered model, the process groups, threads, streams and buffers of one state."""
+
+    __slots__ = (
+        "_averaging",
+        "_host_group",
+        "_side_streams",
+        "_worker",
+        "every_parameter_used",
+        "held",
+        "model",
+        "parameter_index",
+        "workspace",
+    )
+
+    def __init__(self) -> None:
+        # -- set by the installers -----------------------------------------------------------------
+        # The model the state is installed on (weakly): one per state.
+        self.model: weakref.ref[nn.Module] | None = None
+        # id(parameter) → position in model.parameters() (DDP): stable problem keys.
+        self.parameter_index: dict[int, int] | None = None
+        # The engine guarantees every rank uses every parameter (DDP without
+        # find_unused_parameters): then no objective can be absent and nobody looks.
+        self.every_parameter_used = False
+        # -- per step ------------------------------------------------------------------------------
+        # Global MOO: the buckets waiting for the model's weights (:mod:`._core`).
+        self.held: list = []
+        # -- resources -----------------------------------------------------------------------------
+        self._host_group: dist.ProcessGroup | None = None
+        self._worker: BucketWorker | None = None
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.workspace = Workspace()  # CPU exchange buffers, reused from bucket to bucket
+        self._averaging: OrderedDict[tuple[tuple[int, ...], torch.device], Tensor] = OrderedDict()
+
+    def averaging(self, objective_map: ObjectiveMap, device: torch.device) -> Tensor:
+        """``M`` of ``objective_map`` on ``device`` (cached)."""
+        cache_key = (objective_map.keys, device)
+        matrix = self._averaging.get(cache_key)
+        if matrix is None:
+            matrix = objective_map.averaging_matrix(device)
+            self._averaging[cache_key] = matrix
+            if len(self._averaging) > _AVERAGING_CACHE_SIZE:
+                self._averaging.popitem(last=False)
+        else:
+            self._averaging.move_to_end(cache_key)
+        return matrix
+
+    def host_group(self, group: dist.ProcessGroup) -> dist.ProcessGroup:
+        """A group over ``group``'s ranks that runs collectives on CPU tensors: ``group`` itself
+        if it has a gloo backend, else its gloo copy."""
+        if has_cpu_backend(group):
+            return group
+        if self._host_group is None:
+            self._host_group = helper_group(group, HOST)
+        return self._host_group
+
+    def overlap_worker(self, group: dist.ProcessGroup) -> BucketWorker:
+        """The worker thread for CPU buckets, over the copy of ``group`` that every state over
+        its ranks shares (made at registration; with ``register_comm_hook`` directly, here at
+        bucket 0, where every rank of the group makes it alike)."""
+        if self._worker is None or self._worker.closed:
+            self._worker = shared_worker(helper_group(group, OVERLAP))
+        return self._worker
+
+    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._side_streams.get(device)
+        if stream is None:
+            stream = self._side_streams[device] = torch.cuda.Stream(device)
+        return stream
+
+    def fail_held(self, error: BaseException) -> None:
+        """Complete the held buckets' futures with ``error``: DDP waits on them."""
+        held, self.held = self.held, []
+        for h in held:
+            h.outcome.set_result(error)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+
+
+def register(
+    state: "BucketMOOState", model: nn.Module, group: dist.ProcessGroup | None, cpu_buckets: bool
+) -> None:
+    """What every installer does once the model is checked, before it installs anything.
+
+    Refuses a state registered on another live model; adopts ``group`` (the one the model
+    reduces over; ``None``: the state's own) if ``state.process_group`` is ``None``, else checks
+    that ``process_group`` has its ranks in order; checks ``objective_of_rank`` against the group
+    adopted; creates the gloo groups the hook will use beside it (a rendezvous of its ranks,
+    here rather than inside backward). Raises alike on every rank, before the rendezvous.
+    """
+    runtime = state._runtime
+    registered = None if runtime.model is None else runtime.model()
+    if registered is not None:
+        raise ValueError(
+            f"this BucketMOOState is already registered on another model "
+            f"({type(registered).__name__}); create one state per DDP or FSDP model"
+        )
+    if group is None:
+        group, described = state.group, "the state's process group"
+    elif state.process_group is None:
+        described = "the model's process group"
+    elif ranks_of(state.process_group) != ranks_of(group):
+        raise ValueError(
+            f"state.process_group (ranks {ranks_of(state.process_group)}) is not the process "
+            f"group the model reduces over (ranks {ranks_of(group)}); pass process_group=None "
+            "to adopt the model's group, or a group with its ranks"
+        )
+    else:  # the state's own group over the model's ranks: the one the hook uses
+        group, described = state.process_group, "process_group"
+    state._check_world_size(group.size(), described_group(described, group))
+    runtime.host_group(group)
+    if state.overlap and cpu_buckets:
+        helper_group(group, OVERLAP)
+    state.process_group = group
+    runtime.model = weakref.ref(model)
+
+
+def has_cpu_backend(group: dist.ProcessGroup) -> bool:
+    """Whether collectives on CPU tensors run on ``group`` (gloo, or a ``cpu:gloo,...`` group)."""
+    return "gloo" in dist.get_backend(group)
+
+
+def ranks_of(group: dist.ProcessGroup) -> list[int]:
+    return dist.get_process_group_ranks(group)
+
+
+def described_group(name: str, group: dist.ProcessGroup) -> str:
+    return f"{name} (global ranks {ranks_of(group)})"
