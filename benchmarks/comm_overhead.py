@@ -74,6 +74,7 @@ from bucketmoo_hooks import (
 )
 from bucketmoo_hooks._collectives import SENT_BYTES
 from bucketmoo_hooks._compat import all_gather_single
+from bucketmoo_hooks._ddp import install_ddp
 from bucketmoo_hooks.weightings import MGDA
 
 #: Every method, in table order. ``*-blocking`` is the hook with ``overlap=False`` (the hook as it
@@ -437,12 +438,10 @@ def build(
         return ddp, None
     weighting, granularity, overlap = HOOK_METHODS[method]
     state = BucketMOOState(weighting=weighting, granularity=granularity, overlap=overlap)
-    # What install_bucket_moo sets (it cannot wrap the hook in a timer): stable problem
-    # keys, and no presence check, since this DDP (no find_unused_parameters) uses every parameter
-    # on every rank (benchmarks/protocol_phases.py times the check).
-    state._runtime.parameter_index = {id(p): i for i, p in enumerate(model.parameters())}
-    state._runtime.every_parameter_used = True
-    ddp.register_comm_hook(state, timed_hook(bucket_moo_hook, times))
+    # install_bucket_moo's DDP path with the hook wrapped in a timer: stable problem keys, and no
+    # presence check, since this DDP (no find_unused_parameters) uses every parameter on every
+    # rank (benchmarks/protocol_phases.py times the check).
+    install_ddp(ddp, state, hook=timed_hook(bucket_moo_hook, times))
     return ddp, state
 
 

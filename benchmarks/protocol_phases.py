@@ -28,8 +28,9 @@ from bucketmoo_hooks._absent import presence_counts
 from bucketmoo_hooks._collectives import Collectives
 from bucketmoo_hooks._ledger import BucketTraffic
 from bucketmoo_hooks._linalg import combine_segments, objective_shards, partial_gramians
-from bucketmoo_hooks._protocol import Gradient
-from bucketmoo_hooks._shard import Workspace, scatter_shards, shard_segments
+from bucketmoo_hooks._protocol import Bucket, Gradient
+from bucketmoo_hooks._runtime import Workspace
+from bucketmoo_hooks._shard import scatter_shards, shard_segments
 from bucketmoo_hooks.weightings import MGDA, WeightingContext
 
 
@@ -70,7 +71,7 @@ def main() -> None:
 
     sizes = [len(part) for part in torch.arange(args.numel).tensor_split(args.parameters)]
     parameters = shard_segments(sizes, dist.get_rank(), shards.shape[1])
-    problem = _core.Bucket(0, "bucket 0", None, [None] * len(sizes))
+    bucket_0 = Bucket(0, "bucket 0", None, [None] * len(sizes))
     # The hook's core on the bucket, as DDP's buckets go through it: ``"zero"`` counts no
     # presence (DDP without find_unused_parameters), ``"exclude"`` does.
     states = {
@@ -80,7 +81,7 @@ def main() -> None:
     def end_to_end(absent: str) -> None:
         gradient = Gradient(bucket, None, sizes)
         state = states[absent]
-        _core.reduce(state, comm, problem, gradient, objective_map, averaging).wait()
+        _core.reduce(state, comm, bucket_0, gradient, objective_map, averaging).wait()
 
     phases = {
         "all-reduce (DDP allreduce_hook)": lambda: dist.all_reduce(bucket),

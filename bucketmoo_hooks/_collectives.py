@@ -56,7 +56,8 @@ class Collectives:
     """The collectives of one bucket or unit over ``group``, each counted in its traffic.
 
     With an ``outer`` group (HSDP: the protocol runs over the replicate group on one shard of a
-    unit), :meth:`all_reduce` also sums over ``outer``, so that a Gramian covers the whole unit.
+    unit), :meth:`all_reduce_unit` also sums over ``outer``, so that a Gramian covers the whole
+    unit; every other collective runs over ``group`` only.
     """
 
     __slots__ = ("group", "outer", "traffic", "world_size")
@@ -77,9 +78,13 @@ class Collectives:
         return dist.all_to_all_single(output, input, group=self.group, async_op=True)
 
     def all_reduce(self, tensor: Tensor) -> dist.Work:
-        """SUM over the group (and then over ``outer``)."""
+        """SUM over the group."""
         self.traffic.add("all_reduce", all_reduce_bytes(nbytes(tensor), self.world_size))
-        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        return dist.all_reduce(tensor, group=self.group, async_op=True)
+
+    def all_reduce_unit(self, tensor: Tensor) -> dist.Work:
+        """SUM over the group, then over ``outer`` if any: a statistic of the whole unit."""
+        work = self.all_reduce(tensor)
         if self.outer is None:
             return work
         work.wait()

@@ -1,11 +1,12 @@
 """The one path every bucket takes, whatever the engine: phase 1, the weights, phase 2.
 
 An engine adapter (:mod:`._ddp`, :mod:`._fsdp2`, :mod:`._fsdp1`) opens a step, hands each bucket
-or unit to :func:`reduce` as a :class:`~._protocol.Gradient` with its :class:`Bucket`
-description, and closes the step. :func:`reduce` runs the state's protocol (phase 1: exchange
-and all-reduced Gramians), checks them, solves the weights of every problem over the
-objectives present on it (step 5), runs phase 2 (combination and the engine's output) and
-records diagnostics. Global MOO runs phase 1 per bucket and the rest once, at the last bucket.
+or unit to :func:`reduce` as a :class:`~._protocol.Gradient` with its
+:class:`~._protocol.Bucket` description, and closes the step. :func:`reduce` runs the state's
+protocol (phase 1: exchange and all-reduced Gramians), checks them, solves the weights of every
+problem over the objectives present on it (step 5), runs phase 2 (combination and the engine's
+output) and records diagnostics. Global MOO runs phase 1 per bucket and the rest once, at the
+last bucket.
 """
 
 import functools
@@ -21,34 +22,17 @@ from ._absent import solve_weights
 from ._collectives import Collectives
 from ._nonfinite import raise_if_nonfinite
 from ._objectives import ObjectiveMap, objective_key
-from ._protocol import Exchange, ExchangeProtocol, Gradient, Request
+from ._protocol import Bucket, Exchange, ExchangeProtocol, Gradient, Request
 from ._shard import ShardProtocol
 from ._worker import unwrap_outcome
-from .weightings import WeightingContext
+from .weightings import Weighting, WeightingContext
 
 if TYPE_CHECKING:
     from ._state import BucketMOOState
 
-#: ``BucketMOOState(protocol=...)``: the exchange protocols, by name.
+#: ``BucketMOOState(protocol=...)``: the exchange protocols, by name (a new protocol: a sibling of
+#: ``_shard.py`` and one entry here).
 PROTOCOLS: dict[str, ExchangeProtocol] = {p.name: p for p in (ShardProtocol(),)}
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    """One DDP bucket or FSDP unit, as the core names and keys it.
-
-    Attributes:
-        index: The bucket id (weighting contexts, diagnostics, the ledger).
-        label: For messages, e.g. ``"bucket 3"`` or ``"FSDP unit 2 ('layers.1')"``.
-        problem: Stable key of the bucket's problem (:attr:`WeightingContext.problem`), or
-            ``None`` when the model is unknown (a raw ``register_comm_hook``).
-        parameter_problems: One key per parameter (``granularity="parameter"``).
-    """
-
-    index: int
-    label: str
-    problem: tuple[int, ...] | None
-    parameter_problems: Sequence[tuple[int, ...] | None]
 
 
 def open_step(state: "BucketMOOState", group: dist.ProcessGroup) -> ObjectiveMap:
@@ -65,6 +49,7 @@ def step_map(state: "BucketMOOState", bucket: Bucket) -> ObjectiveMap:
 
 
 def close_step(state: "BucketMOOState") -> None:
+    """End the step: diagnostics, ``state.iter``, the ledger."""
     state._steps.end(state)
 
 
@@ -88,6 +73,8 @@ def reduce(
     is_global = state.granularity == "global"
     runtime = state._runtime
     request = Request(
+        step=state.iter,
+        bucket=bucket,
         per_parameter=state.granularity == "parameter",
         presence=checks_presence(state),
         kernels=state.kernels,
@@ -96,11 +83,10 @@ def reduce(
     exchange = PROTOCOLS[state.protocol].exchange(comm, gradient, averaging, request)
     objectives = objective_map.objectives
     check = _gramian_check(state, f"{bucket.label} at step {state.iter}", objectives, averaging)
-    if check is not None:
-        check(exchange.gramians)
     if is_global:
+        if check is not None:
+            check(exchange.gramians)
         return _hold(state, bucket, gradient, exchange, objectives, last)
-    context = WeightingContext(state.iter, bucket.index, objectives)
     if request.per_parameter:
         contexts = [
             WeightingContext(state.iter, bucket.index, objectives, s, problem)
@@ -110,18 +96,10 @@ def reduce(
     else:
         contexts = [WeightingContext(state.iter, bucket.index, objectives, None, bucket.problem)]
         problems = [0] * len(gradient.sizes)
-    weights, parameter_weights = solve_weights(
-        state.weighting,
-        exchange.gramians,
-        exchange.counts,
-        contexts,
-        problems,
-        solved_later=exchange.solves(state.weighting),
-    )
-    weights, combined = exchange.combine(state.weighting, weights, parameter_weights)
+    weights, combined = weigh_and_combine(state.weighting, exchange, contexts, problems, check)
     if state.diagnostics is not None:
         state.diagnostics.record(
-            context.step,
+            state.iter,
             bucket.index,
             objectives,
             exchange.gramians,
@@ -129,6 +107,31 @@ def reduce(
             segmented=request.per_parameter,
         )
     return exchange.deliver(combined)
+
+
+def weigh_and_combine(
+    weighting: Weighting,
+    exchange: Exchange,
+    contexts: Sequence[WeightingContext],
+    problems: Sequence[int],
+    check: Callable[[Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Step 5 and phase 2's compute on one exchange: ``(weights, combined)``.
+
+    ``contexts``: one per problem (Gramian); ``problems``: the problem of each parameter;
+    ``check``: run on the all-reduced Gramians first (``nonfinite="raise"``).
+    """
+    if check is not None:
+        check(exchange.gramians)
+    weights, parameter_weights = solve_weights(
+        weighting,
+        exchange.gramians,
+        exchange.counts,
+        contexts,
+        problems,
+        solved_later=exchange.solves(weighting),
+    )
+    return exchange.combine(weighting, weights, parameter_weights)
 
 
 def checks_presence(state: "BucketMOOState") -> bool:
@@ -144,7 +147,7 @@ class _Held:
     exchange: Exchange
     parameters: int
     # Completed with the reduced bucket or an error; the engine holds ``outcome.then(unwrap)``.
-    outcome: torch.futures.Future
+    outcome: torch.futures.Future[Tensor]
 
 
 def _hold(
@@ -164,6 +167,7 @@ def _hold(
     when the last bucket has been seen.
     """
     held = state._runtime.held
+    exchange.hold()
     devices = [gradient.flat.device] if gradient.flat.is_cuda else None
     held.append(_Held(exchange, len(gradient.sizes), torch.futures.Future(devices=devices)))
     if not last:

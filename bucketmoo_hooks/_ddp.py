@@ -1,5 +1,8 @@
 # No ``from __future__ import annotations`` here: DDP inspects the hook's annotations and only
 # accepts the real ``dist.GradBucket`` / ``Future[Tensor]`` objects, not strings.
+"""DDP: the comm hook that hands every bucket to the core, and its installer."""
+
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import _core
 from ._collectives import Collectives
 from ._ledger import BucketTraffic
-from ._protocol import Gradient
+from ._protocol import Bucket, Gradient
 from ._runtime import register
 from ._state import BucketMOOState
 
@@ -48,7 +51,7 @@ def bucket_moo_hook(
     index, parameters = bucket.index(), bucket.parameters()
     positions = _positions(state, index, parameters)
     job = _Job(
-        bucket=_core.Bucket(
+        bucket=Bucket(
             index=index,
             label=f"bucket {index}",
             problem=positions,
@@ -84,7 +87,7 @@ def bucket_moo_hook(
 class _Job:
     """One bucket to reduce, as read from DDP's ``GradBucket`` and the state at hook time."""
 
-    bucket: _core.Bucket
+    bucket: Bucket
     buffer: torch.Tensor
     is_last: bool
     opens_step: bool  # bucket 0: the step's agreement first
@@ -141,9 +144,12 @@ def _positions(
         ) from None
 
 
-def install_ddp(model: DistributedDataParallel, state: BucketMOOState) -> None:
+def install_ddp(
+    model: DistributedDataParallel, state: BucketMOOState, hook: Callable = bucket_moo_hook
+) -> None:
     """:func:`~bucketmoo_hooks.install_bucket_moo` for DDP: checks, then registers
-    :func:`bucket_moo_hook`, telling the state the model's parameter order (stable problem keys
+    :func:`bucket_moo_hook` (or ``hook``, a wrapper of it: the benchmarks time it), telling the
+    state the model's parameter order (stable problem keys
     for stateful weightings) and whether DDP lets ranks leave parameters unused."""
     if getattr(model, "mixed_precision", None) is not None:
         raise ValueError(
@@ -160,4 +166,4 @@ def install_ddp(model: DistributedDataParallel, state: BucketMOOState) -> None:
     # Without find_unused_parameters (or static_graph) DDP fails any step where a rank leaves a
     # parameter unused, so no objective can be absent and the hook need not look.
     runtime.every_parameter_used = not (model.find_unused_parameters or model.static_graph)
-    model.register_comm_hook(state, bucket_moo_hook)
+    model.register_comm_hook(state, hook)

@@ -9,7 +9,7 @@ group from a per-process count, of its calls (``_world.group_count``) or, with
 not, so after any subgroup that leaves some rank out, the ranks derive different names and each
 waits for the others under its own store prefix until the timeout.
 
-Creating a group is a rendezvous of its ranks: the registration functions create them, on every
+Creating a group is a rendezvous of its ranks: ``install_bucket_moo`` creates them, on every
 rank of the group alike, before the first backward.
 """
 

@@ -69,11 +69,12 @@ def install_bucket_moo(
     """
     if not isinstance(state, BucketMOOState):
         raise TypeError(f"state must be a BucketMOOState, got {type(state).__name__}")
+    wrapped = isinstance(model, DistributedDataParallel | FullyShardedDataParallel)
     fsdp2 = isinstance(model, nn.Module) and any(isinstance(m, FSDPModule) for m in model.modules())
-    if hsdp_mesh is not None and not fsdp2:
+    if hsdp_mesh is not None and (wrapped or not fsdp2):
         raise TypeError(
             f"hsdp_mesh is for FSDP2 models (fully_shard over hsdp_mesh['shard']), but model is "
-            f"a {type(model).__name__} without fully_shard modules"
+            f"a {type(model).__name__}"
         )
     if isinstance(model, DistributedDataParallel):
         install_ddp(model, state)

@@ -18,7 +18,25 @@ from .weightings import Weighting
 
 if TYPE_CHECKING:
     from ._collectives import Collectives
-    from ._shard import Workspace
+    from ._runtime import Workspace
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One DDP bucket or FSDP unit, as the core names and keys it.
+
+    Attributes:
+        index: The bucket id (weighting contexts, diagnostics, the ledger).
+        label: For messages, e.g. ``"bucket 3"`` or ``"FSDP unit 2 ('layers.1')"``.
+        problem: Stable key of the bucket's problem (:attr:`WeightingContext.problem`), or
+            ``None`` when the model is unknown (a raw ``register_comm_hook``).
+        parameter_problems: One key per parameter (``granularity="parameter"``).
+    """
+
+    index: int
+    label: str
+    problem: tuple[int, ...] | None
+    parameter_problems: Sequence[tuple[int, ...] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +61,12 @@ class Gradient:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """What the core needs from phase 1 besides the Gramian.
+    """What the core asks of phase 1, and the identity of the problem.
 
     Attributes:
+        step: The step (``state.iter``); with ``bucket``, what a protocol that draws per step
+            and problem (a random sketch) seeds from, alike on every rank.
+        bucket: The bucket or unit.
         per_parameter: One Gramian per parameter (``granularity="parameter"``), else one.
         presence: Also count, per parameter, the ranks of each objective with a nonzero gradient
             there (``absent="exclude"``), in the Gramian's all-reduce.
@@ -54,6 +75,8 @@ class Request:
             outlive the next bucket's (global MOO holds it).
     """
 
+    step: int
+    bucket: Bucket
     per_parameter: bool
     presence: bool
     kernels: str
@@ -67,7 +90,7 @@ class Exchange(ABC):
         gramians: The all-reduced Gramians of the bucket's problems, ``[S, L, L]`` (fp32; fp64
             for fp64 gradients).
         counts: With ``Request.presence``, the all-reduced presence counts ``[P, L]`` of its
-            ``P`` parameters (``> 0``: present), else ``None``.
+            ``P = len(Gradient.sizes)`` parameters (``> 0``: present), else ``None``.
     """
 
     gramians: Tensor
@@ -81,6 +104,11 @@ class Exchange(ABC):
     @abstractmethod
     def held_bytes(self) -> int:
         """Bytes this exchange keeps until :meth:`combine` (global MOO reports them)."""
+
+    @abstractmethod
+    def hold(self) -> None:
+        """Keep only what :meth:`combine` needs, in as little memory as it can: the exchange
+        waits for the weights of the whole model (global MOO)."""
 
     @abstractmethod
     def combine(

@@ -11,17 +11,46 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._collectives import nbytes
 from ._groups import HOST, OVERLAP, helper_group, shared_worker
 from ._objectives import ObjectiveMap
-from ._shard import Workspace
 from ._worker import BucketWorker
 
 if TYPE_CHECKING:
+    from ._core import _Held
     from ._state import BucketMOOState
 
 # Distinct (objective map, device) pairs whose averaging matrix is kept; per-step sampling of
 # languages can produce many maps, so the cache is bounded.
 _AVERAGING_CACHE_SIZE = 64
+
+
+class Workspace:
+    """Buffers reused from bucket to bucket for the exchange of CPU buckets, one bucket at a time.
+
+    A fresh bucket-sized tensor on CPU is fresh pages: glibc hands large blocks back to the
+    system when they are freed, so every bucket would page-fault its buffers in again (tens of
+    thousands of faults per step, measured to cost as much as the exchange itself on gloo). Holds
+    at most two buffers of the largest bucket per dtype. Not for CUDA tensors (the caching
+    allocator already reuses blocks, in stream order) and not for slices that outlive the call
+    (global MOO holds them).
+    """
+
+    __slots__ = ("_buffers",)
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def take(self, slot: str, numel: int, dtype: torch.dtype) -> Tensor:
+        """``numel`` elements of buffer ``slot``; its content is whatever the last user left."""
+        buffer = self._buffers.get((slot, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[slot, dtype] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes(b) for b in self._buffers.values())
 
 
 class Runtime:
@@ -50,7 +79,7 @@ class Runtime:
         self.every_parameter_used = False
         # -- per step ------------------------------------------------------------------------------
         # Global MOO: the buckets waiting for the model's weights (:mod:`._core`).
-        self.held: list = []
+        self.held: list[_Held] = []
         # -- resources -----------------------------------------------------------------------------
         self._host_group: dist.ProcessGroup | None = None
         self._worker: BucketWorker | None = None

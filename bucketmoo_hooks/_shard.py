@@ -10,6 +10,8 @@ bytes are those of the all-reduce (or reduce-scatter) replaced, plus ``L²`` fp3
 problem (and ``L`` per parameter where objectives may be absent).
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -18,6 +20,7 @@ from ._collectives import Collectives, nbytes
 from ._kernels import FusedBucket, fused_kernels
 from ._linalg import Segment, combine_segments, objective_shards, partial_gramians, row_segments
 from ._protocol import Exchange, ExchangeProtocol, Gradient, Request
+from ._runtime import Workspace
 from .weightings import Weighting
 
 
@@ -45,7 +48,7 @@ class ShardProtocol(ExchangeProtocol):
 
 def exchange_shards(
     comm: Collectives,
-    gradient: Gradient | None,
+    gradient: Gradient,
     shards: Tensor,
     averaging: Tensor,
     parameters: list[Segment],
@@ -55,7 +58,7 @@ def exchange_shards(
     Gramians (the fused kernels' or torch's, by ``request.kernels``), their all-reduce with the
     presence counts. ``parameters``: every parameter's segment of the slice; with
     ``request.per_parameter`` each is a problem of its own, else the slice is one problem.
-    ``gradient`` (what :meth:`ShardExchange.deliver` writes) may be ``None`` to compute only."""
+    ``gradient``: what :meth:`ShardExchange.deliver` writes."""
     problems = parameters if request.per_parameter else [(0, shards.shape[1])]
     fused = fused_kernels(
         request.kernels, shards, averaging, parameters if request.per_parameter else None
@@ -70,69 +73,71 @@ def exchange_shards(
     if request.presence:  # L numbers per parameter, in the same all-reduce
         counts = presence_counts(shards, averaging, parameters).to(gramians.dtype)
         packed = torch.cat([gramians.reshape(-1), counts.reshape(-1)])
-        comm.all_reduce(packed).wait()
+        comm.all_reduce_unit(packed).wait()
         gramians = packed[: gramians.numel()].view_as(gramians)
         counts = packed[gramians.numel() :].view_as(counts)
     else:
-        comm.all_reduce(gramians).wait()
+        comm.all_reduce_unit(gramians).wait()
     return ShardExchange(
         comm, gradient, shards, averaging, objectives, fused, problems, parameters, gramians, counts
     )
 
 
+@dataclass(eq=False, slots=True)
 class ShardExchange(Exchange):
-    """One bucket after phase 1 of :class:`ShardProtocol`: this rank's slice ``S_j`` (or
-    ``A_j``) and the all-reduced Gramians."""
+    """One bucket after phase 1 of :class:`ShardProtocol`: this rank's slice and the
+    all-reduced Gramians."""
 
-    def __init__(
-        self,
-        comm: Collectives,
-        gradient: Gradient | None,
-        shards: Tensor,
-        averaging: Tensor,
-        objectives: Tensor | None,
-        fused: FusedBucket | None,
-        problems: list[Segment],
-        parameters: list[Segment],
-        gramians: Tensor,
-        counts: Tensor | None,
-    ) -> None:
-        self.comm = comm
-        self.gradient = gradient
-        self.shards = shards  # S_j, [R, c]
-        self.averaging = averaging  # M, [L, R]
-        self.objectives = objectives  # A_j = M S_j, [L, c] (torch path)
-        self.fused = fused
-        self.problems = problems  # the problems' segments of the slice
-        self.parameters = parameters  # every parameter's segment of the slice ((0, 0): outside)
-        self.gramians = gramians
-        self.counts = counts
+    comm: Collectives
+    gradient: Gradient
+    shards: Tensor | None  # S_j, [R, c]; what the fused kernels read in phase 2
+    averaging: Tensor  # M, [L, R]
+    objectives: Tensor | None  # A_j = M S_j, [L, c]: the torch path's
+    fused: FusedBucket | None
+    problems: list[Segment]  # the problems' segments of the slice
+    parameters: list[Segment]  # every parameter's segment of the slice ((0, 0): outside)
+    gramians: Tensor
+    counts: Tensor | None
 
     def solves(self, weighting: Weighting) -> bool:
         return self.fused is not None and self.fused.solves(weighting)
 
     @property
     def held_bytes(self) -> int:
-        return nbytes(self.shards if self.objectives is None else self.objectives)
+        return sum(nbytes(t) for t in (self.shards, self.objectives) if t is not None)
+
+    def hold(self) -> None:
+        """Keep ``S_j`` (``R·c`` in the bucket dtype) for the kernels or ``A_j`` (``L·c``
+        fp32) for the torch path, whichever is smaller."""
+        if self.objectives is None:
+            assert self.shards is not None
+            if self.shards.element_size() * self.shards.shape[0] <= 4 * self.averaging.shape[0]:
+                return  # the kernels' input is the smaller
+            self.objectives = objective_shards(self.shards, self.averaging)
+            self.fused = None
+        self.shards = None
+
+    def _objectives(self) -> Tensor:
+        if self.objectives is None:
+            assert self.shards is not None
+            self.objectives = objective_shards(self.shards, self.averaging)
+        return self.objectives
 
     def combine(
         self, weighting: Weighting, weights: Tensor | None, parameter_weights: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        dtype = self.shards.dtype
+        dtype = self.gradient.flat.dtype
         if parameter_weights is not None:  # per parameter: in torch, whichever path
             assert weights is not None
-            if self.objectives is None:
-                self.objectives = objective_shards(self.shards, self.averaging)
             return weights, combine_segments(
-                parameter_weights, self.objectives, self.parameters, dtype
+                parameter_weights, self._objectives(), self.parameters, dtype
             )
         if self.fused is not None:
             return self.fused.combine(self.gramians, weighting, weights)
-        assert self.objectives is not None and weights is not None
-        return weights, combine_segments(weights, self.objectives, self.problems, dtype)
+        assert weights is not None
+        return weights, combine_segments(weights, self._objectives(), self.problems, dtype)
 
     def deliver(self, combined: Tensor) -> torch.futures.Future[Tensor] | None:
-        assert self.gradient is not None
         output = self.gradient.output
         if output is None:  # step 7
             return self.comm.gather_into(self.gradient.flat, combined)
@@ -143,34 +148,6 @@ class ShardExchange(Exchange):
 def shard_length(numel: int, world_size: int) -> int:
     """``c = ⌈n / R⌉``: the slice of a bucket that one rank combines."""
     return -(-numel // world_size)
-
-
-class Workspace:
-    """Buffers reused from bucket to bucket for the exchange of CPU buckets, one bucket at a time.
-
-    A fresh bucket-sized tensor on CPU is fresh pages: glibc hands large blocks back to the
-    system when they are freed, so every bucket would page-fault its buffers in again (tens of
-    thousands of faults per step, measured to cost as much as the exchange itself on gloo). Holds
-    at most two buffers of the largest bucket per dtype. Not for CUDA tensors (the caching
-    allocator already reuses blocks, in stream order) and not for slices that outlive the call
-    (global MOO holds them).
-    """
-
-    __slots__ = ("_buffers",)
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
-
-    def take(self, slot: str, numel: int, dtype: torch.dtype) -> Tensor:
-        """``numel`` elements of buffer ``slot``; its content is whatever the last user left."""
-        buffer = self._buffers.get((slot, dtype))
-        if buffer is None or buffer.numel() < numel:
-            buffer = self._buffers[slot, dtype] = torch.empty(numel, dtype=dtype)
-        return buffer[:numel]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(nbytes(b) for b in self._buffers.values())
 
 
 def scatter_shards(comm: Collectives, flat: Tensor, workspace: Workspace | None = None) -> Tensor:

@@ -1,3 +1,5 @@
+"""``BucketMOOState``: the configuration, progress and checkpoints of bucket-level MOO."""
+
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -61,8 +63,8 @@ class BucketMOOState:
             e.g. ``"mean"``, ``"mgda"``), a :class:`~bucketmoo_hooks.weightings.Weighting`, or a
             callable ``(gramian: Tensor[L, L]) -> Tensor[L]`` run on the Gramian's device.
         process_group: The group the hook communicates over. It must have the ranks (in order)
-            of the group the model reduces over (the registration functions check). ``None``
-            (default): the registration functions adopt the model's group, and with
+            of the group the model reduces over (:func:`~bucketmoo_hooks.install_bucket_moo`
+            checks). ``None`` (default): ``install_bucket_moo`` adopts the model's group, and with
             ``register_comm_hook`` directly the hook uses the default group. A given group checks
             ``objective_of_rank`` here; with ``None`` that waits for the adopted group.
         diagnostics: A :class:`~bucketmoo_hooks.Diagnostics` to record cosine similarities,
@@ -72,16 +74,16 @@ class BucketMOOState:
             per DDP bucket, the paper's method. ``"parameter"``: one per parameter tensor in the
             bucket; the ``S`` Gramians of a bucket's ``S`` parameters go in one all-reduce
             (``S·L²`` fp32 numbers). ``"global"``: one for the whole model from the sum of the
-            bucket Gramians (the paper's global-MOO baseline); every bucket's objective slices
-            (``L·⌈n/R⌉`` fp32 per bucket) are held until the last bucket, so memory grows with
-            the model (:attr:`held_bytes`).
+            bucket Gramians (the paper's global-MOO baseline); every bucket's slice is held until
+            the last bucket (``L·⌈n/R⌉`` fp32, or the ``R·⌈n/R⌉`` received elements the fused
+            kernels read when that is smaller), so memory grows with the model
+            (:attr:`held_bytes`).
         kernels: Where a bucket's compute (group averages, Gramian, weights, combination) runs.
             ``"auto"`` (default): the fused CUDA kernels (README, "CUDA kernels") for CUDA buckets
             when CuPy is installed (``pip install bucketmoo_hooks[cuda]``) and the bucket is
             supported, else the torch path; the choice is logged once. ``"torch"``: always the
             torch path. ``"cuda"``: always the kernels (raises ``RuntimeError`` here without CuPy
-            or a GPU, and in the hook for a bucket they cannot run). ``granularity="global"``
-            always uses the torch path.
+            or a GPU, and in the hook for a bucket they cannot run).
         overlap: Let backward run on while the DDP hook reduces a bucket (default ``True``), as
             ``allreduce_hook`` does: CUDA buckets are reduced on a side stream, CPU (gloo)
             buckets on a worker thread that reduces them in order over a gloo copy of the
@@ -120,7 +122,7 @@ class BucketMOOState:
         iter: Synchronised backward passes completed (advanced on the last bucket of each step).
         ledger: :class:`~bucketmoo_hooks.CommLedger` with the bytes this rank sent, per bucket and
             per step, through every collective of the hook.
-        held_bytes: Bytes of objective slices the last step held until its last bucket
+        held_bytes: Bytes of bucket slices the last step held until its last bucket
             (``granularity="global"``; 0 otherwise).
 
     Pickling drops the process group (and anything tied to it): an unpickled state uses the
@@ -139,7 +141,7 @@ class BucketMOOState:
         "process_group",
         "protocol",
         "weighting",
-        # -- progress, saved by state_dict ---------------------------------------------------------
+        # -- progress (iter and the ledger's totals are saved by state_dict) -----------------------
         "iter",
         "ledger",
         "held_bytes",
@@ -349,8 +351,13 @@ class BucketMOOState:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.process_group = None
         self._runtime = Runtime()
+        # States pickled by earlier versions: options they predate, set_objective's value.
+        self.absent, self.protocol, self._steps = "exclude", "shard", StepAgreement()
+        if "_objective" in state:
+            self._steps.objective = state["_objective"]  # type: ignore[assignment]
         for slot, value in state.items():
-            setattr(self, slot, value)
+            if slot in self.__slots__:
+                setattr(self, slot, value)
 
     def __repr__(self) -> str:
         return (

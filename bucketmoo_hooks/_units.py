@@ -15,6 +15,7 @@ import torch.distributed as dist
 from . import _core
 from ._linalg import Segment
 from ._objectives import ObjectiveMap
+from ._protocol import Bucket
 from ._state import BucketMOOState
 
 
@@ -48,8 +49,9 @@ class FSDPUnit:
         return f"FSDP unit {self.index} ({self.name or 'root'!r})"
 
     @property
-    def bucket(self) -> _core.Bucket:
-        return _core.Bucket(self.index, self.label, self.problem, self.parameter_problems)
+    def bucket(self) -> Bucket:
+        """The unit as the core names and keys it."""
+        return Bucket(self.index, self.label, self.problem, self.parameter_problems)
 
     def only(self, kept: Sequence[int]) -> "FSDPUnit":
         """The unit restricted to its parameters at positions ``kept`` (e.g. those FSDP reduces);

@@ -223,7 +223,8 @@ class Prediction:
         bytes: By collective.
         comm_time: Seconds of collectives (serial on the communication stream).
         compute_time: Seconds of the hook's own compute (memory-bound passes).
-        held_bytes: What global MOO holds until the last bucket (``L·c`` fp32 per bucket).
+        held_bytes: What global MOO holds until the last bucket: per bucket the smaller of
+            ``A_j`` (``L·c`` fp32) and the received slices the fused kernels read (``R·c·b``).
     """
 
     method: str
@@ -278,7 +279,7 @@ def predict(
         if method in ("bucket_moo", "fsdp_moo"):
             # The fused kernels read the received R×c slices twice (Gramian, then combination).
             compute += (2 * world_size + 1) * c * element_size / cluster.memory_bandwidth
-            held += num_objectives * c * 4
+            held += c * min(4 * num_objectives, world_size * element_size)
         elif method == "naive":  # the same on every rank, over the whole bucket
             compute += (2 * world_size + 1) * numel * element_size / cluster.memory_bandwidth
     if method in ("bucket_moo", "fsdp_moo"):

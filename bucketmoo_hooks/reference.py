@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._absent import check_absent, presence_counts, solve_weights
+from ._absent import check_absent, partly_present, presence_counts, solve_weights
 from ._linalg import combine_segments, gramian_of, row_segments
 from ._objectives import ObjectiveMap
 from .weightings import Weighting, WeightingContext, get_weighting
@@ -104,7 +104,8 @@ def combine(
     parameters = [(0, compute.shape[1])]
     if present is not None:
         parameters = _parameter_segments(parameter_sizes, compute.shape[1], present.shape[0])
-        context = context or WeightingContext(0, 0, tuple(range(compute.shape[0])))
+        if partly_present(present) is not None:  # sub-problems need objective keys
+            context = context or WeightingContext(0, 0, tuple(range(compute.shape[0])))
     weights, parameter_weights = solve_weights(
         resolved, gramian[None], present, [context], [0] * len(parameters)
     )

@@ -7,7 +7,8 @@ import torch
 
 from bucketmoo_hooks import ObjectiveMap
 from bucketmoo_hooks._absent import solve_weights
-from bucketmoo_hooks._protocol import Request
+from bucketmoo_hooks._core import weigh_and_combine
+from bucketmoo_hooks._protocol import Bucket, Gradient, Request
 from bucketmoo_hooks._shard import exchange_shards
 from bucketmoo_hooks.weightings import Weighting, WeightingContext
 
@@ -70,6 +71,8 @@ class LocalComm:
     def all_reduce(self, tensor: torch.Tensor) -> "LocalComm.Done":
         return self.Done()
 
+    all_reduce_unit = all_reduce
+
 
 @dataclass(frozen=True)
 class Solved:
@@ -91,17 +94,12 @@ def solve_shards(
     slice one problem), as the core runs them: phase 1, the weights, phase 2's combination."""
     per_parameter = segments is not None
     parameters = list(segments) if per_parameter else [(0, shards.shape[1])]
-    request = Request(per_parameter, presence=False, kernels=kernels, workspace=None)
-    exchange = exchange_shards(comm, None, shards, averaging, parameters, request)
-    weights, parameter_weights = solve_weights(
-        weighting,
-        exchange.gramians,
-        None,
-        contexts,
-        range(len(contexts)),
-        solved_later=exchange.solves(weighting),
-    )
-    weights, update = exchange.combine(weighting, weights, parameter_weights)
+    bucket = Bucket(0, "bucket 0", None, [None] * len(parameters))
+    request = Request(0, bucket, per_parameter, presence=False, kernels=kernels, workspace=None)
+    # A reduce-scatter's shape: phase 2 would write the [c] output.
+    gradient = Gradient(shards.reshape(-1), shards.new_empty(shards.shape[1]), [])
+    exchange = exchange_shards(comm, gradient, shards, averaging, parameters, request)
+    weights, update = weigh_and_combine(weighting, exchange, contexts, range(len(contexts)))
     return Solved(update, exchange.gramians, weights)
 
 

@@ -333,6 +333,13 @@ DISTRIBUTED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         r"DistributedDataParallel",
     ),
     (
+        "register: hsdp_mesh for DDP",
+        lambda: install_bucket_moo(ddp(), BucketMOOState(["en"]), hsdp_mesh=object()),
+        TypeError,
+        r"hsdp_mesh is for FSDP2 models \(fully_shard over hsdp_mesh\['shard'\]\), but model "
+        r"is a DistributedDataParallel",
+    ),
+    (
         "register: not a state",
         lambda: install_bucket_moo(ddp(), {"weighting": "mgda"}),
         TypeError,

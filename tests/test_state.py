@@ -160,3 +160,27 @@ def test_pickling_keeps_the_overlap_choice_but_not_the_worker() -> None:
     assert restored._runtime._worker is None
     assert restored._runtime._side_streams == {}
     assert "overlap" not in state.state_dict()  # a runtime choice, like kernels
+
+
+def test_a_state_pickled_by_an_earlier_version_unpickles() -> None:
+    """Before the per-step agreement and the runtime had objects of their own, set_objective's
+    value was the ``_objective`` slot, and ``absent``/``protocol`` did not exist."""
+    fresh = BucketMOOState(["en", "de"], "mean")
+    earlier = {
+        "objective_of_rank": ("en", "de"),
+        "weighting": fresh.weighting,
+        "granularity": "bucket",
+        "diagnostics": None,
+        "kernels": "auto",
+        "overlap": True,
+        "nonfinite": "propagate",
+        "iter": 3,
+        "held_bytes": 0,
+        "ledger": fresh.ledger,
+        "_objective": ("ja", objective_key("ja")),
+    }
+    restored = BucketMOOState.__new__(BucketMOOState)
+    restored.__setstate__(earlier)
+    assert (restored.iter, restored.absent, restored.protocol) == (3, "exclude", "shard")
+    assert restored._steps.own_key(restored, rank=0) == objective_key("ja")
+    assert restored.process_group is None and restored.objective_map is None
