@@ -61,8 +61,10 @@ fi
 
 step "installing ${packages[*]} with $installer ($MODE mode)"
 if [ "$installer" = uv ]; then
-    # uv does not read pip's configuration: pass on its find-links, indexes and constraints.
-    uv_args=()
+    # uv does not read pip's configuration: pass on its find-links, indexes and constraints, and
+    # pick the best version over all indexes, as pip does (uv's default stops at the first index
+    # that has the package at all).
+    uv_args=(--index-strategy unsafe-best-match)
     while IFS= read -r line; do
         key=${line%%=*}
         value=${line#*=}
