@@ -445,7 +445,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--weighting", choices=["ddp", *weighting_names()], default="mgda", help="ddp: no hook")
     add("--granularity", choices=["bucket", "parameter", "global"], default="bucket")
     add("--mgda-normalization", choices=["none", "l2"], default="none", help="MGDA on unit grads")
-    add("--steps", type=int, default=250)
+    add("--steps", type=int, default=200)
     add("--batch-size", type=int, default=32, help="windows per rank per micro-batch")
     add("--grad-accum", type=int, default=1, help="micro-batches per step (DDP no_sync)")
     add("--lr", type=float, default=3e-3)
