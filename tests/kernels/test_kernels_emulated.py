@@ -11,6 +11,7 @@ import pytest
 import torch
 from _distributed import run_distributed
 from _emulator import EmulatedBackend, have_compiler
+from _gramians import KINDS, gramian_of
 from _kernel_checks import (
     LocalComm,
     Segments,
@@ -21,7 +22,6 @@ from _kernel_checks import (
     exact_gramians,
 )
 from _kernel_workers import train_with_emulated_kernels
-from test_weightings import KINDS, gramian_of
 
 from bucketmoo_hooks import _protocol
 from bucketmoo_hooks._kernels import FusedBucket

@@ -11,11 +11,11 @@ import os
 
 import pytest
 import torch
+from _ddp_checks import expected_outputs, objective_ids, relative_error
 from _ddp_workers import Scenario, train_scenarios
 from _distributed import run_distributed
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from test_ddp_hook import expected_outputs, objective_ids, relative_error
 
 from bucketmoo_hooks import weighting_names
 

@@ -38,7 +38,7 @@ from bucketmoo_hooks._kernels._sources import (
 )
 from bucketmoo_hooks.weightings import MGDA, Mean, UPGrad
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # (L, dtype) builds checked with nvcc: both column counts, both ends of L, every dtype.
 BUILDS = [

@@ -15,7 +15,7 @@ from _integration_workers import train_with_trainer
 from bucketmoo_hooks import ring_allreduce_bytes
 
 pytest.importorskip("accelerate")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

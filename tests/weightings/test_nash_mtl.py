@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_weightings import KINDS, gramian_of
+from _gramians import KINDS, gramian_of
 
 from bucketmoo_hooks import objective_key, reference
 from bucketmoo_hooks.weightings import MGDA, NashMTL, WeightingContext

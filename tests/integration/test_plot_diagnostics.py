@@ -13,7 +13,7 @@ from bucketmoo_hooks import Diagnostics, objective_key
 
 pytest.importorskip("matplotlib")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "plot_diagnostics.py"
 PLOTS = (
     "cosine_heatmap.png",

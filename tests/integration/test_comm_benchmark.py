@@ -12,7 +12,7 @@ import pytest
 
 from bucketmoo_hooks import cost_model
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "comm_overhead.py"
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "comm_overhead.py"
 TINY = [
     *("--layers=1", "--d-model=32", "--context=16", "--batch=1"),
     *("--steps=2", "--warmup=3", "--memory-steps=1"),
