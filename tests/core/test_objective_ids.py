@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _distributed import run_distributed
+from _distributed import shared_spawn
 from _id_workers import id_and_weighting_checks, scaled, tempered
 
 from bucketmoo_hooks import BucketMOOState, Diagnostics, objective_key, reference
@@ -259,6 +259,9 @@ def _overlapped(message: str) -> str:
     )
 
 
+CHECKS = shared_spawn(2).add(id_and_weighting_checks, timeout=90)
+
+
 def test_ranks_agree_on_tensor_ids_and_weighting_configs() -> None:
     mixed = (
         r"ValueError: state\.set_objective was called on ranks \[0\] but not on ranks \[1\] "
@@ -266,7 +269,7 @@ def test_ranks_agree_on_tensor_ids_and_weighting_configs() -> None:
         "or on none"
     )
     disagree = r"ValueError: ranks disagree on the BucketMOOState configuration .*scale=[12]\.0\]\)"
-    for results in run_distributed(2, id_and_weighting_checks, timeout=90):
+    for results in CHECKS.results():
         # A tensor id per rank in objective_of_rank: no false "ranks disagree".
         assert results["tensor_map_outcome"] == "no error"
         assert results["tensor_map_objectives"] == 2

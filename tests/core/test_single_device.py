@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.distributed as dist
-from _distributed import run_distributed
+from _distributed import shared_spawn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -55,10 +55,13 @@ def ddp_worker(rank: int, world: int) -> list[dict]:
     return [ddp_trajectory(rank, weighting, granularity) for weighting, granularity in CONFIGS]
 
 
+DDP_RUNS = shared_spawn(4).add(ddp_worker)
+
+
 @pytest.fixture(scope="module")
 def ddp_results() -> list[list[dict]]:
-    """Every config on 4 gloo ranks, in one launch (process start-up dominates)."""
-    return run_distributed(4, ddp_worker)
+    """Every config on 4 gloo ranks, in one task of the shared launch."""
+    return DDP_RUNS.results()
 
 
 def engine_trajectory(weighting: str | None, granularity: str) -> tuple[torch.Tensor, list[int]]:

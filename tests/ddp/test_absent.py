@@ -7,7 +7,6 @@ what they were before adapters were told apart (``absent="zero"``, DDP's convent
 option keeps).
 """
 
-import functools
 from typing import Any
 
 import pytest
@@ -22,7 +21,7 @@ from _absent_workers import (
     ddp_runs,
     fsdp_runs,
 )
-from _distributed import run_distributed
+from _distributed import shared_spawn
 
 from bucketmoo_hooks import reference, weighting_names
 from bucketmoo_hooks.weightings import get_weighting
@@ -52,9 +51,11 @@ RUNS = [
 ]
 
 
-@functools.cache
+DDP_RUNS = shared_spawn(WORLD_SIZE).add(ddp_runs, RUNS, timeout=240)
+
+
 def run_distributed_once() -> list[dict[str, Any]]:
-    return run_distributed(WORLD_SIZE, ddp_runs, RUNS, timeout=240)
+    return DDP_RUNS.results()
 
 
 def ddp_spawn() -> dict[str, Any]:
@@ -196,9 +197,11 @@ FSDP_CASES = [
 ]
 
 
-@functools.cache
+FSDP_RUNS = shared_spawn(WORLD_SIZE).add(fsdp_runs, FSDP_CASES, timeout=240)
+
+
 def fsdp_results() -> list[dict[str, Any]]:
-    return run_distributed(WORLD_SIZE, fsdp_runs, FSDP_CASES, timeout=240)[0]
+    return FSDP_RUNS.results()[0]
 
 
 @pytest.mark.parametrize("case", FSDP_CASES, ids=str)

@@ -4,8 +4,10 @@ Scenarios of one world size run in one launch of processes (launching is the slo
 tests below then check the recorded buckets, gradients, parameters and byte counts.
 """
 
-import functools
+import atexit
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from _ddp_workers import (
     train_scenarios,
     train_with_checkpoint,
 )
-from _distributed import run_distributed
+from _distributed import shared_spawn
 
 from bucketmoo_hooks import objective_key, reference, ring_allreduce_bytes, weighting_names
 from bucketmoo_hooks.weightings import MGDA, GradVac, NashMTL, Weighting
@@ -101,10 +103,15 @@ ALL = [(world_size, s) for world_size, scenarios in SCENARIOS.items() for s in s
 IDS = [s.name for _, s in ALL]
 
 
-@functools.cache
+SCENARIO_RUNS = {
+    world_size: shared_spawn(world_size).add(train_scenarios, scenarios)
+    for world_size, scenarios in SCENARIOS.items()
+}
+
+
 def results_for(world_size: int) -> list[list[dict[str, Any]]]:
     """Per rank, per scenario of ``SCENARIOS[world_size]``: what the workers recorded."""
-    return run_distributed(world_size, train_scenarios, SCENARIOS[world_size])
+    return SCENARIO_RUNS[world_size].results()
 
 
 def results(world_size: int, scenario: Scenario) -> list[dict[str, Any]]:
@@ -203,21 +210,29 @@ def test_bytes_within_budget_of_ring_allreduce() -> None:
         assert sent <= 1.02 * allreduce + gramians, (sent, allreduce, gramians)
 
 
+MEAN_VS_ALLREDUCE = shared_spawn(4).add(mean_vs_allreduce, (0, 0, 1, 1), 5)
+
+
 def test_mean_with_equal_groups_equals_allreduce_hook() -> None:
-    per_rank = run_distributed(4, mean_vs_allreduce, (0, 0, 1, 1), 5)
+    per_rank = MEAN_VS_ALLREDUCE.results()
     for runs in per_rank:
         ours, theirs = runs["mean"], runs["allreduce"]
         assert ((ours - theirs).norm(dim=1) / theirs.norm(dim=1)).max() <= 1e-6
 
 
-@pytest.mark.parametrize(
-    ("case", "message"),
-    [
-        ("weighting", "ValueError: ranks disagree on the BucketMOOState configuration"),
-        ("objective_of_rank", "ValueError: ranks disagree on the BucketMOOState configuration"),
-        ("step", "RuntimeError: ranks are at different steps"),
-    ],
-)
+INCONSISTENT = [
+    ("weighting", "ValueError: ranks disagree on the BucketMOOState configuration"),
+    ("objective_of_rank", "ValueError: ranks disagree on the BucketMOOState configuration"),
+    ("step", "RuntimeError: ranks are at different steps"),
+]
+DISAGREEING = {
+    (case, overlap): shared_spawn(2).add(disagreeing_states, case, overlap, timeout=90)
+    for case, _ in INCONSISTENT
+    for overlap in (False, True)
+}
+
+
+@pytest.mark.parametrize(("case", "message"), INCONSISTENT)
 @pytest.mark.parametrize("overlap", [False, True])
 def test_inconsistent_ranks_all_raise(case: str, message: str, overlap: bool) -> None:
     expected = re.escape(message)
@@ -226,12 +241,15 @@ def test_inconsistent_ranks_all_raise(case: str, message: str, overlap: bool) ->
             "RuntimeError: Got the following error when running the callback: BucketHookError: "
             rf"bucket_moo_hook failed on bucket 0 of step \d: {expected}"
         )
-    for error in run_distributed(2, disagreeing_states, case, overlap, timeout=90):
+    for error in DISAGREEING[case, overlap].results():
         assert re.match(expected, error), error
 
 
+REGISTRATION_ERRORS = shared_spawn(2).add(registration_errors)
+
+
 def test_bad_registration_raises_clear_errors() -> None:
-    errors = run_distributed(2, registration_errors)[0]
+    errors = REGISTRATION_ERRORS.results()[0]
     assert errors["wrong_length"].startswith(
         "ValueError: objective_of_rank has 3 entries but the model's process group "
         "(global ranks [0, 1]) has 2 ranks"
@@ -314,10 +332,31 @@ def test_diagnostics_match_the_reference(world_size: int, scenario: Scenario) ->
         )
 
 
-@pytest.mark.parametrize(
-    "weighting", [MGDA(), GradVac(beta=0.5), NashMTL(iterations=1)], ids=lambda w: w.name
-)
-def test_resume_from_checkpoint_is_bitwise_identical(tmp_path: Path, weighting: Weighting) -> None:
+RESUMED_WEIGHTINGS = [MGDA(), GradVac(beta=0.5), NashMTL(iterations=1)]
+RESUME_OPTIONS = {"bucket_cap_mb": 0.001, "find_unused_parameters": True}
+CHECKPOINTS = Path(tempfile.mkdtemp(prefix="bucketmoo-resume-"))
+atexit.register(shutil.rmtree, CHECKPOINTS, ignore_errors=True)
+#: The uninterrupted runs, saving after step 2; the resumed runs (with and without the hook state)
+#: in other processes, launched after them.
+RESUME_RUNS = {}
+for _weighting in RESUMED_WEIGHTINGS:
+    _checkpoint = CHECKPOINTS / _weighting.name
+    _checkpoint.mkdir()
+    _arguments = (RESUME_OPTIONS, range(3, 6), str(_checkpoint), None, _weighting)
+    RESUME_RUNS[_weighting.name] = (
+        shared_spawn(3).add(
+            train_with_checkpoint, RESUME_OPTIONS, range(6), str(_checkpoint), 2, _weighting
+        ),
+        shared_spawn(3, second=True).add(train_with_checkpoint, *_arguments),
+        # Stateful weightings: GradVac's targets and Nash-MTL's warm starts are in the hook state.
+        shared_spawn(3, second=True).add(train_with_checkpoint, *_arguments, False)
+        if isinstance(_weighting, GradVac | NashMTL)
+        else None,
+    )
+
+
+@pytest.mark.parametrize("weighting", RESUMED_WEIGHTINGS, ids=lambda w: w.name)
+def test_resume_from_checkpoint_is_bitwise_identical(weighting: Weighting) -> None:
     """Model + optimizer + hook state saved after step 2 and loaded by fresh processes: steps 3–5
     give the parameters of an uninterrupted run bit for bit. (find_unused_parameters=True makes
     DDP's first bucketing after the restart equal to its rebuilt one; see README.)
@@ -325,25 +364,28 @@ def test_resume_from_checkpoint_is_bitwise_identical(tmp_path: Path, weighting: 
     GradVac's targets and Nash-MTL's warm starts (1 Newton iteration, so the start matters) are
     in the hook state: resuming without it gives other parameters.
     """
-    options = {"bucket_cap_mb": 0.001, "find_unused_parameters": True}
-    full = run_distributed(3, train_with_checkpoint, options, range(6), str(tmp_path), 2, weighting)
-    resumed = run_distributed(
-        3, train_with_checkpoint, options, range(3, 6), str(tmp_path), None, weighting
-    )
+    full_run, resumed_run, forgetful_run = RESUME_RUNS[weighting.name]
+    full = full_run.results()
+    resumed = resumed_run.results()
     for uninterrupted, restarted in zip(full, resumed, strict=True):
         assert torch.equal(uninterrupted, restarted)
     if isinstance(weighting, GradVac | NashMTL):  # stateful
-        forgetful = run_distributed(
-            3, train_with_checkpoint, options, range(3, 6), str(tmp_path), None, weighting, False
-        )
+        forgetful = forgetful_run.results()
         assert not torch.equal(full[0], forgetful[0])
+
+
+PROBLEM_KEYS = {
+    (granularity, known_order): shared_spawn(2).add(problem_keys, granularity, known_order)
+    for granularity in ("bucket", "parameter", "global")
+    for known_order in (True, False)
+}
 
 
 @pytest.mark.parametrize("granularity", ["bucket", "parameter", "global"])
 def test_weightings_get_stable_problem_keys(granularity: str) -> None:
     """Keys are parameter positions: equal on every rank and at every step, whatever DDP's
     bucket indices (it rebuilds its buckets after step 0)."""
-    per_rank = run_distributed(2, problem_keys, granularity, True)
+    per_rank = PROBLEM_KEYS[granularity, True].results()
     assert per_rank[0]["contexts"] == per_rank[1]["contexts"]
     result = per_rank[0]
     assert result["registered_order"]
@@ -356,7 +398,7 @@ def test_weightings_get_stable_problem_keys(granularity: str) -> None:
         }[granularity]
         seen = [problem for s, _, _, problem in result["contexts"] if s == step]
         assert seen == expected
-    without_order = run_distributed(2, problem_keys, granularity, False)[0]
+    without_order = PROBLEM_KEYS[granularity, False].results()[0]
     assert {problem for *_, problem in without_order["contexts"]} == {None}
 
 

@@ -2,12 +2,10 @@
 subnormal gradients, buckets shorter than the world size, zero-size parameters, objectives on a
 single rank. Every weighting gives finite output equal to the reference (4 gloo ranks)."""
 
-import functools
-
 import pytest
 import torch
 from _ddp_workers import degenerate_steps
-from _distributed import run_distributed
+from _distributed import shared_spawn
 
 from bucketmoo_hooks import reference, weighting_names
 
@@ -42,16 +40,23 @@ CASES = ("one_zero", "all_zero", "duplicated", "collinear", "scaled_1e20", "subn
 SUBNORMAL_ULP = 2.0**-149
 
 
-@functools.cache
+KEYS = [(case, name) for case in CASES for name in weighting_names()]
+RUNS = shared_spawn(4).add(
+    degenerate_steps,
+    [
+        (torch.stack([objective_vectors(case)[o] for o in OBJECTIVES]).float(), name)
+        for case, name in KEYS
+    ],
+    SIZES,
+    OBJECTIVES,
+    timeout=900,
+)
+
+
 def results() -> dict[tuple[str, str], list[list[dict]]]:
-    """Per (case, weighting), per rank: the bucket records of one step (one spawn for all)."""
-    keys = [(case, name) for case in CASES for name in weighting_names()]
-    runs = []
-    for case, name in keys:
-        g = objective_vectors(case)
-        runs.append((torch.stack([g[o] for o in OBJECTIVES]).float(), name))
-    per_rank = run_distributed(4, degenerate_steps, runs, SIZES, OBJECTIVES, timeout=900)
-    return {key: [rank_runs[i] for rank_runs in per_rank] for i, key in enumerate(keys)}
+    """Per (case, weighting), per rank: the bucket records of one step (one task for all)."""
+    per_rank = RUNS.results()
+    return {key: [rank_runs[i] for rank_runs in per_rank] for i, key in enumerate(KEYS)}
 
 
 @pytest.mark.parametrize("case", CASES)

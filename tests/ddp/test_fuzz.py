@@ -1,10 +1,10 @@
 """Property-based fuzzing: the real multi-process hook equals the reference on random setups.
 
 Hypothesis draws the setups (objective maps, per-step maps, model and bucket sizes, dtypes,
-weightings, granularities, accumulation, bucket views); each world size runs its batch of setups
-in one spawn of real gloo processes, and every bucket of every step is checked against
-:mod:`bucketmoo_hooks.reference`. The budget fits CI; set ``BUCKETMOO_FUZZ_EXAMPLES`` for a longer
-run (e.g. 200 per world size).
+weightings, granularities, accumulation, bucket views); each world size's batch of setups runs
+in the shared launch of real gloo processes of that size (``_distributed.shared_spawn``), and
+every bucket of every step is checked against :mod:`bucketmoo_hooks.reference`. The budget fits
+CI; set ``BUCKETMOO_FUZZ_EXAMPLES`` for a longer run (e.g. 200 per world size).
 """
 
 import os
@@ -13,7 +13,7 @@ import pytest
 import torch
 from _ddp_checks import expected_outputs, objective_ids, relative_error
 from _ddp_workers import Scenario, train_scenarios
-from _distributed import run_distributed
+from _distributed import shared_spawn
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -48,8 +48,8 @@ def scenarios(draw: st.DrawFn, world_size: int) -> Scenario:
 
 
 def check(world_size: int, batch: list[Scenario]) -> int:
-    """Run ``batch`` on real processes; assert hook == reference everywhere; count buckets."""
-    per_rank_results = run_distributed(world_size, train_scenarios, batch, timeout=900)
+    """``batch`` as run on real processes; assert hook == reference everywhere; count buckets."""
+    per_rank_results = RUNS[world_size].results()
     per_scenario = zip(*per_rank_results, strict=True)
     buckets = 0
     for scenario, per_rank in zip(batch, per_scenario, strict=True):
@@ -90,9 +90,17 @@ def draw_setups(world_size: int, count: int) -> list[Scenario]:
     return drawn
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
+WORLD_SIZES = [2, 3, 4]
+SETUPS = {world_size: draw_setups(world_size, EXAMPLES) for world_size in WORLD_SIZES}
+RUNS = {
+    world_size: shared_spawn(world_size).add(train_scenarios, SETUPS[world_size], timeout=900)
+    for world_size in WORLD_SIZES
+}
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_hook_equals_reference_on_random_setups(world_size: int) -> None:
-    setups = draw_setups(world_size, EXAMPLES)
+    setups = SETUPS[world_size]
     assert len(setups) == EXAMPLES
     assert len({s.weighting for s in setups}) > 1 and len({s.dtype for s in setups}) > 1
     assert check(world_size, setups) >= len(setups)

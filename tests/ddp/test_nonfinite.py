@@ -7,14 +7,18 @@ import re
 import pytest
 import torch
 from _ddp_workers import grad_scaler_run, nonfinite_raise_run
-from _distributed import run_distributed
+from _distributed import shared_spawn
 
 from bucketmoo_hooks import BucketMOOState, weighting_names
+
+GRAD_SCALER = shared_spawn(3).add(grad_scaler_run, weighting_names(), 1, 2)
+RAISE_CASES = [("bucket", True), ("parameter", False), ("global", True)]
+RAISED = {case: shared_spawn(3).add(nonfinite_raise_run, *case) for case in RAISE_CASES}
 
 
 def test_grad_scaler_skips_the_overflowing_step_on_every_rank() -> None:
     names = weighting_names()
-    per_rank = run_distributed(3, grad_scaler_run, names, 1, 2)
+    per_rank = GRAD_SCALER.results()
     for name in names:
         for rank_result in per_rank:
             scales, params = rank_result[name]["scales"], rank_result[name]["params"]
@@ -26,13 +30,11 @@ def test_grad_scaler_skips_the_overflowing_step_on_every_rank() -> None:
             assert torch.equal(rank_result[name]["params"][-1], per_rank[0][name]["params"][-1])
 
 
-@pytest.mark.parametrize(
-    ("granularity", "overlap"), [("bucket", True), ("parameter", False), ("global", True)]
-)
+@pytest.mark.parametrize(("granularity", "overlap"), RAISE_CASES)
 def test_raise_policy_names_the_bucket_step_objective_and_ranks(
     granularity: str, overlap: bool
 ) -> None:
-    per_rank = run_distributed(3, nonfinite_raise_run, granularity, overlap)
+    per_rank = RAISED[granularity, overlap].results()
     for result in per_rank:
         assert list(result["errors"]) == [1], result  # step 0 went through
         message = result["errors"][1]

@@ -5,15 +5,22 @@ stops cleanly."""
 
 import pytest
 import torch
-from _distributed import run_distributed
+from _distributed import run_distributed, shared_spawn
 from _overlap_workers import hook_body_times, overlap_on_and_off, worker_error, worker_shutdown
 
+GRANULARITIES = ["bucket", "parameter", "global"]
+ON_AND_OFF = {g: shared_spawn(3).add(overlap_on_and_off, g) for g in GRANULARITIES}
+DELAY = 0.2
+BODY_TIMES = shared_spawn(2).add(hook_body_times, DELAY)
+ERROR_CASES = [("bucket", 1), ("global", -1)]
+WORKER_ERRORS = {case: shared_spawn(2).add(worker_error, *case) for case in ERROR_CASES}
 
-@pytest.mark.parametrize("granularity", ["bucket", "parameter", "global"])
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_overlap_gives_the_blocking_hook_bit_for_bit(granularity: str) -> None:
     # find_unused_parameters=True: DDP all-reduces its unused-parameter map on the autograd
     # thread after the last bucket, while the worker may still be exchanging buckets.
-    for rank_result in run_distributed(3, overlap_on_and_off, granularity):
+    for rank_result in ON_AND_OFF[granularity].results():
         overlapped, blocking = rank_result["True"], rank_result["False"]
         assert torch.equal(overlapped["params"], blocking["params"])
         assert overlapped["ledgers"] == blocking["ledgers"]
@@ -29,18 +36,18 @@ def test_overlap_gives_the_blocking_hook_bit_for_bit(granularity: str) -> None:
 
 
 def test_hook_returns_before_the_bucket_is_reduced() -> None:
-    delay = 0.2
-    for times in run_distributed(2, hook_body_times, delay):
+    delay = DELAY
+    for times in BODY_TIMES.results():
         assert len(times["True"]) == len(times["False"]) > 2
         assert max(times["True"]) < delay / 2, times["True"]
         assert min(times["False"]) >= delay, times["False"]
 
 
-@pytest.mark.parametrize(("granularity", "bad"), [("bucket", 1), ("global", -1)])
+@pytest.mark.parametrize(("granularity", "bad"), ERROR_CASES)
 def test_worker_errors_reach_backward_on_every_rank(granularity: str, bad: int) -> None:
     """The weighting fails once, in step 1, on every rank: that backward raises (global MOO: at
     the last bucket, with every earlier bucket held), and training goes on."""
-    for result in run_distributed(2, worker_error, granularity, bad, timeout=120):
+    for result in WORKER_ERRORS[granularity, bad].results():
         [error] = result["errors"]
         assert "BucketHookError: bucket_moo_hook failed on bucket" in error
         assert "of step 1: " in error
@@ -50,6 +57,9 @@ def test_worker_errors_reach_backward_on_every_rank(granularity: str, bad: int) 
 
 
 def test_worker_thread_starts_and_stops() -> None:
+    # A launch of its own: it counts the process's threads (a state that an earlier task in a
+    # shared process left alive keeps its thread; a failed global step does: its error's frames
+    # hold the state).
     for seen in run_distributed(2, worker_shutdown):
         assert seen == {
             "before": 0,

@@ -1,6 +1,7 @@
 """Process groups: the hook's gloo groups are made under names every rank derives alike (subgroups
 that leave ranks out cannot desynchronise them), at registration; a state adopts the group of a
-model on a subgroup; one state serves one model (real gloo processes, short timeouts: a hang
+model on a subgroup; one state serves one model (real gloo processes; the two-rank checks in a
+launch of their own, as they count the groups the process made, with short timeouts: a hang
 fails within seconds)."""
 
 import datetime
@@ -8,7 +9,7 @@ import functools
 from typing import Any
 
 import torch
-from _distributed import run_distributed
+from _distributed import run_distributed, shared_spawn
 from _group_workers import subgroup_models, two_ranks
 
 SHORT = datetime.timedelta(seconds=10)
@@ -45,10 +46,11 @@ def test_a_state_serves_one_model() -> None:
     assert "KeyError" not in errors["raw"]
 
 
+SUBGROUP_MODELS = shared_spawn(4).add(subgroup_models)
+
+
 def test_a_state_adopts_the_subgroup_of_its_model() -> None:
-    for rank, seen in enumerate(
-        run_distributed(4, subgroup_models, timeout=120, collective_timeout=SHORT)
-    ):
+    for rank, seen in enumerate(SUBGROUP_MODELS.results()):
         assert seen["members"] == [0, 1] if rank < 2 else [2, 3]
         assert seen["wrong_length"].startswith(
             "ValueError: objective_of_rank has 3 entries but the model's process group "

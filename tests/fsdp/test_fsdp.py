@@ -6,14 +6,13 @@ and the parameters after training against a single-process replay of the same tr
 reference trajectory: per-rank gradients, per-unit combination, the same SGD).
 """
 
-import functools
 import itertools
 from typing import Any
 
 import pytest
 import torch
 from _ddp_workers import batch, make_model
-from _distributed import run_distributed
+from _distributed import shared_spawn
 from _fsdp_workers import (
     LR,
     MOMENTUM,
@@ -69,11 +68,16 @@ IDS = [s.name for _, s in ALL]
 CHECKS = {4: (hsdp_mixed_replica,), 3: ()}
 
 
-@functools.cache
-def results_for(world_size: int) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
-    return run_distributed(
-        world_size, train_scenarios, SCENARIOS[world_size], CHECKS[world_size], timeout=300
+SCENARIO_RUNS = {
+    world_size: shared_spawn(world_size).add(
+        train_scenarios, SCENARIOS[world_size], CHECKS[world_size], timeout=300
     )
+    for world_size in SCENARIOS
+}
+
+
+def results_for(world_size: int) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
+    return SCENARIO_RUNS[world_size].results()
 
 
 def results(world_size: int, scenario: FSDPScenario) -> list[dict[str, Any]]:
@@ -292,17 +296,21 @@ def test_diagnostics_are_recorded_per_unit() -> None:
                 )
 
 
+MEAN_VS_NATIVE = shared_spawn(2).add(mean_vs_native, ("a", "b"), 3)
+INSTALL_ERRORS = shared_spawn(2).add(install_errors)
+
+
 def test_mean_equals_fsdp_own_average() -> None:
     """FSDP2 and FSDP1: ``weighting="mean"`` with equal groups gives FSDP's own reduce-scatter
     average (its sharded gradients) up to floating-point reassociation."""
-    for runs in run_distributed(2, mean_vs_native, ("a", "b"), 3):
+    for runs in MEAN_VS_NATIVE.results():
         for version in (1, 2):
             ours, theirs = runs[f"fsdp{version}_mean"], runs[f"fsdp{version}_native"]
             assert ((ours - theirs).norm(dim=1) / theirs.norm(dim=1)).max() <= 1e-6
 
 
 def test_unsupported_combinations_fail_at_install_time() -> None:
-    per_rank = run_distributed(2, install_errors)
+    per_rank = INSTALL_ERRORS.results()
     errors = per_rank[0]
     assert errors["not_fsdp"].startswith("TypeError: state must be a BucketMOOState")
     assert errors["no_units"].startswith("TypeError: model (Sequential) has no fully_shard")

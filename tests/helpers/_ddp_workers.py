@@ -186,7 +186,11 @@ def pulled_diagnostics(state: BucketMOOState) -> list[dict[str, Any]]:
 
 
 def train_scenarios(rank: int, world_size: int, scenarios: list[Scenario]) -> list[dict[str, Any]]:
-    return [train(rank, world_size, scenario) for scenario in scenarios]
+    has_cpu_backend = bucketmoo_hooks._state._has_cpu_backend
+    try:
+        return [train(rank, world_size, scenario) for scenario in scenarios]
+    finally:  # undo separate_host_group's patch: other tasks share the process
+        bucketmoo_hooks._state._has_cpu_backend = has_cpu_backend
 
 
 def mean_vs_allreduce(

@@ -34,3 +34,16 @@ def train_with_emulated_kernels(
         inputs = torch.randn(8, 10, generator=generator)
         ddp(inputs).sin().sum().backward()
     return [parameter.grad.clone() for parameter in model.parameters()]
+
+
+def fused_and_plain(
+    rank: int, world_size: int, granularity: str, cache_dir: str
+) -> dict[str, list[torch.Tensor]]:
+    """:func:`train_with_emulated_kernels` with the kernels, then (the patch undone) without."""
+    fused_kernels = _protocol.fused_kernels
+    try:
+        fused = train_with_emulated_kernels(rank, world_size, granularity, True, cache_dir)
+    finally:
+        _protocol.fused_kernels = fused_kernels
+    plain = train_with_emulated_kernels(rank, world_size, granularity, False, cache_dir)
+    return {"fused": fused, "plain": plain}

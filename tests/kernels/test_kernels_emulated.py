@@ -21,7 +21,7 @@ from _kernel_checks import (
     contexts_for,
     exact_gramians,
 )
-from _kernel_workers import train_with_emulated_kernels
+from _kernel_workers import fused_and_plain
 
 from bucketmoo_hooks import _protocol
 from bucketmoo_hooks._kernels import FusedBucket
@@ -160,8 +160,9 @@ def test_hook_with_the_kernels_equals_the_torch_path(backend: EmulatedBackend) -
     backend.module("gramian.cu", compile_options(2, torch.float32), torch.device("cpu"))
     backend.module("combine.cu", compile_options(2, torch.float32), torch.device("cpu"))
     cache = str(backend.cache_dir)
-    fused = run_distributed(3, train_with_emulated_kernels, granularity, True, cache)
-    plain = run_distributed(3, train_with_emulated_kernels, granularity, False, cache)
+    per_rank = run_distributed(3, fused_and_plain, granularity, cache)  # one launch for both
+    fused = [result["fused"] for result in per_rank]
+    plain = [result["plain"] for result in per_rank]
     for fused_grads, plain_grads in zip(fused, plain, strict=True):
         for a, b in zip(fused_grads, plain_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
