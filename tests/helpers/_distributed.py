@@ -197,7 +197,8 @@ class Task:
         if self.per_rank is None and self.failure is None:
             self.spawn.launch()
         if self.failure is not None:
-            raise AssertionError(f"{self.name} did not run: {self.failure}") from self.failure
+            message = f"{self.name}: its launch failed: {self.failure}"
+            raise AssertionError(message) from self.failure
         assert self.per_rank is not None
         errors = [
             f"--- rank {rank} ---\n{result[TASK_ERROR]}"

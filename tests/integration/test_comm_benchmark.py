@@ -15,7 +15,8 @@ from bucketmoo_hooks import cost_model
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "comm_overhead.py"
 TINY = [
     *("--layers=1", "--d-model=32", "--context=16", "--batch=1"),
-    *("--steps=2", "--warmup=3", "--memory-steps=1"),
+    # 2 warm-up steps: PowerSGD (start_powerSGD_iter=2) compresses from the third step on.
+    *("--steps=2", "--warmup=2", "--memory-steps=1"),
 ]
 _spec = importlib.util.spec_from_file_location("comm_overhead", BENCHMARK)
 assert _spec is not None and _spec.loader is not None
