@@ -1,6 +1,7 @@
 """The alpha–beta cost model: byte formulas, DDP's bucket sizes, and the time model's shape.
 
-Its byte counts are checked against gloo measurements in ``tests/test_comm_benchmark.py``.
+Its byte counts are checked against gloo measurements in
+``tests/integration/test_comm_benchmark.py``.
 """
 
 import pytest

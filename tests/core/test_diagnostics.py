@@ -1,4 +1,4 @@
-"""The diagnostics recorder on its own (the multi-process checks are in test_ddp_hook.py)."""
+"""The diagnostics recorder on its own (the multi-process checks are in ddp/test_ddp_hook.py)."""
 
 import json
 import math

@@ -262,6 +262,7 @@ def _overlapped(message: str) -> str:
 CHECKS = shared_spawn(2).add(id_and_weighting_checks, timeout=90)
 
 
+@pytest.mark.slow
 def test_ranks_agree_on_tensor_ids_and_weighting_configs() -> None:
     mixed = (
         r"ValueError: state\.set_objective was called on ranks \[0\] but not on ranks \[1\] "

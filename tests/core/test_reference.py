@@ -100,16 +100,17 @@ def test_objective_keys_are_the_same_in_every_process() -> None:
     """Unlike hash(), the key must not depend on the process (PYTHONHASHSEED differs per rank)."""
     ids = ["en", 3, ("de", 1), b"ja", None]
     code = f"from bucketmoo_hooks import objective_key;print([objective_key(i) for i in {ids!r}])"
-    outputs = {
-        subprocess.run(
+    processes = [  # both at once
+        subprocess.Popen(
             [sys.executable, "-c", code],
             env={**os.environ, "PYTHONHASHSEED": seed},
-            capture_output=True,
+            stdout=subprocess.PIPE,
             text=True,
-            check=True,
-        ).stdout
+        )
         for seed in ("1", "2")
-    }
+    ]
+    outputs = {process.communicate(timeout=120)[0] for process in processes}
+    assert [process.returncode for process in processes] == [0, 0]
     assert outputs == {f"{[objective_key(i) for i in ids]}\n"}
 
 

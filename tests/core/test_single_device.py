@@ -82,6 +82,7 @@ def engine_trajectory(weighting: str | None, granularity: str) -> tuple[torch.Te
     return torch.stack(trajectory), numels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", range(len(CONFIGS)), ids=[f"{w}-{g}" for w, g in CONFIGS])
 def test_engine_matches_ddp_on_four_ranks(ddp_results: list[list[dict]], config: int) -> None:
     weighting, granularity = CONFIGS[config]

@@ -66,12 +66,14 @@ def ddp_results() -> dict[str, dict[str, Any]]:
     return {run.name: result for run, result in zip(RUNS, ddp_spawn()["runs"], strict=True)}
 
 
+@pytest.mark.slow
 def test_registration_skips_the_check_only_where_ddp_uses_every_parameter() -> None:
     """``(find_unused_parameters, static_graph)`` → whether presence is checked."""
     checks = ddp_spawn()["checks"]
     assert checks == {(False, False): False, (True, False): True, (False, True): True}
 
 
+@pytest.mark.slow
 def test_ranks_registered_unlike_raise_on_every_rank() -> None:
     """One rank checks presence and the others do not: refused before any all-reduce."""
     for rank in range(WORLD_SIZE):
@@ -123,6 +125,7 @@ def expected_bucket(run: AdapterRun, record: dict[str, Any], weighting: Any, abs
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", [r for r in RUNS if r.granularity != "global" and not r.registered])
 def test_every_bucket_equals_the_reference(run: AdapterRun) -> None:
     records = ddp_results()[run.name]["records"]
@@ -133,6 +136,7 @@ def test_every_bucket_equals_the_reference(run: AdapterRun) -> None:
         torch.testing.assert_close(record["output"], expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", [r for r in RUNS if r.absent == "exclude"])
 def test_an_adapter_gets_exactly_its_language_gradient(run: AdapterRun) -> None:
     ranges, adapters = flat_ranges()
@@ -145,6 +149,7 @@ def test_an_adapter_gets_exactly_its_language_gradient(run: AdapterRun) -> None:
             torch.testing.assert_close(step["reduced"][cols], average, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "run",
     [r for r in RUNS if r.absent == "exclude" and r.granularity != "global" and not r.registered],
@@ -167,6 +172,7 @@ def test_shared_parameters_are_unchanged(run: AdapterRun) -> None:
                 )
 
 
+@pytest.mark.slow
 def test_ddp_convention_is_kept_as_an_option() -> None:
     """``absent="zero"``: with MGDA an adapter in its own bucket gets nothing (min-norm of
     ``{0, ḡ}``), in a shared bucket a fraction of its language's gradient."""
@@ -204,6 +210,7 @@ def fsdp_results() -> list[dict[str, Any]]:
     return FSDP_RUNS.results()[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", FSDP_CASES, ids=str)
 def test_fsdp_units_follow_the_same_rule(case: tuple[int, str, bool]) -> None:
     _, weighting, frozen = case
@@ -223,6 +230,7 @@ def test_fsdp_units_follow_the_same_rule(case: tuple[int, str, bool]) -> None:
         torch.testing.assert_close(result["reduced"][cols], average, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_three_languages_latin_adapter_is_weighted_over_its_two() -> None:
     """The Latin adapter (de and fr, not ru) gets MGDA on the bucket's Gramian restricted to
     de and fr: its update is the min-norm point of their average gradients there."""

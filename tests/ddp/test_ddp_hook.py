@@ -28,6 +28,8 @@ from _distributed import shared_spawn
 from bucketmoo_hooks import objective_key, reference, ring_allreduce_bytes, weighting_names
 from bucketmoo_hooks.weightings import MGDA, GradVac, NashMTL, Weighting
 
+pytestmark = pytest.mark.slow  # every test reads a launch of processes
+
 PER_STEP = (
     (0, 1, 2, 3),
     ("en", "de", "en", "ja"),

@@ -9,6 +9,8 @@ from _distributed import shared_spawn
 
 from bucketmoo_hooks import reference, weighting_names
 
+pytestmark = pytest.mark.slow  # every test reads a launch of processes
+
 OBJECTIVES = (0, 1, 2, 2)  # objectives 0 and 1 live on a single rank each
 SIZES = (1, 0, 3, 29)  # 1 < R: a bucket shorter than the world size; 0: an empty parameter
 

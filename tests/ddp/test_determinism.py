@@ -1,11 +1,14 @@
 """Determinism: replicas stay bitwise identical with every weighting, and two identical CPU runs
 give the same bits (real gloo processes)."""
 
+import pytest
 import torch
 from _ddp_workers import make_model, replica_agreement
 from _distributed import shared_spawn
 
 from bucketmoo_hooks import weighting_names
+
+pytestmark = pytest.mark.slow  # every test reads a launch of processes
 
 # Steps per weighting, in each of two runs in different launches of processes. Whatever could
 # make replicas or runs differ acts within a step and is met in every step: the unordered

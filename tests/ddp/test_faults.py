@@ -5,6 +5,8 @@ import pytest
 from _ddp_workers import train_until_fault
 from _distributed import run_with_faults
 
+pytestmark = pytest.mark.slow  # every test reads a launch of processes
+
 COLLECTIVE_TIMEOUT = 10.0
 
 

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 
 from bucketmoo_hooks import weighting_names
 
+pytestmark = pytest.mark.slow  # every test reads a launch of processes
+
 EXAMPLES = int(os.environ.get("BUCKETMOO_FUZZ_EXAMPLES", "10"))
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 IDS = st.sampled_from(["en", "de", "ja", "ko", 0, 1])

@@ -16,6 +16,7 @@ RAISE_CASES = [("bucket", True), ("parameter", False), ("global", True)]
 RAISED = {case: shared_spawn(3).add(nonfinite_raise_run, *case) for case in RAISE_CASES}
 
 
+@pytest.mark.slow
 def test_grad_scaler_skips_the_overflowing_step_on_every_rank() -> None:
     names = weighting_names()
     per_rank = GRAD_SCALER.results()
@@ -30,6 +31,7 @@ def test_grad_scaler_skips_the_overflowing_step_on_every_rank() -> None:
             assert torch.equal(rank_result[name]["params"][-1], per_rank[0][name]["params"][-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("granularity", "overlap"), RAISE_CASES)
 def test_raise_policy_names_the_bucket_step_objective_and_ranks(
     granularity: str, overlap: bool

@@ -8,6 +8,8 @@ import torch
 from _distributed import run_distributed, shared_spawn
 from _overlap_workers import hook_body_times, overlap_on_and_off, worker_error, worker_shutdown
 
+pytestmark = pytest.mark.slow  # every test reads a launch of processes
+
 GRANULARITIES = ["bucket", "parameter", "global"]
 ON_AND_OFF = {g: shared_spawn(3).add(overlap_on_and_off, g) for g in GRANULARITIES}
 DELAY = 0.2

@@ -8,9 +8,12 @@ import datetime
 import functools
 from typing import Any
 
+import pytest
 import torch
 from _distributed import run_distributed, shared_spawn
 from _group_workers import subgroup_models, two_ranks
+
+pytestmark = pytest.mark.slow  # every test reads a launch of processes
 
 SHORT = datetime.timedelta(seconds=10)
 

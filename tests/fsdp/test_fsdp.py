@@ -29,6 +29,8 @@ from torch.distributed.fsdp import ShardingStrategy
 from bucketmoo_hooks import reference, ring_allreduce_bytes
 from bucketmoo_hooks.weightings import Weighting, WeightingContext, get_weighting
 
+pytestmark = pytest.mark.slow  # every test reads a launch of processes
+
 BF16 = torch.bfloat16
 SCENARIOS: dict[int, list[FSDPScenario]] = {
     4: [

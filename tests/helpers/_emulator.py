@@ -1,4 +1,4 @@
-"""A kernel backend that runs csrc/ on the CPU (tests/cuda_emulator), for machines without a GPU.
+"""A kernel backend that runs csrc/ on the CPU (tests/helpers/cuda_emulator), without a GPU.
 
 It implements :class:`bucketmoo_hooks._kernels.Backend`: each module is the exact source NVRTC gets
 (:func:`kernel_source`) compiled with the exact NVRTC options plus ``-DBMOO_EMULATE`` by ``g++``

@@ -115,7 +115,7 @@ def worker_error(rank: int, world_size: int, granularity: str, bad: int) -> dict
         except RuntimeError as error:
             errors.append(str(error))
     # A DDP reducer whose backward was interrupted can abort the process if destroyed after the
-    # process group; free it while the group lives (as tests/_ddp_workers.disagreeing_states).
+    # process group; free it while the group lives (as _ddp_workers.disagreeing_states).
     del ddp
     gc.collect()
     return {"errors": errors, "iter": state.iter}

@@ -12,6 +12,8 @@ import pytest
 
 from bucketmoo_hooks import cost_model
 
+pytestmark = pytest.mark.slow  # launches of the benchmarks
+
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "comm_overhead.py"
 TINY = [
     *("--layers=1", "--d-model=32", "--context=16", "--batch=1"),

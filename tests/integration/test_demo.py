@@ -57,6 +57,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     return launch(*REFERENCE, "--out", str(out), "--ckpt-every", "2"), out
 
 
+@pytest.mark.slow
 def test_static_languages_mgda_logs_diagnostics_and_checkpoints(
     reference: tuple[str, Path],
 ) -> None:
@@ -109,6 +110,7 @@ def test_static_languages_mgda_logs_diagnostics_and_checkpoints(
     assert ckpt["step"] == 4 and len(ckpt["generators"]) == 2 and ckpt["moo"]["iter"] == 4
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run(
     reference: tuple[str, Path], tmp_path: Path
 ) -> None:
@@ -125,6 +127,7 @@ def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run(
     assert resumed["eval"] == uninterrupted["eval"]
 
 
+@pytest.mark.slow
 def test_single_device_engine_reproduces_the_ddp_run(
     reference: tuple[str, Path], tmp_path: Path
 ) -> None:
@@ -139,6 +142,7 @@ def test_single_device_engine_reproduces_the_ddp_run(
         assert engine["eval"][code]["bpb"] == pytest.approx(result["bpb"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_more_languages_than_ranks_rotate(tmp_path: Path) -> None:
     out = launch(
         *("--languages", "eng,rus,jpn", "--unseen", "", "--weighting", "mean"),
@@ -156,6 +160,7 @@ def test_more_languages_than_ranks_rotate(tmp_path: Path) -> None:
     assert "hook sent" in out
 
 
+@pytest.mark.slow
 def test_plain_ddp_control() -> None:
     out = launch("--languages", "eng,arb", "--unseen", "heb", "--weighting", "ddp")
     assert len(loss_lines(out)) == 2  # steps 1 and 4 (the last)
@@ -184,6 +189,7 @@ def test_cli_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtu
     assert args.ranks == 3 and args.unseen == ["ukr", "deu_1996"]
 
 
+@pytest.mark.slow
 def test_pretrained_model_path_with_a_tiny_random_llama(tmp_path: Path) -> None:
     """The transformers path (tokeniser, top-block training, bits per byte, hidden states) on a
     2-layer random Llama with a byte-level tokeniser made here: no download, a few seconds."""

@@ -14,6 +14,8 @@ from _integration_workers import train_with_trainer
 
 from bucketmoo_hooks import ring_allreduce_bytes
 
+pytestmark = pytest.mark.slow  # launches of processes
+
 pytest.importorskip("accelerate")
 ROOT = Path(__file__).resolve().parents[2]
 

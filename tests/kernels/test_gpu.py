@@ -3,8 +3,9 @@ the fused kernels (csrc/, through CuPy) equal the torch path.
 
 Skipped without a GPU. Multi-rank NCCL needs several GPUs, so the protocol's device compute is
 checked with ``R`` simulated ranks on one device (the Gramian all-reduce over a one-rank NCCL
-group is the identity), and the real DDP hook on a one-rank NCCL group. Run on a GPU machine with
-``python -m pytest -q tests/test_gpu.py``; the kernel tests also need CuPy (the ``cuda`` extra).
+group is the identity), and the real DDP hook on a one-rank NCCL group. Run on a GPU machine
+with ``python -m pytest -q tests/kernels/test_gpu.py``; the kernel tests also need CuPy (the
+``cuda`` extra).
 """
 
 import importlib.util

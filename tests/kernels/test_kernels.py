@@ -78,6 +78,7 @@ def ptxas_report(source: str, num_objectives: int, dtype: torch.dtype, tmp: Path
     return result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_sources_build_for_sm90_without_register_spills(tmp_path: Path) -> None:
     """Every source builds for every listed (L, dtype) with no warning. Register arrays indexed at

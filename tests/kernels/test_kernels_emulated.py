@@ -1,8 +1,9 @@
 """The fused kernels, run on the CPU emulator, against the torch path.
 
-The emulator (tests/_emulator.py) builds the exact NVRTC source with ``g++`` and runs every thread
-of a block as a fiber, so the kernels' arithmetic, indexing and barriers, and the whole Python
-launch path, are checked here without a GPU; test_gpu.py repeats the comparison on a device.
+The emulator (tests/helpers/_emulator.py) builds the exact NVRTC source with ``g++`` and runs
+every thread of a block as a fiber, so the kernels' arithmetic, indexing and barriers, and the
+whole Python launch path, are checked here without a GPU; test_gpu.py repeats the comparison on
+a device.
 """
 
 from pathlib import Path
@@ -152,6 +153,7 @@ def test_solve_shards_dispatches_to_the_kernels(
     assert_update_close(result.update, expected.update)
 
 
+@pytest.mark.slow
 def test_hook_with_the_kernels_equals_the_torch_path(backend: EmulatedBackend) -> None:
     """DDP on 3 gloo ranks (two objectives, parameter granularity: segments, empty ones and
     padding), every bucket through the emulated kernels with the Gramians all-reduced between

@@ -843,6 +843,7 @@ def test_cagrad_agrees_with_torchjd(tight_clarabel: None) -> None:
             assert update_error <= 1e-4, (c, kind, num_objectives, seed)
 
 
+@pytest.mark.slow
 def test_mgda_agrees_with_torchjd() -> None:
     """torchjd's MGDA is Frank–Wolfe: exact for L = 2 (one exact line search from 1/L), slow
     (O(1/k)) beyond, where the min-norm value is compared: ours is never worse."""
