@@ -75,12 +75,14 @@ def run_distributed(
     timeout: float = 180.0,
     backend: str = "gloo",
     collective_timeout: datetime.timedelta = COLLECTIVE_TIMEOUT,
+    watchdog: Callable[[], str | None] | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return every result.
 
     ``fn`` must be a module-level function (it is pickled into spawned processes). With
     ``backend="nccl"`` rank ``r`` uses ``cuda:r``. ``collective_timeout`` is the default group's
-    timeout: a hang there fails as an error of the rank after that long.
+    timeout: a hang there fails as an error of the rank after that long. ``watchdog``, called
+    every second while the processes run, ends them early with its message as the timeout error.
     """
     with tempfile.TemporaryDirectory(prefix="bucketmoo-") as store_dir:
         context = mp.start_processes(
@@ -97,6 +99,8 @@ def run_distributed(
                     raise TimeoutError(
                         f"{fn.__name__} on {world_size} ranks did not finish in {timeout:.0f} s"
                     )
+                if watchdog is not None and (late := watchdog()) is not None:
+                    raise TimeoutError(late)
         except mp.ProcessRaisedException:
             errors = sorted(Path(store_dir).glob("error*.txt"))
             details = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors)
@@ -164,11 +168,13 @@ def run_tasks(rank: int, world_size: int, tasks: Sequence[bytes], progress_dir: 
     """Every task, a pickled ``(fn, args)``, in turn: ``fn(rank, world_size, *args)``, each from
     torch's initial random state and with its own copy of its arguments (as in a fresh process);
     a task that raises gives ``{TASK_ERROR: traceback}`` and the next one runs. Writes the index of
-    the running task to ``progress_dir`` (named in the error if the launch times out)."""
+    the running task and when it started to ``progress_dir`` (for the parent's watchdog)."""
     seed = torch.initial_seed()
     results = []
+    progress = Path(progress_dir) / f"rank{rank}"
     for index, task in enumerate(tasks):
-        (Path(progress_dir) / f"rank{rank}").write_text(str(index))
+        progress.with_suffix(".new").write_text(f"{index} {time.time()}")
+        os.replace(progress.with_suffix(".new"), progress)
         torch.manual_seed(seed)
         try:
             fn, args = pickle.loads(task)
@@ -182,8 +188,10 @@ def run_tasks(rank: int, world_size: int, tasks: Sequence[bytes], progress_dir: 
 class Task:
     """One function of a :class:`SharedSpawn`; :meth:`results` gives what every rank returned."""
 
-    def __init__(self, spawn: "SharedSpawn", fn: Callable[..., Any], args: tuple[Any, ...]):
-        self.spawn, self.fn, self.args = spawn, fn, args
+    def __init__(
+        self, spawn: "SharedSpawn", fn: Callable[..., Any], args: tuple[Any, ...], timeout: float
+    ) -> None:
+        self.spawn, self.fn, self.args, self.timeout = spawn, fn, args, timeout
         self.per_rank: list[Any] | None = None
         self.failure: BaseException | None = None
 
@@ -217,7 +225,8 @@ class SharedSpawn:
     results in their tests: the first test that asks launches the processes once for every task
     added and not yet run (so running one test module runs only its own tasks). In every process
     the tasks run in the order they were added, each from torch's initial random state; a task that
-    raises fails the tests reading its result, with its traceback, and the others go on. A task
+    raises fails the tests reading its result, with its traceback, and the others go on; a task
+    that runs past its ``timeout`` ends the launch and fails every test reading it. A task
     must leave the process as it found it (undo its patches) and must not rely on being the first
     in its process: a check about the process's own history gets a :func:`run_distributed` of its
     own. With ``after``, the pending tasks of that launch run first (tasks that need another
@@ -228,14 +237,12 @@ class SharedSpawn:
         self.world_size = world_size
         self.after = after
         self.pending: list[Task] = []
-        self.timeouts: list[float] = []
 
     def add(self, fn: Callable[..., Any], *args: Any, timeout: float = 120.0) -> Task:
         """Add ``fn(rank, world_size, *args)`` (a module-level function, as for
-        :func:`run_distributed`); ``timeout`` is its share of the launch's deadline."""
-        task = Task(self, fn, args)
+        :func:`run_distributed`), allowed ``timeout`` seconds on every rank."""
+        task = Task(self, fn, args, timeout)
         self.pending.append(task)
-        self.timeouts.append(timeout)
         return task
 
     def launch(self) -> None:
@@ -243,21 +250,34 @@ class SharedSpawn:
         if self.after is not None and self.after.pending:
             self.after.launch()
         tasks, self.pending = self.pending, []
-        timeout, self.timeouts = 30.0 + sum(self.timeouts), []
         with tempfile.TemporaryDirectory(prefix="bucketmoo-progress-") as progress:
+
+            def running() -> dict[str, tuple[Task, float]]:
+                """Per rank: the task it runs and since when."""
+                now = {}
+                for path in sorted(Path(progress).glob("rank*[0-9]")):
+                    index, started = path.read_text().split()
+                    now[path.name] = (tasks[int(index)], float(started))
+                return now
+
+            def watchdog() -> str | None:
+                for rank, (task, started) in running().items():
+                    if time.time() - started > task.timeout:
+                        return f"{task.name} ran over its {task.timeout:.0f} s on {rank}"
+                return None
+
             try:
                 per_rank = run_distributed(
                     self.world_size,
                     run_tasks,
                     [pickle.dumps((task.fn, task.args)) for task in tasks],
                     progress,
-                    timeout=timeout,
+                    timeout=60.0 + sum(task.timeout for task in tasks),  # with start-up
+                    watchdog=watchdog,
                 )
             except (AssertionError, TimeoutError) as error:
-                running = {
-                    f.name: tasks[int(f.read_text())].name for f in sorted(Path(progress).iterdir())
-                }
-                failure = type(error)(f"{error}\n(the task each rank was running: {running})")
+                at = {rank: task.name for rank, (task, _) in running().items()}
+                failure = type(error)(f"{error}\n(the task each rank was running: {at})")
                 for task in tasks:
                     task.failure = failure
                 return
