@@ -4,7 +4,8 @@ Bytes are exact: what one rank sends under the bandwidth-optimal algorithm of ea
 that a method issues (ring all-reduce ``2(R−1)/R·n·b``; all-to-all, reduce-scatter and
 all-gather ``(R−1)/R·n·b``), bucket by bucket, with the formulas the hooks count their own
 traffic with (:mod:`._collectives`), which ``benchmarks/comm_overhead.py`` checks against gloo
-(``tests/test_comm_benchmark.py``). NCCL's ring and pairwise algorithms send the same bytes.
+(``tests/integration/test_comm_benchmark.py``). NCCL's ring and pairwise algorithms send the
+same bytes.
 
 Time is a model, for NCCL on GPU clusters of ``gpus_per_node`` GPUs joined by one NIC per GPU
 (:class:`Cluster`, defaults: H100 SXM nodes, NVLink within a node, 400 Gb/s InfiniBand between
