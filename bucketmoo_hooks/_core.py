@@ -37,7 +37,9 @@ PROTOCOLS: dict[str, ExchangeProtocol] = {p.name: p for p in (ShardProtocol(),)}
 
 def open_step(state: "BucketMOOState", group: dist.ProcessGroup) -> ObjectiveMap:
     """Start a step: the ranks' agreement (:class:`._steps.StepAgreement`); its objective map."""
-    return state._steps.begin(state, group)
+    objective_map = state._steps.begin(state, group)
+    state._runtime.held = []  # global MOO: buckets of an interrupted step are stale
+    return objective_map
 
 
 def step_map(state: "BucketMOOState", bucket: Bucket) -> ObjectiveMap:

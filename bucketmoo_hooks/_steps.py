@@ -93,7 +93,6 @@ class StepAgreement:
                 "state.set_objective(id) on every rank before backward(), or on none"
             )
         self.objective_map = ObjectiveMap.from_keys(keys)
-        state._runtime.held = []  # buckets of an interrupted step are stale
         return self.objective_map
 
     def end(self, state: "BucketMOOState") -> None:

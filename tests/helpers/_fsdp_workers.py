@@ -278,6 +278,16 @@ def error_of(action: Callable[[], Any]) -> str:
     return "no error"
 
 
+def backward_error(model: nn.Module, rank: int) -> str:
+    """The error one backward pass of ``model`` raises on this rank (freed before returning)."""
+    x, target = batch(rank, 0, 0, torch.float32)
+    loss = nn.functional.mse_loss(model(x), target)
+    outcome = error_of(loss.backward)
+    del model, loss
+    gc.collect()
+    return outcome
+
+
 def install_errors(rank: int, world_size: int) -> dict[str, str]:
     """Every unsupported combination, tried at install time; the error each one raised."""
     from torch.distributed.fsdp._fully_shard._fsdp_common import (
@@ -368,12 +378,7 @@ def scaling_changed_after_install(rank: int, world_size: int) -> str:
     fully_shard(model)
     install_bucket_moo(model, BucketMOOState())
     model[0].set_gradient_divide_factor(float(world_size))
-    x, target = batch(rank, 0, 0, torch.float32)
-    loss = nn.functional.mse_loss(model(x), target)
-    outcome = error_of(loss.backward)
-    del model, loss
-    gc.collect()
-    return outcome
+    return backward_error(model, rank)
 
 
 def hsdp_mixed_replica(rank: int, world_size: int) -> str:
@@ -386,9 +391,4 @@ def hsdp_mixed_replica(rank: int, world_size: int) -> str:
     state = BucketMOOState(["en"] * (world_size // 2) + ["de"] * (world_size // 2))
     install_bucket_moo(model, state, hsdp_mesh=mesh)
     state.set_objective("ja" if rank == 1 else state.objective_of_rank[rank])  # on every rank
-    x, target = batch(rank, 0, 0, torch.float32)
-    loss = nn.functional.mse_loss(model(x), target)
-    outcome = error_of(loss.backward)
-    del model, loss
-    gc.collect()
-    return outcome
+    return backward_error(model, rank)
