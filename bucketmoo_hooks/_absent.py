@@ -69,6 +69,14 @@ def presence_counts(rows: Tensor, averaging: Tensor, segments: Sequence[Segment]
     return touched.to(torch.float32) @ members.T
 
 
+def touched(piece: Tensor) -> Tensor:
+    """0-d bool: some element of ``piece`` (one rank's gradient of a parameter) is nonzero; a
+    NaN counts. On the device: no host synchronisation."""
+    if piece.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=piece.device)
+    return (piece.amax() != 0) | (piece.amin() != 0)
+
+
 def partly_present(counts: Tensor) -> Tensor | None:
     """``[P, L]`` presence on the host from all-reduced counts, or ``None`` when no parameter
     has some objectives but not others (then nothing changes from the ordinary solve)."""

@@ -88,6 +88,11 @@ class Collectives:
         if self.outer is None:
             return work
         work.wait()
+        return self.all_reduce_outer(tensor)
+
+    def all_reduce_outer(self, tensor: Tensor) -> dist.Work:
+        """SUM over ``outer`` only (HSDP: a statistic of every shard of the unit)."""
+        assert self.outer is not None
         self.traffic.add("all_reduce", all_reduce_bytes(nbytes(tensor), self.outer.size()))
         return dist.all_reduce(tensor, group=self.outer, async_op=True)
 

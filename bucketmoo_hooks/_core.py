@@ -24,6 +24,7 @@ from ._nonfinite import raise_if_nonfinite
 from ._objectives import ObjectiveMap, objective_key
 from ._protocol import Bucket, Exchange, ExchangeProtocol, Gradient, Request
 from ._shard import ShardProtocol
+from ._sketch import SketchProtocol
 from ._worker import unwrap_outcome
 from .weightings import Weighting, WeightingContext
 
@@ -31,8 +32,21 @@ if TYPE_CHECKING:
     from ._state import BucketMOOState
 
 #: ``BucketMOOState(protocol=...)``: the exchange protocols, by name (a new protocol: a sibling of
-#: ``_shard.py`` and one entry here).
-PROTOCOLS: dict[str, ExchangeProtocol] = {p.name: p for p in (ShardProtocol(),)}
+#: ``_shard.py`` and one entry here, and its options in :func:`protocol_of`).
+PROTOCOLS: dict[str, type[ExchangeProtocol]] = {p.name: p for p in (ShardProtocol, SketchProtocol)}
+
+
+def protocol_of(state: "BucketMOOState") -> ExchangeProtocol:
+    """The state's protocol object, built from its configuration on first use (it may keep
+    device buffers, e.g. the sketch's sign table: runtime, never pickled)."""
+    runtime = state._runtime
+    if runtime.protocol is None:
+        if state.protocol == "sketch":
+            assert state.sketch_size is not None
+            runtime.protocol = SketchProtocol(state.sketch_size)
+        else:
+            runtime.protocol = PROTOCOLS[state.protocol]()
+    return runtime.protocol
 
 
 def open_step(state: "BucketMOOState", group: dist.ProcessGroup) -> ObjectiveMap:
@@ -82,7 +96,7 @@ def reduce(
         kernels=state.kernels,
         workspace=None if is_global else runtime.workspace,  # global MOO keeps the exchange
     )
-    exchange = PROTOCOLS[state.protocol].exchange(comm, gradient, averaging, request)
+    exchange = protocol_of(state).exchange(comm, gradient, averaging, request)
     objectives = objective_map.objectives
     check = _gramian_check(state, f"{bucket.label} at step {state.iter}", objectives, averaging)
     if is_global:
@@ -107,6 +121,8 @@ def reduce(
             exchange.gramians,
             weights,
             segmented=request.per_parameter,
+            sketched=exchange.sketched,
+            sketch_size=state.sketch_size,
         )
     return exchange.deliver(combined)
 
@@ -190,7 +206,17 @@ def _hold(
         _, combined = h.exchange.combine(state.weighting, weights, part)
         futures.append(h.exchange.deliver(combined))
     if state.diagnostics is not None:  # one record: the whole model is one problem
-        state.diagnostics.record(context.step, -1, objectives, total, weights, segmented=False)
+        sketched = (any(s for h in held for s in h.exchange.sketched),)
+        state.diagnostics.record(
+            context.step,
+            -1,
+            objectives,
+            total,
+            weights,
+            segmented=False,
+            sketched=sketched,
+            sketch_size=state.sketch_size,
+        )
     state._runtime.held = []
     # The earlier buckets' futures, already handed to the engine, complete with their gathers.
     for h, future in zip(held[:-1], futures[:-1], strict=True):

@@ -26,6 +26,8 @@ class Diagnostics:
     - ``norms``: ``‖ḡ_ℓ‖ = √G_ℓℓ``;
     - ``weights``: ``w``;
     - ``update_norm``: ``‖d‖ = √(wᵀGw)``;
+    - ``sketched``, ``sketch_size``: whether ``G`` is an estimate from a random sketch of
+      ``sketch_size`` numbers per objective (``protocol="sketch"``), else exact (``None``);
 
     and per step ``global_min_norm``: ``min_{w∈Δ} ‖Σ_ℓ w_ℓ ḡ_ℓ‖`` over the whole model, from the
     sum of the bucket Gramians (the global Gramian, docs/design.md §5). Zero means the model is
@@ -96,8 +98,12 @@ class Diagnostics:
         gramians: Tensor,
         weights: Tensor,
         segmented: bool,
+        sketched: tuple[bool, ...] = (),
+        sketch_size: int | None = None,
     ) -> None:
-        """Queue the numbers of one bucket: ``gramians [S, L, L]``, ``weights [S, L]``."""
+        """Queue the numbers of one bucket: ``gramians [S, L, L]``, ``weights [S, L]``;
+        ``sketched``: per problem, whether its Gramian is a sketch estimate of ``sketch_size``
+        numbers per objective (``protocol="sketch"``)."""
         g = gramians.double()
         diagonal = g.diagonal(dim1=-2, dim2=-1)
         norms = diagonal.clamp_min(0).sqrt()
@@ -105,7 +111,14 @@ class Diagnostics:
         w = weights.double()
         update_norm = torch.einsum("sa,sab,sb->s", w, g, w).clamp_min(0).sqrt()
         packed = torch.cat([cosine.flatten(1), norms, w, update_norm[:, None]], dim=1)
-        meta = {"step": step, "bucket": bucket, "objectives": objectives, "segmented": segmented}
+        meta = {
+            "step": step,
+            "bucket": bucket,
+            "objectives": objectives,
+            "segmented": segmented,
+            "sketched": sketched or (False,) * len(gramians),
+            "sketch_size": sketch_size,
+        }
         self._pending.append((meta, packed))
         self._step_gramians.append(g.sum(dim=0))
 
@@ -161,6 +174,9 @@ class Diagnostics:
                 "norms": row[num * num : num * num + num],
                 "weights": row[num * num + num : num * num + 2 * num],
                 "update_norm": row[-1],
+                # Whether G is a sketch estimate (protocol="sketch"), and of how many numbers.
+                "sketched": meta["sketched"][index],
+                "sketch_size": meta["sketch_size"] if meta["sketched"][index] else None,
             }
             for index, row in enumerate(rows)
         ]

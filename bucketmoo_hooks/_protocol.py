@@ -3,7 +3,9 @@
 
 The core (:mod:`._core`) runs every bucket, unit or HSDP shard through one protocol object,
 chosen by ``BucketMOOState(protocol=...)``; the engines (DDP, FSDP2, HSDP, FSDP1) only hand it
-a :class:`Gradient`. ``"shard"`` (:mod:`._shard`) is the paper's exact method.
+a :class:`Gradient`. ``"shard"`` (:mod:`._shard`) is the paper's exact method; ``"sketch"``
+(:mod:`._sketch`) estimates the Gramians from a random sketch and hands the engine's own
+reduction the rank's scaled gradient.
 """
 
 from abc import ABC, abstractmethod
@@ -91,10 +93,12 @@ class Exchange(ABC):
             for fp64 gradients).
         counts: With ``Request.presence``, the all-reduced presence counts ``[P, L]`` of its
             ``P = len(Gradient.sizes)`` parameters (``> 0``: present), else ``None``.
+        sketched: Per problem, whether its Gramian is an estimate (a random sketch), not exact.
     """
 
     gramians: Tensor
     counts: Tensor | None
+    sketched: tuple[bool, ...] = ()
 
     def solves(self, weighting: Weighting) -> bool:
         """Whether :meth:`combine` computes ``weighting``'s weights itself (fused kernels)."""
@@ -129,7 +133,8 @@ class Exchange(ABC):
 
 
 class ExchangeProtocol(ABC):
-    """How the ranks exchange one bucket; one stateless object serves every bucket."""
+    """How the ranks exchange one bucket; one object per state serves every bucket (built from
+    the state's options by :func:`._core.protocol_of`)."""
 
     name: ClassVar[str]
 

@@ -18,6 +18,7 @@ from ._worker import BucketWorker
 
 if TYPE_CHECKING:
     from ._core import _Held
+    from ._protocol import ExchangeProtocol
     from ._state import BucketMOOState
 
 # Distinct (objective map, device) pairs whose averaging matrix is kept; per-step sampling of
@@ -65,6 +66,7 @@ class Runtime:
         "held",
         "model",
         "parameter_index",
+        "protocol",
         "workspace",
     )
 
@@ -81,6 +83,8 @@ class Runtime:
         # Global MOO: the buckets waiting for the model's weights (:mod:`._core`).
         self.held: list[_Held] = []
         # -- resources -----------------------------------------------------------------------------
+        # The state's protocol object (:func:`._core.protocol_of`), with its device buffers.
+        self.protocol: ExchangeProtocol | None = None
         self._host_group: dist.ProcessGroup | None = None
         self._worker: BucketWorker | None = None
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}

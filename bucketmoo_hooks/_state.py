@@ -14,6 +14,7 @@ from ._ledger import CommLedger
 from ._nonfinite import check_nonfinite
 from ._objectives import ObjectiveMap, canonical_objective, objective_key
 from ._runtime import Runtime, described_group
+from ._sketch import check_sketch_size
 from ._steps import StepAgreement
 from .weightings import CallableWeighting, Weighting, get_weighting
 
@@ -114,9 +115,17 @@ class BucketMOOState:
             :func:`~bucketmoo_hooks.install_bucket_moo`): every rank then uses every
             parameter. ``"zero"``: DDP's convention, the zero gradient counts (MGDA then gives
             such a parameter no update when another objective is present).
-        protocol: How the ranks exchange a bucket (docs/protocols.md). ``"shard"`` (default,
-            the only one so far): the paper's exact all-to-all / Gramian all-reduce / all-gather,
-            the bytes of a ring all-reduce plus ``L²`` fp32 numbers per bucket.
+        protocol: How the ranks exchange a bucket (docs/protocols.md). ``"shard"`` (default):
+            the paper's exact all-to-all / Gramian all-reduce / all-gather, the bytes of a ring
+            all-reduce plus ``L²`` fp32 numbers per bucket. ``"sketch"``: the weights first, from
+            Gramians estimated by a random sketch of ``sketch_size`` numbers per objective (one
+            small collective), then each rank scales its own gradient by its weight and the
+            engine's ordinary SUM all-reduce (or reduce-scatter) sums them: the engine's
+            topology-optimal collective, plus ``2(R−1)/R·L·k`` fp32 numbers per bucket. Unbiased,
+            with a relative error of about ``√(2/k)`` on each Gramian entry; problems of at most
+            ``sketch_size`` elements are exact (docs/protocols.md, "The sketch protocol").
+        sketch_size: ``k`` for ``protocol="sketch"`` (default 4096, in [16, 2²⁰]); not accepted
+            with ``"shard"``.
 
     Attributes:
         iter: Synchronised backward passes completed (advanced on the last bucket of each step).
@@ -140,6 +149,7 @@ class BucketMOOState:
         "overlap",
         "process_group",
         "protocol",
+        "sketch_size",
         "weighting",
         # -- progress (iter and the ledger's totals are saved by state_dict) -----------------------
         "iter",
@@ -162,11 +172,13 @@ class BucketMOOState:
         nonfinite: str = "propagate",
         absent: str = "exclude",
         protocol: str = "shard",
+        sketch_size: int | None = None,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {protocol!r}")
+        self.sketch_size = check_sketch_size(sketch_size, protocol)
         if objective_of_rank is not None:
             if isinstance(objective_of_rank, str | bytes) or not isinstance(
                 objective_of_rank, Sequence
@@ -197,6 +209,11 @@ class BucketMOOState:
         self.nonfinite = check_nonfinite(nonfinite)
         self.absent = check_absent(absent)
         self.protocol = protocol
+        if protocol == "sketch" and self.kernels == "cuda":
+            raise ValueError(
+                "kernels='cuda' runs the shard protocol's fused kernels; protocol='sketch' runs "
+                "in torch: use kernels='auto' or 'torch' with it"
+            )
         if diagnostics is not None and not isinstance(diagnostics, Diagnostics):
             raise TypeError(
                 f"diagnostics must be a bucketmoo_hooks.Diagnostics or None, "
@@ -266,6 +283,8 @@ class BucketMOOState:
             "weighting": self.weighting.config(),
             "weighting_state": self.weighting.state_dict(),
             "objective_keys": _keys_of(self.objective_of_rank),
+            "protocol": self.protocol,
+            "sketch_size": self.sketch_size,
             "ledger_totals": dict(self.ledger.totals),
             "ledger_steps": self.ledger.steps,
         }
@@ -281,6 +300,8 @@ class BucketMOOState:
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         expected = set(self.state_dict())
+        # Checkpoints saved before the sketch protocol existed were of the shard protocol.
+        state_dict = {"protocol": "shard", "sketch_size": None, **state_dict}
         if set(state_dict) != expected:
             missing, unknown = expected - set(state_dict), set(state_dict) - expected
             raise ValueError(
@@ -298,6 +319,8 @@ class BucketMOOState:
             ("granularity", (self.granularity,)),
             ("weighting", _weighting_configs(self.weighting)),
             ("objective_keys", (_keys_of(self.objective_of_rank),)),
+            ("protocol", (self.protocol,)),
+            ("sketch_size", (self.sketch_size,)),
         ):
             if state_dict[name] not in accepted:
                 raise ValueError(
@@ -331,6 +354,7 @@ class BucketMOOState:
                 self.absent,
                 self._runtime.every_parameter_used,
                 self.protocol,
+                self.sketch_size,
             )
         )
 
@@ -352,7 +376,8 @@ class BucketMOOState:
         self.process_group = None
         self._runtime = Runtime()
         # States pickled by earlier versions: options they predate, set_objective's value.
-        self.absent, self.protocol, self._steps = "exclude", "shard", StepAgreement()
+        self.absent, self.protocol, self.sketch_size = "exclude", "shard", None
+        self._steps = StepAgreement()
         if "_objective" in state:
             self._steps.objective = state["_objective"]  # type: ignore[assignment]
         for slot, value in state.items():
@@ -363,5 +388,7 @@ class BucketMOOState:
         return (
             f"BucketMOOState(objective_of_rank={self.objective_of_rank!r}, "
             f"weighting={self.weighting!r}, granularity={self.granularity!r}, "
-            f"protocol={self.protocol!r}, iter={self.iter})"
+            f"protocol={self.protocol!r}, "
+            + (f"sketch_size={self.sketch_size}, " if self.sketch_size is not None else "")
+            + f"iter={self.iter})"
         )

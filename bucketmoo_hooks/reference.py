@@ -20,6 +20,7 @@ from torch import Tensor
 from ._absent import check_absent, partly_present, presence_counts, solve_weights
 from ._linalg import combine_segments, gramian_of, row_segments
 from ._objectives import ObjectiveMap
+from ._sketch import SignTable, check_sketch_size, problem_seed, sketch
 from .weightings import Weighting, WeightingContext, get_weighting
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "model_update",
     "objective_gradients",
     "presence",
+    "sketch_gramian",
 ]
 
 WeightingSpec = str | Weighting | Callable[[Tensor], Tensor]
@@ -81,6 +83,27 @@ def _objective_map(grads: Tensor, objective_of_rank: Sequence[Hashable] | None) 
     return ObjectiveMap.from_ids(list(objective_of_rank))
 
 
+def sketch_gramian(
+    objective_grads: Tensor,
+    sketch_size: int,
+    *,
+    step: int = 0,
+    bucket: int = 0,
+    problem: int = 0,
+) -> Tensor:
+    """``Ĝ = (ΦA)(ΦA)ᵀ``: the Gramian of the objective gradients ``A`` (``[L, n]``) as
+    ``BucketMOOState(protocol="sketch", sketch_size=k)`` estimates it for problem ``problem``
+    (0 for a bucket, the parameter's position in its bucket with ``granularity="parameter"``) of
+    bucket ``bucket`` at step ``step``: the same random map ``Φ`` (exact when ``n ≤ k``).
+    ``A``'s elements must be in the engine's layout of the problem (DDP: the bucket's flat
+    gradient)."""
+    check_sketch_size(sketch_size, "sketch")
+    compute = objective_grads.to(torch.promote_types(objective_grads.dtype, torch.float32))
+    signs, seed = SignTable(), problem_seed(step, bucket, problem)
+    sketches = torch.stack([sketch(row, sketch_size, seed, signs) for row in compute])
+    return gramian_of(sketches)
+
+
 def combine(
     objective_grads: Tensor,
     weighting: WeightingSpec = "mgda",
@@ -88,6 +111,7 @@ def combine(
     *,
     present: Tensor | None = None,
     parameter_sizes: Sequence[int] | None = None,
+    gramian: Tensor | None = None,
 ) -> Combination:
     """Weight the objective gradients ``[L, n]`` by ``weighting(G)``, ``G = A Aᵀ``, and sum them.
 
@@ -95,12 +119,13 @@ def combine(
     the ``P`` parameters' lengths, summing to ``n``), absent objectives are left out as the hook
     does with ``BucketMOOState(absent="exclude")`` (:mod:`bucketmoo_hooks._absent`): weights
     solved over the objectives present somewhere, and a parameter with fewer of them weighted
-    by the weighting of ``G`` restricted to those. The update keeps the dtype of
-    ``objective_grads``.
+    by the weighting of ``G`` restricted to those. ``gramian``: weight this one instead of ``G``
+    (e.g. :func:`sketch_gramian`'s estimate). The update keeps the dtype of ``objective_grads``.
     """
     resolved = get_weighting(weighting)
     compute = objective_grads.to(torch.promote_types(objective_grads.dtype, torch.float32))
-    gramian = gramian_of(compute)
+    if gramian is None:
+        gramian = gramian_of(compute)
     parameters = [(0, compute.shape[1])]
     if present is not None:
         parameters = _parameter_segments(parameter_sizes, compute.shape[1], present.shape[0])
@@ -155,6 +180,7 @@ def bucket_update(
     segment: int | None = None,
     parameter_sizes: Sequence[int] | None = None,
     absent: str = "exclude",
+    sketch_size: int | None = None,
 ) -> Tensor:
     """What :func:`bucket_moo_hook` returns for a bucket whose per-rank gradients are ``grads``.
 
@@ -171,18 +197,31 @@ def bucket_update(
             parameter), for telling on which ones an objective is absent.
         absent: As for :class:`BucketMOOState`: ``"exclude"`` leaves out, per parameter, the
             objectives none of whose rows has a nonzero gradient there; ``"zero"`` counts them.
+        sketch_size: As for ``BucketMOOState(protocol="sketch")``: weight the Gramian estimated
+            with the hook's random sketch of this step, bucket and segment
+            (:func:`sketch_gramian`); ``None`` (default): the exact Gramian.
 
     Returns:
         The combined update ``[n]`` in the dtype of ``grads``.
     """
     objective_grads, objective_map = objective_gradients(grads, objective_of_rank)
     context = WeightingContext(step, bucket, objective_map.objectives, segment, problem)
+    gramian = None
+    if sketch_size is not None:
+        gramian = sketch_gramian(
+            objective_grads, sketch_size, step=step, bucket=bucket, problem=segment or 0
+        )
     present = None
     if check_absent(absent) == "exclude":
         present = presence(grads, objective_of_rank, parameter_sizes)
         parameter_sizes = parameter_sizes or [grads.shape[1]]
     combination = combine(
-        objective_grads, weighting, context, present=present, parameter_sizes=parameter_sizes
+        objective_grads,
+        weighting,
+        context,
+        present=present,
+        parameter_sizes=parameter_sizes,
+        gramian=gramian,
     )
     return combination.update.to(grads.dtype)
 
@@ -196,6 +235,7 @@ def model_update(
     step: int = 0,
     parameter_sizes: Sequence[int] | None = None,
     absent: str = "exclude",
+    sketch_size: int | None = None,
 ) -> Tensor:
     """Update of a whole flat gradient ``[R, N]`` split into consecutive independent problems.
 
@@ -204,7 +244,8 @@ def model_update(
     ``"parameter"`` (each parameter is solved on its own), ``[N]`` for ``"global"``.
     ``parameter_sizes`` (default: each piece is one parameter) splits the pieces into parameters,
     on which objectives may be absent (``absent``, as in :func:`bucket_update`); every piece must
-    hold whole parameters.
+    hold whole parameters. ``sketch_size``: as in :func:`bucket_update` (piece ``i`` is
+    bucket ``i``).
     """
     if any(size <= 0 for size in bucket_sizes) or sum(bucket_sizes) != grads.shape[-1]:
         raise ValueError(
@@ -225,6 +266,7 @@ def model_update(
                 problem=(i,),
                 parameter_sizes=sizes,
                 absent=absent,
+                sketch_size=sketch_size,
             )
             for i, (part, sizes) in enumerate(zip(parts, pieces, strict=True))
         ]

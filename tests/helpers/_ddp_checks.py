@@ -7,7 +7,7 @@ import torch
 from _ddp_workers import Scenario
 
 from bucketmoo_hooks import reference
-from bucketmoo_hooks.weightings import get_weighting
+from bucketmoo_hooks.weightings import WeightingContext, get_weighting
 
 
 def objective_ids(scenario: Scenario, step: int, world_size: int) -> tuple:
@@ -49,7 +49,10 @@ def expected_outputs(
         if scenario.granularity == "global":  # one problem over every bucket of the step
             inputs = torch.cat([r["inputs"] for r in in_step], dim=1)
             # Bucket -1: the whole model (stable when DDP rebuilds its buckets).
-            update = reference.bucket_update(inputs, ids, weighting, step=step, bucket=-1)
+            if scenario.sketch_size is None:
+                update = reference.bucket_update(inputs, ids, weighting, step=step, bucket=-1)
+            else:  # the sum of the buckets' sketched Gramians, each with its own map
+                update = global_sketched_update(scenario, in_step, ids, weighting, step)
             expected += update.split([r["inputs"].shape[1] for r in in_step])
         for record in in_step:
             if scenario.granularity == "parameter":  # every parameter on its own
@@ -63,6 +66,7 @@ def expected_outputs(
                         bucket=record["index"],
                         problem=(record["params"][segment],),
                         segment=segment,
+                        sketch_size=scenario.sketch_size,
                     )
                     for segment, piece in enumerate(pieces)
                 ]
@@ -75,6 +79,32 @@ def expected_outputs(
                     step=step,
                     bucket=record["index"],
                     problem=tuple(record["params"]),
+                    sketch_size=scenario.sketch_size,
                 )
                 expected.append(update)
     return expected
+
+
+def global_sketched_update(
+    scenario: Scenario, in_step: list[dict[str, Any]], ids: tuple, weighting: Any, step: int
+) -> torch.Tensor:
+    """Global MOO under the sketch protocol: the weights of the sum of every bucket's sketched
+    Gramian (bucket ``index``, problem 0), applied to the whole model."""
+    assert scenario.sketch_size is not None
+    gramian = sum(
+        reference.sketch_gramian(
+            reference.objective_gradients(r["inputs"], ids)[0],
+            scenario.sketch_size,
+            step=step,
+            bucket=r["index"],
+        )
+        for r in in_step
+    )
+    inputs = torch.cat([r["inputs"] for r in in_step], dim=1)
+    objective_grads, objective_map = reference.objective_gradients(inputs, ids)
+    context = WeightingContext(step, -1, objective_map.objectives, None, ())
+    present = reference.presence(inputs, ids)
+    combination = reference.combine(
+        objective_grads, weighting, context, present=present, gramian=gramian
+    )
+    return combination.update.to(inputs.dtype)

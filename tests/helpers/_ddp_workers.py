@@ -54,6 +54,8 @@ class Scenario:
     granularity: str = "bucket"
     #: Record diagnostics, pulled to the host every this many steps (0: off).
     diagnostics_every: int = 0
+    protocol: str = "shard"
+    sketch_size: int | None = None
 
 
 def make_model(hidden: tuple[int, ...], dtype: torch.dtype) -> nn.Module:
@@ -99,6 +101,8 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         weighting=scenario.weighting,
         granularity=scenario.granularity,
         diagnostics=Diagnostics(scenario.diagnostics_every) if scenario.diagnostics_every else None,
+        protocol=scenario.protocol,
+        sketch_size=scenario.sketch_size,
     )
     position = {id(p): i for i, p in enumerate(model.parameters())}
     state._runtime.parameter_index = position  # as install_bucket_moo does: stable problem keys

@@ -1,0 +1,351 @@
+r"""The sketch protocol (``protocol="sketch"``, docs/protocols.md): weights first, from a random
+sketch of every rank's gradient, then the engine's own SUM all-reduce (or reduce-scatter) of
+the rank's gradient scaled by its weight.
+
+Per problem (a bucket or unit, or a parameter with ``granularity="parameter"``) of ``n``
+elements and sketch size ``k``:
+
+1. Every rank sketches its own gradient, ``s_r = Φ g_r`` (:func:`sketch`): problems of at most
+   ``k`` elements are kept as they are (``Φ = I``, exact); longer ones are folded, see below.
+2. One small collective gives every rank ``Y = M [s_1 … s_R]ᵀ ∈ ℝ^{L×k}`` (row ``ℓ``: the sketch
+   of ``ḡ_ℓ``, by linearity): an all-reduce of the rows ``s_r/m_ℓ(r)`` placed at ``ℓ(r)``, or an
+   all-gather of ``[R, k]`` when that sends fewer bytes (``L > R/2``). ``Ĝ = Y Yᵀ``.
+3. The core solves ``ŵ = weighting(Ĝ)`` (every rank alike: ``Y`` is the same everywhere).
+4. Rank ``r`` scales its gradient in place by ``α_r = Σ_ℓ ŵ_ℓ M_ℓr = ŵ_ℓ(r)/m_ℓ(r)`` and hands
+   it to the SUM all-reduce (or reduce-scatter) the engine would have run:
+   ``Σ_r α_r g_r = Σ_ℓ ŵ_ℓ ḡ_ℓ``. Nothing is gathered, nothing is held.
+
+The fold ``Φ``. Let ``p`` be the largest prime ``≤ k`` (:func:`fold_width`) and cut the problem into
+rows of ``p`` consecutive elements (the last one shorter): element ``i`` sits in row ``⌊i/p⌋`` and
+column ``i mod p``. Then ``(Φg)_j = Σ_b ρ_b σ_{bp+j} g_{bp+j}``: a sum over the rows, column by
+column, with a sign ``σ_i`` per element (a fixed random table, :class:`SignTable`) and a sign
+``ρ_b`` per row drawn afresh for every step and problem from a seed all ranks share
+(:func:`problem_seed`). It is a CountSketch whose hash is ``i mod p``:
+
+- unbiased at every step: ``⟨Φa, Φb⟩ − ⟨a, b⟩ = Σ_j Σ_{b≠b'} ρ_b ρ_b' σσ' a b'`` has mean 0 over
+  the fresh ``ρ``, and its errors at different steps are uncorrelated;
+- ``Var[⟨Φa, Φb⟩] = Σ_j (A_j B_j + C_j² − 2 Σ_{i∈j} a_i² b_i²)`` over the columns ``j`` (``A_j``,
+  ``B_j``: the energy of ``a``, ``b`` in column ``j``, ``C_j = Σ_{i∈j} a_i b_i``), in expectation
+  over ``σ``. When the energy spreads evenly over the ``p`` columns this is at most
+  ``(‖a‖²‖b‖² + ⟨a, b⟩²)/p``: relative standard deviations ``√(2/p)`` on a squared norm and
+  ``√((1+cos²)/p)`` on a cosine (2.2 % and 1.6–2.2 % for ``k = 4096``). A prime ``p`` keeps it
+  even on gradients: consecutive elements (a bias, a LayerNorm, an embedding row) fall in
+  distinct columns, and so do the entries of one column of a weight matrix, whose row length
+  (a power of two, a multiple of 64) is coprime with ``p``;
+- one pass over the problem (an elementwise product and a matrix–vector product per block of
+  rows, in a fixed order: bitwise reproducible, and no host synchronisation).
+"""
+
+import functools
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._absent import touched
+from ._collectives import Collectives, all_gather_bytes, all_reduce_bytes
+from ._linalg import Segment, objective_shards, partial_gramians, row_segments
+from ._protocol import Exchange, ExchangeProtocol, Gradient, Request
+from ._runtime import Workspace
+from .weightings import Weighting
+
+#: ``BucketMOOState(sketch_size=None)`` with ``protocol="sketch"``.
+DEFAULT_SKETCH_SIZE = 4096
+#: Accepted ``sketch_size`` values: a sketch of 2²⁰ fp32 numbers is 4 MiB per objective and
+#: problem, the size of the buckets it is meant to summarise.
+SKETCH_SIZE_RANGE = (16, 1 << 20)
+# The per-element sign table is generated in chunks of this many elements, chunk c from its own
+# seed, so that element i has the same sign whatever the table's length.
+_SIGN_CHUNK = 1 << 20
+_SIGN_SEED = 0x5EED_B0C4
+
+
+def check_sketch_size(sketch_size: object, protocol: str) -> int | None:
+    """``sketch_size`` as the state keeps it: an int for ``protocol="sketch"``, else ``None``."""
+    if protocol != "sketch":
+        if sketch_size is not None:
+            raise ValueError(
+                f"sketch_size applies to protocol='sketch' only, got sketch_size={sketch_size!r} "
+                f"with protocol={protocol!r}"
+            )
+        return None
+    if sketch_size is None:
+        return DEFAULT_SKETCH_SIZE
+    low, high = SKETCH_SIZE_RANGE
+    if isinstance(sketch_size, bool) or not isinstance(sketch_size, int):
+        raise TypeError(
+            f"sketch_size must be an int (entries per objective in each problem's sketch), got "
+            f"{type(sketch_size).__name__} {sketch_size!r}"
+        )
+    if not low <= sketch_size <= high:
+        raise ValueError(
+            f"sketch_size must be in [{low}, {high}] (entries per objective in each problem's "
+            f"sketch; default {DEFAULT_SKETCH_SIZE}), got {sketch_size}"
+        )
+    return sketch_size
+
+
+@functools.cache
+def fold_width(sketch_size: int) -> int:
+    """``p``: the largest prime ``≤ sketch_size``, the number of columns a long problem folds
+    into (4093 for 4096)."""
+    for candidate in range(sketch_size, 1, -1):
+        if all(candidate % d for d in range(2, math.isqrt(candidate) + 1)):
+            return candidate
+    raise ValueError(f"no prime ≤ {sketch_size}")
+
+
+def problem_seed(step: int, bucket: int, problem: int) -> int:
+    """The seed of the row signs ``ρ`` of one problem at one step: the same on every rank and
+    in every run, different for every (step, bucket, problem)."""
+    digest = hashlib.blake2b(f"{step},{bucket},{problem}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    # The device's own generator: drawing on a GPU then needs no host synchronisation.
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _random_signs(count: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    bits = torch.randint(0, 2, (count,), generator=_generator(seed, device), device=device)
+    return (bits * 2 - 1).to(dtype)
+
+
+class SignTable:
+    """The fixed per-element signs ``σ``, per device and dtype, grown on demand.
+
+    Element ``i``'s sign depends only on ``i`` (and the device type's generator), not on how
+    long the table is: every problem reads a prefix. Kept by the protocol of a state, so it
+    costs one buffer of the longest problem's length.
+    """
+
+    __slots__ = ("_tables",)
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def take(self, numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        table = self._tables.get((device, dtype))
+        if table is None or table.numel() < numel:
+            chunks = -(-numel // _SIGN_CHUNK)
+            table = torch.cat(
+                [_random_signs(_SIGN_CHUNK, _SIGN_SEED + c, device, dtype) for c in range(chunks)]
+            )
+            self._tables[device, dtype] = table
+        return table[:numel]
+
+
+def sketch(
+    vector: Tensor,
+    sketch_size: int,
+    seed: int,
+    signs: SignTable,
+    workspace: Workspace | None = None,
+) -> Tensor:
+    """``Φ vector`` in fp32 (fp64 for fp64): ``vector`` itself if it has at most
+    ``sketch_size`` elements, else its fold into :func:`fold_width` columns (module docstring).
+
+    ``seed``: :func:`problem_seed` of the problem. ``workspace``: a CPU buffer for the blocks.
+    """
+    compute = torch.promote_types(vector.dtype, torch.float32)
+    numel = vector.numel()
+    if numel <= sketch_size:
+        return vector.to(compute)
+    width = fold_width(sketch_size)
+    full_rows, tail = divmod(numel, width)
+    rows = full_rows + (tail > 0)
+    row_signs = _random_signs(rows, seed, vector.device, compute)
+    element_signs = signs.take(numel, vector.device, compute)
+    # Blocks of rows: 1 MiB (a cache's worth) on the CPU, 16 MiB elsewhere (few launches).
+    block_rows = max(1, (1 << 18 if vector.device.type == "cpu" else 1 << 22) // width)
+    if workspace is not None and vector.device.type == "cpu":
+        buffer = workspace.take("sketch", block_rows * width, compute)
+    else:
+        buffer = vector.new_empty(min(block_rows, full_rows) * width, dtype=compute)
+    folded = vector.new_zeros(width, dtype=compute)
+    for low in range(0, full_rows, block_rows):
+        high = min(full_rows, low + block_rows)
+        span = slice(low * width, high * width)
+        block = torch.mul(
+            vector[span].view(-1, width),
+            element_signs[span].view(-1, width),
+            out=buffer[: (high - low) * width].view(-1, width),
+        )
+        folded.addmv_(block.T, row_signs[low:high])  # Σ_b ρ_b (σ ⊙ g)_b, rows in order
+    if tail:
+        span = slice(full_rows * width, numel)
+        folded[:tail].add_(vector[span] * element_signs[span] * row_signs[-1])
+    return folded
+
+
+class SketchProtocol(ExchangeProtocol):
+    """Sketched Gramians, then the engine's own reduction of the scaled gradients."""
+
+    name = "sketch"
+
+    def __init__(self, sketch_size: int = DEFAULT_SKETCH_SIZE) -> None:
+        self.sketch_size = sketch_size
+        self.signs = SignTable()
+
+    def exchange(
+        self, comm: Collectives, gradient: Gradient, averaging: Tensor, request: Request
+    ) -> "SketchExchange":
+        if request.kernels == "cuda":
+            raise ValueError(
+                "kernels='cuda' runs the shard protocol's fused kernels; the sketch protocol "
+                "has no kernel of its own yet: use kernels='auto' or 'torch' with it"
+            )
+        flat, world_size = gradient.flat, comm.world_size
+        rank = comm.group.rank()
+        if gradient.rows:  # FSDP2: parameter p is columns [lo, hi) of every rank's chunk
+            grid = flat.view(world_size, -1)
+            parameters = row_segments(gradient.sizes)
+            pieces = [grid[:, lo:hi] for lo, hi in parameters]
+        else:
+            parameters = row_segments(gradient.sizes)
+            pieces = [flat[lo:hi] for lo, hi in parameters]
+        vectors = [p.reshape(-1) for p in pieces] if request.per_parameter else [flat]
+        bucket = request.bucket.index
+        sketches = [
+            sketch(
+                v,
+                self.sketch_size,
+                problem_seed(request.step, bucket, s),
+                self.signs,
+                request.workspace,
+            )
+            for s, v in enumerate(vectors)
+        ]
+        own = torch.cat(sketches) if len(sketches) > 1 else sketches[0]
+        segments = row_segments([s.numel() for s in sketches])
+        column = averaging[:, rank]  # 1/m_ℓ at this rank's objective, 0 elsewhere
+        members = (averaging != 0).to(own.dtype)  # [L, R]
+        presence = None
+        if request.presence:
+            presence = torch.stack([touched(p) for p in pieces]).to(own.dtype)  # [P]
+        gramians, counts = _exchange_sketches(
+            comm, own, presence, averaging, column, members, segments
+        )
+        return SketchExchange(
+            comm=comm,
+            gradient=gradient,
+            column=column,
+            parameters=parameters,
+            per_parameter=request.per_parameter,
+            gramians=gramians,
+            counts=counts,
+            sketched=tuple(v.numel() > self.sketch_size for v in vectors),
+        )
+
+
+def _exchange_sketches(
+    comm: Collectives,
+    own: Tensor,
+    presence: Tensor | None,
+    averaging: Tensor,
+    column: Tensor,
+    members: Tensor,
+    segments: list[Segment],
+) -> tuple[Tensor, Tensor | None]:
+    """Step 2: ``Y`` from every rank's sketch ``own`` (and the presence counts from every
+    rank's ``presence``), by whichever of all-reduce and all-gather sends fewer bytes; the
+    Gramians of ``Y``'s ``segments``. With ``comm.outer`` (HSDP: each rank of the replicate
+    group holds one shard of the unit), every shard's Gramians and counts are summed over
+    ``outer``: the sum of independent sketches of the shards is a sketch of the unit."""
+    num_objectives, world_size = averaging.shape
+    width, parameters = own.numel(), 0 if presence is None else presence.numel()
+    element = own.element_size()
+    reduced = (num_objectives * width + parameters * num_objectives) * element
+    gathered = world_size * (width + parameters) * element
+    if all_gather_bytes(gathered, world_size) < all_reduce_bytes(reduced, world_size):
+        mine = own if presence is None else torch.cat([own, presence])
+        rows = mine.new_empty(world_size, mine.numel())
+        comm.all_gather(rows.view(-1), mine).wait()
+        sketches = objective_shards(rows[:, :width], averaging)  # Y = M S, exact
+        counts = None if presence is None else rows[:, width:].T @ members.T  # [P, L]
+    else:
+        packed = torch.outer(column.to(own.dtype), own).reshape(-1)  # row ℓ(r): s_r / m_ℓ
+        if presence is not None:
+            packed = torch.cat(
+                [packed, torch.outer(presence, members[:, comm.group.rank()]).reshape(-1)]
+            )
+        comm.all_reduce(packed).wait()
+        sketches = packed[: num_objectives * width].view(num_objectives, width)
+        counts = None
+        if presence is not None:
+            counts = packed[num_objectives * width :].view(parameters, num_objectives)
+    gramians = partial_gramians(sketches, segments)
+    if comm.outer is not None:
+        statistics = gramians.reshape(-1)
+        if counts is not None:
+            statistics = torch.cat([statistics, counts.reshape(-1)])
+        comm.all_reduce_outer(statistics).wait()
+        gramians = statistics[: gramians.numel()].view_as(gramians)
+        if counts is not None:
+            counts = statistics[gramians.numel() :].view_as(counts)
+    return gramians, counts
+
+
+@dataclass(eq=False, slots=True)
+class SketchExchange(Exchange):
+    """One bucket after phase 1 of :class:`SketchProtocol`: its estimated Gramians; phase 2
+    scales the rank's own gradient and runs the engine's reduction."""
+
+    comm: Collectives
+    gradient: Gradient
+    column: Tensor  # M[:, r]: α_r = wᵀ M[:, r]
+    parameters: list[Segment]  # every parameter's segment of the flat (of a chunk, rows)
+    per_parameter: bool
+    gramians: Tensor
+    counts: Tensor | None
+    sketched: tuple[bool, ...]  # per problem: estimated (else exact)
+
+    @property
+    def held_bytes(self) -> int:
+        return 0  # the engine's own buffer, scaled in place at the end
+
+    def hold(self) -> None:
+        pass  # nothing beyond the Gramians and the engine's buffer
+
+    def combine(
+        self, weighting: Weighting, weights: Tensor | None, parameter_weights: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        assert weights is not None
+        column = self.column.to(weights.dtype)
+        flat = self.gradient.flat
+        if parameter_weights is None and not self.per_parameter:
+            return weights, flat.mul_(weights[0] @ column)
+        scales = (weights if parameter_weights is None else parameter_weights) @ column  # [P]
+        _scale_parameters(flat, scales, self.parameters, self.comm.world_size, self.gradient)
+        return weights, flat
+
+    def deliver(self, combined: Tensor) -> torch.futures.Future[Tensor] | None:
+        output = self.gradient.output
+        if output is None:
+            return self.comm.all_reduce(combined).get_future().then(lambda _: combined)
+        self.comm.reduce_scatter(output, combined).wait()
+        return None
+
+
+def _scale_parameters(
+    flat: Tensor,
+    scales: Tensor,
+    parameters: Sequence[Segment],
+    world_size: int,
+    gradient: Gradient,
+) -> None:
+    """Multiply every parameter's elements of ``flat`` by its scale, in place (one pass)."""
+    length = parameters[-1][1] if parameters else 0
+    # Views and one concatenation: no sizes tensor to copy to the device (a host sync on a GPU).
+    pieces = zip(scales, parameters, strict=True)
+    expanded = torch.cat([scale.expand(hi - lo) for scale, (lo, hi) in pieces])
+    if gradient.rows:
+        flat.view(world_size, -1)[:, :length].mul_(expanded)
+    else:
+        flat[:length].mul_(expanded)
