@@ -24,6 +24,7 @@ from _ddp_workers import (
     train_with_checkpoint,
 )
 from _distributed import shared_spawn
+from _sketch_checks import sketch_collective
 
 from bucketmoo_hooks import objective_key, reference, weighting_names
 from bucketmoo_hooks._collectives import all_reduce_bytes
@@ -31,6 +32,8 @@ from bucketmoo_hooks.weightings import MGDA, GradVac, NashMTL, Weighting
 
 pytestmark = pytest.mark.slow  # every test reads a launch of processes
 
+SKETCH_K = 16  # folds every bucket (13 columns) and most parameters
+SKETCH: dict[str, Any] = {"protocol": "sketch", "sketch_size": SKETCH_K}
 PER_STEP = (
     (0, 1, 2, 3),
     ("en", "de", "en", "ja"),
@@ -44,6 +47,8 @@ SCENARIOS: dict[int, list[Scenario]] = {
         Scenario("r2_mgda", objective_of_rank=(0, 1), steps=3),
         Scenario("r2_bf16", objective_of_rank=(0, 1), dtype=torch.bfloat16, steps=3),
         Scenario("r2_fp16", objective_of_rank=(0, 1), dtype=torch.float16, steps=3),
+        Scenario("r2_sketch", objective_of_rank=(0, 1), steps=3, **SKETCH),
+        Scenario("r2_sketch_bf16", objective_of_rank=(0, 1), dtype=torch.bfloat16, **SKETCH),
     ],
     3: [
         Scenario("r3_mgda", objective_of_rank=(0, 1, 2), steps=21, diagnostics_every=5),
@@ -63,6 +68,15 @@ SCENARIOS: dict[int, list[Scenario]] = {
             steps=3,
             diagnostics_every=1,
         ),
+        Scenario("r3_sketch", objective_of_rank=("a", "b", "c"), weighting="pcgrad", **SKETCH),
+        Scenario(
+            "r3_sketch_parameter",
+            objective_of_rank=("en", "de", "ja"),
+            granularity="parameter",
+            steps=3,
+            **SKETCH,
+        ),
+        Scenario("r3_sketch_global", objective_of_rank=(0, 1, 2), granularity="global", **SKETCH),
     ],
     4: [
         Scenario("r4_groups", objective_of_rank=(0, 0, 1, 1), steps=3),
@@ -100,6 +114,38 @@ SCENARIOS: dict[int, list[Scenario]] = {
         ),
         # Realistic bucket sizes (thousands of elements) for the byte budget.
         Scenario("r4_bytes", objective_of_rank=(0, 1, 2, 2), hidden=(96, 64), bucket_cap_mb=0.01),
+        Scenario("r4_sketch_uneven", objective_of_rank=(0, 1, 1, 1), steps=5, **SKETCH),
+        Scenario("r4_sketch_per_step", per_step_objectives=PER_STEP, steps=5, **SKETCH),
+        Scenario(
+            "r4_sketch_gradvac",
+            objective_of_rank=(0, 1, 2, 2),
+            weighting="gradvac",
+            steps=3,
+            **SKETCH,
+        ),
+        Scenario(
+            "r4_sketch_global_bf16",
+            objective_of_rank=(0, 0, 1, 1),
+            granularity="global",
+            dtype=torch.bfloat16,
+            **SKETCH,
+        ),
+        # k above every bucket: every Gramian exact, the plain reference.
+        Scenario(
+            "r4_sketch_exact",
+            objective_of_rank=(0, 1, 2, 2),
+            protocol="sketch",
+            sketch_size=4096,
+            steps=3,
+        ),
+        Scenario(
+            "r4_sketch_bytes",
+            objective_of_rank=(0, 1, 2, 2),
+            hidden=(96, 64),
+            bucket_cap_mb=0.01,
+            protocol="sketch",
+            sketch_size=256,
+        ),
     ],
 }
 ALL = [(world_size, s) for world_size, scenarios in SCENARIOS.items() for s in scenarios]
@@ -185,6 +231,17 @@ def test_bytes_match_the_protocol(world_size: int, scenario: Scenario) -> None:
         assert step_ledger["overhead"] == {"objective_exchange": (world_size - 1) * 3 * 8}
         records = [r for r in rank_result["records"] if r["step"] == step]
         for bucket, record in zip(step_ledger["buckets"], records, strict=True):
+            if scenario.sketch_size is not None:  # DDP's own all-reduce + the sketch's
+                nbytes = bucket["numel"] * bucket["element_size"]
+                sizes = record["sizes"]
+                problems = sizes if scenario.granularity == "parameter" else [sum(sizes)]
+                collective, sketch = sketch_collective(
+                    problems, len(sizes), num_objectives, world_size, scenario.sketch_size
+                )
+                expected = {"all_reduce": all_reduce_bytes(nbytes, world_size)}
+                expected[collective] = expected.get(collective, 0) + sketch
+                assert bucket["sent"] == expected
+                continue
             shard = -(-bucket["numel"] // world_size)
             slices = (world_size - 1) * shard * bucket["element_size"]
             problems = len(record["sizes"]) if scenario.granularity == "parameter" else 1
@@ -268,7 +325,8 @@ def test_global_granularity_holds_every_bucket_slice_until_the_last() -> None:
     """Global MOO keeps L·⌈n/R⌉ fp32 per bucket alive until the last bucket; bucket MOO none."""
     for world_size, scenario in ALL:
         rank_result = results(world_size, scenario)[0]
-        if scenario.granularity != "global":
+        # The sketch protocol scales DDP's own bucket buffers at the last bucket: nothing held.
+        if scenario.granularity != "global" or scenario.protocol == "sketch":
             assert rank_result["held_bytes"] == 0
             continue
         last_step = rank_result["ledger"][-1]["buckets"]

@@ -23,6 +23,7 @@ from _fsdp_workers import (
     mean_vs_native,
     train_scenarios,
 )
+from _sketch_checks import sketch_collective
 from torch import nn
 from torch.distributed.fsdp import ShardingStrategy
 
@@ -33,6 +34,8 @@ from bucketmoo_hooks.weightings import Weighting, WeightingContext, get_weightin
 pytestmark = pytest.mark.slow  # every test reads a launch of processes
 
 BF16 = torch.bfloat16
+SKETCH_K = 16
+SKETCH: dict[str, Any] = {"protocol": "sketch", "sketch_size": SKETCH_K}
 SCENARIOS: dict[int, list[FSDPScenario]] = {
     4: [
         FSDPScenario("fsdp2_mgda", 2, (0, 1, 2, 2), steps=3, diagnostics_every=2),
@@ -51,6 +54,28 @@ SCENARIOS: dict[int, list[FSDPScenario]] = {
             granularity="parameter",
             hsdp=(2, 2),
         ),
+        # The sketch protocol: k = 16 folds every unit (13 columns) and most parameters.
+        FSDPScenario("fsdp2_sketch", 2, (0, 1, 2, 2), steps=3, **SKETCH, diagnostics_every=1),
+        FSDPScenario(
+            "fsdp2_sketch_parameter",
+            2,
+            ("en", "de", "en", "ja"),
+            weighting="gradvac",
+            granularity="parameter",
+            steps=3,
+            **SKETCH,
+        ),
+        FSDPScenario("fsdp2_sketch_bf16", 2, (0, 1, 1, 2), reduce_dtype=BF16, **SKETCH),
+        FSDPScenario("fsdp2_sketch_exact", 2, (0, 1, 2, 2), protocol="sketch", sketch_size=4096),
+        FSDPScenario("hsdp_sketch", 2, ("en", "en", "de", "de"), hsdp=(2, 2), **SKETCH),
+        FSDPScenario(
+            "hsdp_sketch_parameter",
+            2,
+            ("en", "en", "de", "de"),
+            granularity="parameter",
+            hsdp=(2, 2),
+            **SKETCH,
+        ),
     ],
     3: [
         FSDPScenario("fsdp2_r3_pcgrad", 2, (0, 1, 2), weighting="pcgrad"),
@@ -61,6 +86,13 @@ SCENARIOS: dict[int, list[FSDPScenario]] = {
         FSDPScenario("fsdp1_mean_parameter", 1, (0, 1, 0), "mean", granularity="parameter"),
         FSDPScenario("fsdp1_no_shard", 1, (0, 1, 2), strategy=ShardingStrategy.NO_SHARD),
         FSDPScenario("fsdp1_bf16_accumulate", 1, (0, 1, 2), reduce_dtype=BF16, micro_batches=2),
+        FSDPScenario("fsdp1_sketch", 1, (0, 1, 2), steps=3, **SKETCH),
+        FSDPScenario(
+            "fsdp1_sketch_parameter", 1, (0, 1, 0), "upgrad", granularity="parameter", **SKETCH
+        ),
+        FSDPScenario(
+            "fsdp1_sketch_no_shard", 1, (0, 1, 1), strategy=ShardingStrategy.NO_SHARD, **SKETCH
+        ),
     ],
 }
 ALL = [(world_size, s) for world_size, scenarios in SCENARIOS.items() for s in scenarios]
@@ -88,6 +120,23 @@ def results(world_size: int, scenario: FSDPScenario) -> list[dict[str, Any]]:
     return [trained[index] for trained, _ in results_for(world_size)]
 
 
+def fsdp_layout(
+    grads: list[torch.Tensor], scenario: FSDPScenario, world_size: int
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """One rank's unit gradient as FSDP lays it out, and the segment sizes of its parameters:
+    FSDP1 concatenates them; FSDP2 pads every parameter's dim 0 to a multiple of the shard
+    ranks and puts chunk ``r`` of every parameter in row ``r``."""
+    if scenario.version == 1:
+        return torch.cat([g.flatten() for g in grads]), tuple(g.numel() for g in grads)
+    rows = world_size if scenario.hsdp is None else scenario.hsdp[1]
+    chunks = []
+    for g in grads:
+        padded = g.new_zeros(-(-g.shape[0] // rows) * rows, *g.shape[1:])
+        padded[: g.shape[0]] = g
+        chunks.append(padded.view(rows, -1))
+    return torch.cat(chunks, dim=1).flatten(), tuple(c.shape[1] for c in chunks)
+
+
 def layout_segments(scenario: FSDPScenario, sizes: tuple[int, ...], numel: int, world_size: int):
     """Index of every element of each parameter in the flat unit gradient as FSDP laid it out.
 
@@ -108,15 +157,35 @@ def layout_segments(scenario: FSDPScenario, sizes: tuple[int, ...], numel: int, 
 
 def combined(
     grads: torch.Tensor,
-    ids: tuple,
+    scenario: FSDPScenario,
     weighting: Weighting,
     context: WeightingContext,
 ) -> torch.Tensor:
-    objective_grads, objective_map = reference.objective_gradients(grads, ids)
+    """The reference combination of one problem (``grads``: ``[R, n]`` in FSDP's layout)."""
+    objective_grads, objective_map = reference.objective_gradients(
+        grads, scenario.objective_of_rank
+    )
     context = WeightingContext(
         context.step, context.bucket, objective_map.objectives, context.segment, context.problem
     )
-    return reference.combine(objective_grads, weighting, context).update.to(grads.dtype)
+    gramian = None
+    if scenario.sketch_size is not None:
+        # The sketch of each rank's vector of the problem: HSDP sketches every shard (a row of
+        # the [shard ranks, c] layout) on its own and sums the shards' Gramians.
+        shards = 1 if scenario.hsdp is None else scenario.hsdp[1]
+        pieces = objective_grads.view(len(objective_grads), shards, -1).unbind(1)
+        gramian = sum(
+            reference.sketch_gramian(
+                piece,
+                scenario.sketch_size,
+                step=context.step,
+                bucket=context.bucket,
+                problem=context.segment or 0,
+            )
+            for piece in pieces
+        )
+    combination = reference.combine(objective_grads, weighting, context, gramian=gramian)
+    return combination.update.to(grads.dtype)
 
 
 def unit_update(
@@ -129,13 +198,13 @@ def unit_update(
 ) -> torch.Tensor:
     """The reference update of one unit (``grads``: ``[R, n]``) at the scenario's granularity."""
     index, problem, parameter_problems, _ = unit
-    ids = scenario.objective_of_rank
     if scenario.granularity == "bucket":
-        return combined(grads, ids, weighting, WeightingContext(step, index, (), problem=problem))
+        context = WeightingContext(step, index, (), problem=problem)
+        return combined(grads, scenario, weighting, context)
     update = torch.zeros_like(grads[0])
     for s, idx in enumerate(segments):
         context = WeightingContext(step, index, (), segment=s, problem=parameter_problems[s])
-        update[idx] = combined(grads[:, idx], ids, weighting, context)
+        update[idx] = combined(grads[:, idx], scenario, weighting, context)
     return update
 
 
@@ -182,13 +251,16 @@ def reference_trajectory(scenario: FSDPScenario, world_size: int, units: list) -
             per_rank.append([p.grad.clone() for p in params])
         for unit in units:
             positions = UNIT_PARAMETERS[unit[0]]
-            grads = torch.stack([torch.cat([g[i].flatten() for i in positions]) for g in per_rank])
-            sizes = [params[i].numel() for i in positions]
-            bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
-            segments = [torch.arange(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+            # [R, n] in FSDP's layout (the sketch depends on the order of the elements).
+            layouts = [
+                fsdp_layout([g[i] for i in positions], scenario, world_size) for g in per_rank
+            ]
+            grads = torch.stack([flat for flat, _ in layouts])
+            sizes = layouts[0][1]
+            segments = layout_segments(scenario, sizes, grads.shape[1], world_size)
             update = unit_update(grads, scenario, weighting, step, unit, segments)
-            for i, part in zip(positions, update.split(sizes), strict=True):
-                params[i].grad = part.view_as(params[i]).clone()
+            for i, idx in zip(positions, segments, strict=True):
+                params[i].grad = update[idx][: params[i].numel()].view_as(params[i]).clone()
         optimizer.step()
     return torch.cat([p.detach().flatten() for p in params])
 
@@ -235,6 +307,9 @@ def test_bytes_match_the_protocol(world_size: int, scenario: FSDPScenario) -> No
             # used by some objectives only).
             gramian = (problems * num_objectives**2 + parameters * num_objectives) * 4
             element = bucket["size"]
+            if scenario.sketch_size is not None:
+                assert bucket["sent"] == sketch_bytes(scenario, bucket, units, world_size)
+                continue
             if scenario.hsdp is not None:
                 replicas, shard_ranks = scenario.hsdp
                 shard = bucket["numel"] // shard_ranks
@@ -258,6 +333,43 @@ def test_bytes_match_the_protocol(world_size: int, scenario: FSDPScenario) -> No
                 assert bucket["numel"] % world_size == 0
                 assert slices == plain_reduce_scatter_bytes(bucket, world_size)
             assert bucket["sent"] == expected
+
+
+def sketch_bytes(
+    scenario: FSDPScenario, bucket: dict[str, Any], units: dict[int, tuple], world_size: int
+) -> dict[str, int]:
+    """The sketch protocol's bytes for one unit: FSDP's own reduce-scatter (or, NO_SHARD, its
+    all-reduce; HSDP: the reduce-scatter within the replica and the all-reduce across replicas)
+    plus the sketch collective (HSDP: over the replicas, then the shard Gramians and presence
+    counts over the shard group)."""
+    num_objectives, k = len(set(scenario.objective_of_rank)), scenario.sketch_size
+    assert k is not None
+    element, numel = bucket["size"], bucket["numel"]
+    sizes = units[bucket["index"]][3]
+    per_parameter = scenario.granularity == "parameter"
+    sent: dict[str, int] = {}
+
+    def add(collective: str, nbytes: int) -> None:
+        sent[collective] = sent.get(collective, 0) + nbytes
+
+    if scenario.hsdp is not None:
+        replicas, shard_ranks = scenario.hsdp
+        shard = numel // shard_ranks
+        add("reduce_scatter", (shard_ranks - 1) * shard * element)
+        add("all_reduce", all_reduce_bytes(shard * element, replicas))
+        problems = list(sizes) if per_parameter else [shard]
+        add(*sketch_collective(problems, len(sizes), num_objectives, replicas, k))
+        statistics = (len(problems) * num_objectives**2 + len(sizes) * num_objectives) * 4
+        add("all_reduce", all_reduce_bytes(statistics, shard_ranks))
+        return sent
+    if scenario.strategy == ShardingStrategy.NO_SHARD:
+        add("all_reduce", all_reduce_bytes(numel * element, world_size))
+    else:
+        add("reduce_scatter", plain_reduce_scatter_bytes(bucket, world_size))
+    rows = world_size if scenario.version == 2 else 1  # FSDP2: a parameter in every row
+    problems = [rows * size for size in sizes] if per_parameter else [numel]
+    add(*sketch_collective(problems, len(sizes), num_objectives, world_size, k))
+    return sent
 
 
 def test_bytes_within_budget_of_plain_reduce_scatter() -> None:
@@ -297,6 +409,26 @@ def test_diagnostics_are_recorded_per_unit() -> None:
                     atol=1e-5,
                     rtol=0,
                 )
+
+
+def test_sketched_diagnostics_say_so_and_hold_the_estimate() -> None:
+    scenario = next(s for s in SCENARIOS[4] if s.name == "fsdp2_sketch")
+    rank_result = results(4, scenario)[0]
+    records = [r for r in rank_result["diagnostics"] if "bucket" in r]
+    assert len(records) == scenario.steps * 3
+    inputs = {(r["step"], r["unit"]): r["inputs"] for r in rank_result["records"]}
+    for record in records:
+        assert record["sketched"] is True and record["sketch_size"] == SKETCH_K
+        objective_grads, _ = reference.objective_gradients(
+            inputs[record["step"], record["bucket"]].double(), scenario.objective_of_rank
+        )
+        estimate = reference.sketch_gramian(
+            objective_grads, SKETCH_K, step=record["step"], bucket=record["bucket"]
+        )
+        norms = torch.tensor(record["norms"], dtype=torch.float64)
+        torch.testing.assert_close(norms, estimate.diagonal().sqrt(), rtol=1e-5, atol=0)
+    exact = next(s for s in SCENARIOS[4] if s.name == "fsdp2_mgda")
+    assert all(r["sketched"] is False for r in results(4, exact)[0]["diagnostics"] if "bucket" in r)
 
 
 MEAN_VS_NATIVE = shared_spawn(2).add(mean_vs_native, ("a", "b"), 3)

@@ -62,6 +62,8 @@ class FSDPScenario:
     hsdp: tuple[int, int] | None = None
     hidden: tuple[int, ...] = (31, 17)
     diagnostics_every: int = 0
+    protocol: str = "shard"
+    sketch_size: int | None = None
 
 
 def shard(model: nn.Sequential, scenario: FSDPScenario) -> tuple[nn.Module, Callable, Any]:
@@ -72,6 +74,8 @@ def shard(model: nn.Sequential, scenario: FSDPScenario) -> tuple[nn.Module, Call
         weighting=scenario.weighting,
         granularity=scenario.granularity,
         diagnostics=Diagnostics(scenario.diagnostics_every) if scenario.diagnostics_every else None,
+        protocol=scenario.protocol,
+        sketch_size=scenario.sketch_size,
     )
     if scenario.version == 1:
         precision = None
