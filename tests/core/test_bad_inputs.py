@@ -98,6 +98,49 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ),
     ("state.objective id unhashable", lambda: BucketMOOState([["en"]]), TypeError, r"objective id"),
     (
+        "state.protocol",
+        lambda: BucketMOOState(protocol="ring"),
+        ValueError,
+        r"protocol must be one of \('shard', 'sketch'\), got 'ring'",
+    ),
+    (
+        "state.sketch_size<16",
+        lambda: BucketMOOState(protocol="sketch", sketch_size=0),
+        ValueError,
+        r"sketch_size must be in \[16, 1048576\] .* got 0",
+    ),
+    (
+        "state.sketch_size huge",
+        lambda: BucketMOOState(protocol="sketch", sketch_size=1 << 30),
+        ValueError,
+        r"sketch_size must be in \[16, 1048576\] .* got 1073741824",
+    ),
+    (
+        "state.sketch_size=float",
+        lambda: BucketMOOState(protocol="sketch", sketch_size=4096.0),
+        TypeError,
+        r"sketch_size must be an int .* got float 4096.0",
+    ),
+    (
+        "state.sketch_size=bool",
+        lambda: BucketMOOState(protocol="sketch", sketch_size=True),
+        TypeError,
+        r"sketch_size must be an int .* got bool True",
+    ),
+    (
+        "state.sketch_size without sketch",
+        lambda: BucketMOOState(sketch_size=1024),
+        ValueError,
+        r"sketch_size applies to protocol='sketch' only, got sketch_size=1024 with "
+        r"protocol='shard'",
+    ),
+    (
+        "reference.sketch_gramian size",
+        lambda: reference.sketch_gramian(torch.ones(2, 40), 8),
+        ValueError,
+        r"sketch_size must be in \[16, 1048576\]",
+    ),
+    (
         "state.objective id unpicklable",
         lambda: BucketMOOState([Unpicklable()]),
         TypeError,

@@ -283,6 +283,7 @@ def test_mean_with_equal_groups_equals_allreduce_hook() -> None:
 INCONSISTENT = [
     ("weighting", "ValueError: ranks disagree on the BucketMOOState configuration"),
     ("objective_of_rank", "ValueError: ranks disagree on the BucketMOOState configuration"),
+    ("sketch_size", "ValueError: ranks disagree on the BucketMOOState configuration"),
     ("step", "RuntimeError: ranks are at different steps"),
 ]
 DISAGREEING = {

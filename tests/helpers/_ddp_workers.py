@@ -226,6 +226,9 @@ def disagreeing_states(rank: int, world_size: int, case: str, overlap: bool) -> 
     """Ranks configured inconsistently: every rank must raise (never hang); return the error."""
     if case == "weighting":
         state = BucketMOOState(weighting="mgda" if rank == 0 else "mean", overlap=overlap)
+    elif case == "sketch_size":
+        size = 1024 if rank == 0 else 4096
+        state = BucketMOOState(protocol="sketch", sketch_size=size, overlap=overlap)
     elif case == "objective_of_rank":
         state = BucketMOOState(objective_of_rank=[0, 1] if rank == 0 else [1, 0], overlap=overlap)
     else:
