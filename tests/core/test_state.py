@@ -97,6 +97,10 @@ def test_config_digest_covers_weighting_world_size_and_map() -> None:
     assert BucketMOOState(objective_of_rank=[0, 1], granularity="global")._config_digest(2) != base
     weighted = BucketMOOState(objective_of_rank=[0, 1], weighting=lambda g: torch.ones(2))
     assert weighted._config_digest(2) != base
+    sketched = BucketMOOState(objective_of_rank=[0, 1], protocol="sketch")._config_digest(2)
+    assert sketched != base
+    smaller = BucketMOOState(objective_of_rank=[0, 1], protocol="sketch", sketch_size=1024)
+    assert smaller._config_digest(2) not in (base, sketched)
 
 
 def saved_and_loaded(state_dict: dict) -> dict:
@@ -126,6 +130,7 @@ def test_state_dict_round_trip_through_a_safe_checkpoint() -> None:
         ({"granularity": "global"}, "granularity"),
         ({"objective_of_rank": ["de", "en"]}, "objective_keys"),
         ({"objective_of_rank": None}, "objective_keys"),
+        ({"protocol": "sketch"}, "protocol"),
     ],
 )
 def test_loading_a_checkpoint_of_another_configuration_is_refused(other: dict, field: str) -> None:
@@ -134,6 +139,30 @@ def test_loading_a_checkpoint_of_another_configuration_is_refused(other: dict, f
     with pytest.raises(ValueError, match=f"the checkpoint was saved with {field}="):
         state.load_state_dict(saved)
     assert state.iter == 0  # nothing was loaded
+
+
+def test_sketch_configuration_is_saved_pickled_and_checked() -> None:
+    state = BucketMOOState(["en", "de"], protocol="sketch", sketch_size=1024)
+    assert state.sketch_size == 1024
+    assert BucketMOOState(protocol="sketch").sketch_size == 4096
+    assert BucketMOOState().sketch_size is None
+    assert "protocol='sketch', sketch_size=1024" in repr(state)
+    restored = pickle.loads(pickle.dumps(state))
+    assert (restored.protocol, restored.sketch_size) == ("sketch", 1024)
+    saved = saved_and_loaded(state.state_dict())
+    assert (saved["protocol"], saved["sketch_size"]) == ("sketch", 1024)
+    BucketMOOState(["en", "de"], protocol="sketch", sketch_size=1024).load_state_dict(saved)
+    other = BucketMOOState(["en", "de"], protocol="sketch", sketch_size=4096)
+    with pytest.raises(
+        ValueError, match="saved with sketch_size=1024, but this state has sketch_size=4096"
+    ):
+        other.load_state_dict(saved)
+    # A checkpoint from before the sketch protocol existed is the shard protocol's.
+    earlier = {k: v for k, v in BucketMOOState(["en", "de"]).state_dict().items()}
+    del earlier["protocol"], earlier["sketch_size"]
+    BucketMOOState(["en", "de"]).load_state_dict(earlier)
+    with pytest.raises(ValueError, match="saved with protocol='shard'"):
+        BucketMOOState(["en", "de"], protocol="sketch").load_state_dict(earlier)
 
 
 def test_malformed_state_dicts_are_refused() -> None:
