@@ -48,6 +48,24 @@ RUNS = [
         granularity="parameter",
         objectives=THREE_LANGUAGES,
     ),
+    # The sketch protocol: a rank's scale differs per parameter where objectives are absent.
+    AdapterRun("sketch, shared bucket, mgda", sketch_size=16),
+    AdapterRun(
+        "sketch, own buckets, gradvac", weighting="gradvac", bucket_cap_mb=TINY, sketch_size=16
+    ),
+    AdapterRun(
+        "sketch, parameter granularity, upgrad",
+        weighting="upgrad",
+        granularity="parameter",
+        sketch_size=16,
+    ),
+    AdapterRun("sketch, global granularity, mgda", granularity="global", sketch_size=16),
+    AdapterRun(
+        "sketch, three languages, cagrad",
+        weighting="cagrad",
+        objectives=THREE_LANGUAGES,
+        sketch_size=16,
+    ),
 ]
 
 
@@ -104,7 +122,12 @@ def columns(ranges: list[tuple[int, int]], positions: list[int]) -> torch.Tensor
 def expected_bucket(run: AdapterRun, record: dict[str, Any], weighting: Any, absent: str):
     """The reference for one bucket the hook reduced, at the run's granularity."""
     inputs, sizes, params = record["inputs"], record["sizes"], record["params"]
-    common = {"step": record["step"], "bucket": record["index"], "absent": absent}
+    common = {
+        "step": record["step"],
+        "bucket": record["index"],
+        "absent": absent,
+        "sketch_size": run.sketch_size,
+    }
     if run.granularity == "bucket":
         return reference.bucket_update(
             inputs,

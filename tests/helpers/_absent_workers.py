@@ -79,6 +79,8 @@ class AdapterRun:
     steps: int = 2
     #: The language of every rank.
     objectives: tuple[str, ...] = OBJECTIVES
+    #: protocol="sketch" with this sketch_size; None: the shard protocol.
+    sketch_size: int | None = None
 
 
 def local_gradients(model: nn.Module, rank: int, step: int, language: str) -> Tensor:
@@ -103,7 +105,12 @@ def ddp_run(rank: int, world_size: int, run: AdapterRun) -> dict[str, Any]:
         model, bucket_cap_mb=run.bucket_cap_mb, find_unused_parameters=True
     )
     state = BucketMOOState(
-        run.objectives, weighting=run.weighting, granularity=run.granularity, absent=run.absent
+        run.objectives,
+        weighting=run.weighting,
+        granularity=run.granularity,
+        absent=run.absent,
+        protocol="shard" if run.sketch_size is None else "sketch",
+        sketch_size=run.sketch_size,
     )
     position = {id(p): i for i, p in enumerate(model.parameters())}
     records: list[dict[str, Any]] = []
