@@ -4,7 +4,9 @@ One measurement (launched by torchrun; gloo/CPU, or NCCL when every rank has a G
 
     torchrun --nproc-per-node 4 benchmarks/comm_overhead.py run --out /tmp/r4.json
 
-trains a GPT-style transformer (``--layers``/``--d-model``, default ≈25M parameters) under each
+trains a GPT-style transformer (``--layers``/``--d-model``, default ≈25M parameters; or, with
+``--model mlp``, a residual MLP over the previous ``--context`` bytes, default ≈6.4M parameters:
+little compute per byte of gradient) under each
 method of ``--methods`` (all by default, see ``METHODS``), one after the other in the same
 processes, every rank training its own language (objective): ``--rounds`` rounds, each method
 ``--warmup`` + ``--steps`` steps per round on a fresh model, the order rotated by one method per
@@ -50,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -78,28 +81,39 @@ from bucketmoo_hooks._ddp import install_ddp
 from bucketmoo_hooks.weightings import MGDA
 
 #: Every method, in table order. ``*-blocking`` is the hook with ``overlap=False`` (the hook as it
-#: was before overlap: the exchange blocks backward).
+#: was before overlap: the exchange blocks backward). ``sketch*``: ``protocol="sketch"``
+#: (``--sketch-size``), MGDA weights from sketched Gramians, then DDP's (FSDP's) own reduction.
 METHODS = (
     "allreduce",
     "mean",
     "mgda",
     "pcgrad",
     "global",
+    "sketch",
+    "sketch-global",
     "mean-blocking",
     "mgda-blocking",
     "naive",
     "powersgd",
     "fsdp2",
     "fsdp2-moo",
+    "fsdp2-sketch",
 )
+#: The DDP hook's methods: (weighting, granularity, overlap, protocol).
 HOOK_METHODS = {
-    "mean": ("mean", "bucket", True),
-    "mgda": ("mgda", "bucket", True),
-    "pcgrad": ("pcgrad", "bucket", True),
-    "global": ("mgda", "global", True),
-    "mean-blocking": ("mean", "bucket", False),
-    "mgda-blocking": ("mgda", "bucket", False),
+    "mean": ("mean", "bucket", True, "shard"),
+    "mgda": ("mgda", "bucket", True, "shard"),
+    "pcgrad": ("pcgrad", "bucket", True, "shard"),
+    "global": ("mgda", "global", True, "shard"),
+    "sketch": ("mgda", "bucket", True, "sketch"),
+    "sketch-global": ("mgda", "global", True, "sketch"),
+    "mean-blocking": ("mean", "bucket", False, "shard"),
+    "mgda-blocking": ("mgda", "bucket", False, "shard"),
 }
+#: FSDP2 with the library's reduce-scatter: the protocol.
+FSDP_MOO_METHODS = {"fsdp2-moo": "shard", "fsdp2-sketch": "sketch"}
+#: ``--model``: (layers, d_model) when not given.
+MODEL_DEFAULTS = {"gpt": (8, 512), "mlp": (3, 512)}
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = 256  # bytes as tokens
 
@@ -143,7 +157,61 @@ class GPT(nn.Module):
         return self.head(self.ln(x))
 
 
-def parameter_count(layers: int, d_model: int, context: int) -> int:
+class MLPBlock(nn.Module):
+    """Pre-LN residual feed-forward block (the transformer block's without attention)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d_model)
+        self.up, self.down = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.down(F.gelu(self.up(self.ln(x))))
+
+
+class MLP(nn.Module):
+    """Next byte from the previous ``context`` bytes: their embeddings (``d_model // context``
+    wide) side by side, projected to ``d_model`` if they are narrower, ``layers`` residual blocks
+    of ``8·d²`` parameters (≈6.4M for 3 blocks of width 512). One prediction per sequence: at
+    equal batch, far less compute per gradient byte than the transformer."""
+
+    def __init__(self, layers: int, d_model: int, context: int) -> None:
+        super().__init__()
+        width = max(1, d_model // context)
+        self.embed = nn.Embedding(VOCAB, width)
+        self.proj = (
+            nn.Identity() if width * context == d_model else nn.Linear(width * context, d_model)
+        )
+        self.blocks = nn.ModuleList(MLPBlock(d_model) for _ in range(layers))
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, VOCAB, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.proj(self.embed(tokens).flatten(1))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def make_model(model: str, layers: int, d_model: int, context: int) -> nn.Module:
+    return (MLP if model == "mlp" else GPT)(layers, d_model, context)
+
+
+def loss_of(model: nn.Module, tokens: Tensor) -> Tensor:
+    """Next-token loss of a batch of ``[batch, context + 1]`` tokens: at every position (the
+    transformer), or of the last token (the MLP)."""
+    logits = model(tokens[:, :-1])
+    if logits.dim() == 2:  # the MLP: one prediction per sequence
+        return F.cross_entropy(logits, tokens[:, -1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def parameter_count(layers: int, d_model: int, context: int, model: str = "gpt") -> int:
+    if model == "mlp":
+        width = max(1, d_model // context)
+        proj = 0 if width * context == d_model else (width * context + 1) * d_model
+        per_block = 8 * d_model * d_model + 7 * d_model
+        return VOCAB * width + proj + layers * per_block + (2 + VOCAB) * d_model
     per_layer = 12 * d_model * d_model + 13 * d_model
     return layers * per_layer + (2 * VOCAB + context + 2) * d_model
 
@@ -393,6 +461,8 @@ class Config:
     steps: int
     warmup: int
     bucket_cap_mb: float
+    model: str = "gpt"
+    sketch_size: int | None = None  # protocol="sketch"'s k; None: the library's default
 
 
 def batches(rank: int, config: Config, device: torch.device) -> Iterator[Tensor]:
@@ -411,14 +481,15 @@ def build(
 ) -> tuple[nn.Module, Any]:
     """The model wrapped for ``method``; returns (model, hook state or None)."""
     torch.manual_seed(0)
-    model = GPT(config.layers, config.d_model, config.context).to(device)
+    model = make_model(config.model, config.layers, config.d_model, config.context).to(device)
     world_size = group.size()
     if method.startswith("fsdp2"):
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        if method == "fsdp2-moo":
-            state = BucketMOOState(weighting="mgda")
+        if method in FSDP_MOO_METHODS:
+            protocol = FSDP_MOO_METHODS[method]
+            state = BucketMOOState(weighting="mgda", **protocol_options(protocol, config))
             install_bucket_moo(model, state)
             return model, state
         return model, None
@@ -436,13 +507,25 @@ def build(
         averaging = torch.eye(world_size, device=device)  # every rank its own objective
         ddp.register_comm_hook(NaiveState(group, averaging), timed_hook(naive_hook, times))
         return ddp, None
-    weighting, granularity, overlap = HOOK_METHODS[method]
-    state = BucketMOOState(weighting=weighting, granularity=granularity, overlap=overlap)
+    weighting, granularity, overlap, protocol = HOOK_METHODS[method]
+    state = BucketMOOState(
+        weighting=weighting,
+        granularity=granularity,
+        overlap=overlap,
+        **protocol_options(protocol, config),
+    )
     # install_bucket_moo's DDP path with the hook wrapped in a timer: stable problem keys, and no
     # presence check, since this DDP (no find_unused_parameters) uses every parameter on every
     # rank (benchmarks/protocol_phases.py times the check).
     install_ddp(ddp, state, hook=timed_hook(bucket_moo_hook, times))
     return ddp, state
+
+
+def protocol_options(protocol: str, config: Config) -> dict[str, Any]:
+    """``BucketMOOState``'s protocol arguments."""
+    if protocol == "sketch":
+        return {"protocol": "sketch", "sketch_size": config.sketch_size}
+    return {"protocol": protocol}
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -490,8 +573,7 @@ def measure(
                 torch.cuda.synchronize(device)
             times.reset()
             start = time.perf_counter()
-            logits = model(tokens[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+            loss = loss_of(model, tokens)
             backward_start = time.perf_counter()
             loss.backward()
             if device.type == "cuda":
@@ -572,6 +654,8 @@ def run(args: argparse.Namespace) -> None:
         args.steps,
         args.warmup,
         args.bucket_cap_mb,
+        args.model,
+        args.sketch_size,
     )
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS)
@@ -602,7 +686,7 @@ def run(args: argparse.Namespace) -> None:
     if dist.get_rank() == 0:
         summary = {
             "config": asdict(config),
-            "parameters": parameter_count(args.layers, args.d_model, args.context),
+            "parameters": parameter_count(args.layers, args.d_model, args.context, args.model),
             "world_size": dist.get_world_size(),
             "backend": dist.get_backend(),
             "device": torch.cuda.get_device_name() if cuda else cpu_model(),
@@ -691,6 +775,7 @@ def launch(
             f"--nproc-per-node={world_size}",
             __file__,
             "run",
+            f"--model={args.model}",
             f"--layers={layers}",
             f"--d-model={args.d_model}",
             f"--context={args.context}",
@@ -700,6 +785,7 @@ def launch(
             f"--warmup={args.warmup}",
             f"--memory-steps={args.memory_steps if memory else 0}",
             f"--bucket-cap-mb={args.bucket_cap_mb}",
+            *([f"--sketch-size={args.sketch_size}"] if args.sketch_size is not None else []),
             f"--methods={','.join(methods)}",
             f"--out={out}",
         ]
@@ -854,7 +940,7 @@ def plot(result: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    default = parameter_count(args.layers, args.d_model, args.context)
+    default = parameter_count(args.layers, args.d_model, args.context, args.model)
     figure, axes = plt.subplots(1, 4, figsize=(19, 4.4))
 
     def series(method: str, by: str) -> list[tuple[float, dict[str, Any]]]:
@@ -865,7 +951,8 @@ def plot(result: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
         return sorted((r["parameters"] / 1e6, r) for r in chosen)
 
     for index, method in enumerate(METHODS[1:]):
-        colour = f"C{index}"  # the same colour for a method in every panel
+        # The same colour and line for a method in every panel (past ten colours: dashed).
+        colour, line = f"C{index % 10}", "o-" if index < 10 else "s--"
         for axis, key, by in (
             (axes[0], "bytes_ratio", "world_size"),
             (axes[1], "time_ratio", "world_size"),
@@ -874,12 +961,12 @@ def plot(result: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
             points = series(method, by)
             if len(points) > 1:
                 xs, ys = [x for x, _ in points], [r[key] for _, r in points]
-                axis.plot(xs, ys, "o-", color=colour, label=method)
+                axis.plot(xs, ys, line, color=colour, label=method)
         points = [(x, r) for x, r in series(method, "parameters") if r["transient_mb"] is not None]
         if len(points) > 1 and method in args.size_methods.split(","):
             extra = [r["extra_transient_mb"] for _, r in points]
             xs = [x for x, _ in points]
-            axes[3].plot(xs, extra, "o-", color=colour, label=f"{method}: peak − allreduce")
+            axes[3].plot(xs, extra, line, color=colour, label=f"{method}: peak − allreduce")
     held = [(x, r["held_mb"]) for x, r in series("global", "parameters")]
     if held:
         axes[3].plot(*zip(*held, strict=True), "k--", label="global: held slices")
@@ -911,6 +998,19 @@ def plot(result: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
     figure.savefig(path, dpi=100)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown (but no ``None``: the help says what applies), and lines wrapped at
+    spaces only (method names keep their hyphens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -928,10 +1028,29 @@ def main() -> None:
             name,
             help=summary,
             description=summary,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
-        sub.add_argument("--layers", type=int, default=8, help="transformer blocks")
-        sub.add_argument("--d-model", type=int, default=512, help="model width")
+        sub.add_argument(
+            "--model",
+            choices=tuple(MODEL_DEFAULTS),
+            default="gpt",
+            help="gpt: the transformer; mlp: a residual MLP over the previous --context bytes, "
+            "one prediction per sequence (compute-light)",
+        )
+        sub.add_argument(
+            "--layers",
+            type=int,
+            default=None,
+            help="transformer (MLP) blocks; default: "
+            + ", ".join(f"{m} {d[0]}" for m, d in MODEL_DEFAULTS.items()),
+        )
+        sub.add_argument(
+            "--d-model",
+            type=int,
+            default=None,
+            help="model width; default: "
+            + ", ".join(f"{m} {d[1]}" for m, d in MODEL_DEFAULTS.items()),
+        )
         sub.add_argument("--context", type=int, default=64, help="tokens per sequence")
         sub.add_argument("--batch", type=int, default=2, help="sequences per rank per step")
         sub.add_argument("--steps", type=int, default=6, help="timed steps per method and round")
@@ -950,9 +1069,15 @@ def main() -> None:
         )
         sub.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP's bucket cap")
         sub.add_argument(
+            "--sketch-size",
+            type=int,
+            default=None,
+            help="k of the sketch methods (protocol='sketch'); default: the library's (4096)",
+        )
+        sub.add_argument(
             "--methods",
-            default=",".join(METHODS),
-            help=f"comma-separated, of: {', '.join(METHODS)}",
+            default="all",
+            help=f"comma-separated, of: {', '.join(METHODS)}; 'all': every one, in this order",
         )
     commands.choices["run"].add_argument("--out", required=True, help="JSON written by rank 0")
     sweep_parser = commands.choices["sweep"]
@@ -977,6 +1102,11 @@ def main() -> None:
     for name in ("steps", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.methods == "all":
+        args.methods = ",".join(METHODS)
+    layers, d_model = MODEL_DEFAULTS[args.model]
+    args.layers = layers if args.layers is None else args.layers
+    args.d_model = d_model if args.d_model is None else args.d_model
     run(args) if args.command == "run" else sweep(args)
 
 

@@ -98,6 +98,28 @@ def fold_width(sketch_size: int) -> int:
     raise ValueError(f"no prime ≤ {sketch_size}")
 
 
+def sketch_width(numel: int, sketch_size: int) -> int:
+    """Numbers in the sketch of a problem of ``numel`` elements (:func:`sketch`): ``numel`` up
+    to ``sketch_size`` (kept as it is), else :func:`fold_width`."""
+    return numel if numel <= sketch_size else fold_width(sketch_size)
+
+
+def sketch_collective(
+    num_objectives: int, world_size: int, width: int, parameters: int, element_size: int
+) -> tuple[str, int]:
+    """Step 2's collective for sketches of ``width`` numbers (all problems of a bucket) and
+    ``parameters`` presence counts per rank, of ``element_size`` bytes each: whichever sends
+    fewer bytes (the all-reduce on a tie), with the size ``n·b`` of the tensor it is about (as
+    :mod:`._collectives` takes it): ``("all_reduce", bytes of the [L, width] rows and the
+    [P, L] counts)`` or ``("all_gather", bytes of the [R, width + P] output)``. One rule for
+    :func:`_exchange_sketches` and :mod:`.cost_model`."""
+    reduced = (num_objectives * width + parameters * num_objectives) * element_size
+    gathered = world_size * (width + parameters) * element_size
+    if all_gather_bytes(gathered, world_size) < all_reduce_bytes(reduced, world_size):
+        return "all_gather", gathered
+    return "all_reduce", reduced
+
+
 def problem_seed(step: int, bucket: int, problem: int) -> int:
     """The seed of the row signs ``ρ`` of one problem at one step: the same on every rank and
     in every run, different for every (step, bucket, problem)."""
@@ -260,10 +282,10 @@ def _exchange_sketches(
     ``outer``: the sum of independent sketches of the shards is a sketch of the unit."""
     num_objectives, world_size = averaging.shape
     width, parameters = own.numel(), 0 if presence is None else presence.numel()
-    element = own.element_size()
-    reduced = (num_objectives * width + parameters * num_objectives) * element
-    gathered = world_size * (width + parameters) * element
-    if all_gather_bytes(gathered, world_size) < all_reduce_bytes(reduced, world_size):
+    collective, _ = sketch_collective(
+        num_objectives, world_size, width, parameters, own.element_size()
+    )
+    if collective == "all_gather":
         mine = own if presence is None else torch.cat([own, presence])
         rows = mine.new_empty(world_size, mine.numel())
         comm.all_gather(rows.view(-1), mine).wait()

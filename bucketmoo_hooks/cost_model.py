@@ -23,6 +23,16 @@ nodes). Every collective costs a latency term plus its bytes over the bottleneck
 - the hook's compute runs at ``memory_bandwidth``: the fused CUDA kernels read the ``R×c``
   received slices twice (partial Gramian, then combination) and write the ``c`` combined ones.
 
+The sketch protocol (``protocol="sketch"``, :mod:`._sketch`; methods ``bucket_moo_sketch`` and
+``fsdp_moo_sketch``) sends per bucket one small collective, the sketch exchange (an all-reduce
+of ``[L, K]`` rows plus ``L`` presence counts per parameter where they are counted, or an
+all-gather of ``[R, K + P]``, whichever sends fewer bytes: :func:`._sketch.sketch_collective`;
+``K`` sums the widths of the bucket's problems, ``n`` for a problem of ``n ≤ k`` elements, else
+the fold's ``p``: :func:`._sketch.sketch_width`), then the engine's own all-reduce (DDP) or
+reduce-scatter (FSDP) of the bucket: ring or tree, never the bisection-bound all-to-all. Its
+compute: one pass that folds the gradient (reads it and the fp32 signs, writes and reads the
+fp32 block) and one that scales it in place.
+
 The collectives of one step run one after the other on the communication stream (DDP issues
 buckets in order), so a step's communication time is their sum; how much of it backward hides
 depends on the compute, which this model leaves out. Run ``python -m bucketmoo_hooks.cost_model``
@@ -35,8 +45,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._collectives import all_gather_bytes, all_reduce_bytes, all_to_all_bytes, reduce_scatter_bytes
+from ._collectives import (
+    SENT_BYTES,
+    all_gather_bytes,
+    all_reduce_bytes,
+    all_to_all_bytes,
+    reduce_scatter_bytes,
+)
 from ._shard import shard_length
+from ._sketch import DEFAULT_SKETCH_SIZE, sketch_collective, sketch_width
 
 METHODS = (
     "allreduce",  # DDP allreduce_hook
@@ -45,7 +62,12 @@ METHODS = (
     "powersgd",  # torch's PowerSGD hook (needs the parameter shapes)
     "fsdp_reduce_scatter",  # FSDP's own reduce-scatter of a unit
     "fsdp_moo",  # the library's FSDP reduce-scatter
+    "bucket_moo_sketch",  # bucket_moo_hook with protocol="sketch" (any granularity)
+    "fsdp_moo_sketch",  # the library's FSDP reduce-scatter with protocol="sketch"
 )
+#: The methods of the library: they run the per-step objective exchange.
+LIBRARY_METHODS = ("bucket_moo", "fsdp_moo", "bucket_moo_sketch", "fsdp_moo_sketch")
+SKETCH_METHODS = ("bucket_moo_sketch", "fsdp_moo_sketch")
 # (step, config digest, objective key) as int64, all-gathered at the first bucket of a step.
 EXCHANGE_BYTES = 3 * 8
 
@@ -72,6 +94,35 @@ def _powersgd_sizes(
     return uncompressed, p_size, q_size
 
 
+def _sketch_calls(
+    method: str,
+    numel: int,
+    world_size: int,
+    num_objectives: int,
+    element_size: int,
+    parameters: int,
+    sketch_size: int | None,
+    problem_sizes: Sequence[int] | None,
+) -> list[tuple[str, int]]:
+    """The sketch methods' collectives of one bucket, in order, with the bytes one rank sends
+    in each: the sketch exchange, then the engine's all-reduce or reduce-scatter (two
+    all-reduces stay two calls: each pays its own latency)."""
+    r, b = world_size, element_size
+    k = DEFAULT_SKETCH_SIZE if sketch_size is None else sketch_size
+    padded = r * shard_length(numel, r)
+    if problem_sizes is None:
+        problem_sizes = [padded if method == "fsdp_moo_sketch" else numel]
+    width = sum(sketch_width(n, k) for n in problem_sizes)
+    # Sketches and counts in fp32 (fp64 for fp64 gradients), as the Gramians.
+    collective, size = sketch_collective(num_objectives, r, width, parameters, max(4, b))
+    engine = (
+        ("reduce_scatter", reduce_scatter_bytes(padded * b, r))
+        if method == "fsdp_moo_sketch"
+        else ("all_reduce", all_reduce_bytes(numel * b, r))
+    )
+    return [(collective, SENT_BYTES[collective](size, r)), engine]
+
+
 def bucket_bytes(
     method: str,
     numel: int,
@@ -84,17 +135,25 @@ def bucket_bytes(
     parameters: int = 0,
     powersgd_rank: int = 1,
     min_compression_rate: float = 2.0,
+    sketch_size: int | None = None,
+    problem_sizes: Sequence[int] | None = None,
 ) -> dict[str, int]:
     """Bytes one rank sends for one bucket (a DDP bucket, or an FSDP unit of ``numel`` elements
     padded to ``R·c``), by collective.
 
     Args:
         problems: Weight vectors per bucket: 1, or the number of parameters for
-            ``granularity="parameter"`` (``problems·L²`` Gramian numbers).
+            ``granularity="parameter"`` (``problems·L²`` Gramian numbers). The sketch methods
+            take ``problem_sizes`` instead.
         parameters: Parameters whose objectives' presence is counted (``L`` numbers each, in
-            the Gramian all-reduce): the bucket's parameters where objectives may be absent
-            (FSDP, DDP with ``find_unused_parameters``), else 0.
+            the Gramian all-reduce, or the sketch exchange): the bucket's parameters where
+            objectives may be absent (FSDP, DDP with ``find_unused_parameters``), else 0.
         shapes: The bucket's parameter shapes (``method="powersgd"`` only).
+        sketch_size: ``k`` of the sketch methods (default ``_sketch.DEFAULT_SKETCH_SIZE``).
+        problem_sizes: The sketch methods' problems, elements each, as the hook sketches them:
+            default the whole bucket (DDP: ``numel``; FSDP: the padded ``R·c`` reduce-scatter
+            input); with ``granularity="parameter"`` one per parameter (FSDP2: ``R`` times the
+            parameter's padded shard).
     """
     r, b = world_size, element_size
     c = shard_length(numel, r)
@@ -116,6 +175,16 @@ def bucket_bytes(
         return {"reduce_scatter": reduce_scatter_bytes(padded, r)}
     if method == "fsdp_moo":
         return {"all_to_all": all_to_all_bytes(padded, r), "all_reduce": gramian}
+    if method in SKETCH_METHODS:
+        if problems != 1:
+            raise ValueError(f"method={method!r} takes problem_sizes, not problems")
+        sent: dict[str, int] = {}
+        calls = _sketch_calls(
+            method, numel, r, num_objectives, b, parameters, sketch_size, problem_sizes
+        )
+        for collective, nbytes in calls:
+            sent[collective] = sent.get(collective, 0) + nbytes
+        return sent
     if method == "powersgd":
         if shapes is None:
             raise ValueError("method='powersgd' needs the bucket's parameter shapes")
@@ -133,19 +202,25 @@ def step_bytes(
     *,
     shapes: Sequence[Sequence[Sequence[int]]] | None = None,
     parameters: Sequence[int] | None = None,
+    sketch_size: int | None = None,
+    problem_sizes: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, int]:
     """Bytes one rank sends in one step over ``buckets`` (their element counts), by collective,
     including the per-step objective exchange of the library's methods (an all-gather).
-    ``parameters``: per bucket, as :func:`bucket_bytes`'s."""
+    ``parameters``, ``problem_sizes``: per bucket, as :func:`bucket_bytes`'s."""
     total: dict[str, int] = {}
     for i, numel in enumerate(buckets):
         extra: dict[str, Any] = {"shapes": shapes[i]} if shapes is not None else {}
         if parameters is not None:
             extra["parameters"] = parameters[i]
+        if problem_sizes is not None:
+            extra["problem_sizes"] = problem_sizes[i]
+        if sketch_size is not None:
+            extra["sketch_size"] = sketch_size
         sent = bucket_bytes(method, numel, world_size, num_objectives, element_size, **extra)
         for collective, nbytes in sent.items():
             total[collective] = total.get(collective, 0) + nbytes
-    if method in ("bucket_moo", "fsdp_moo"):
+    if method in LIBRARY_METHODS:
         total["all_gather"] = total.get("all_gather", 0) + exchange_bytes(world_size)
     return total
 
@@ -261,6 +336,7 @@ def predict(
     num_objectives: int,
     cluster: Cluster | None = None,
     element_size: int = 2,
+    sketch_size: int | None = None,
 ) -> Prediction:
     """Bytes and time of one step of ``method`` over ``buckets`` (element counts) on
     ``world_size`` GPUs training ``num_objectives`` languages (default: bf16 gradients).
@@ -271,9 +347,16 @@ def predict(
     comm = compute = 0.0
     held = 0
     total: dict[str, int] = {}
+    k = DEFAULT_SKETCH_SIZE if sketch_size is None else sketch_size
     for numel in buckets:
-        sent = bucket_bytes(method, numel, world_size, num_objectives, element_size)
-        for collective, nbytes in sent.items():
+        if method in SKETCH_METHODS:
+            calls = _sketch_calls(
+                method, numel, world_size, num_objectives, element_size, 0, k, None
+            )
+        else:
+            sent = bucket_bytes(method, numel, world_size, num_objectives, element_size)
+            calls = list(sent.items())
+        for collective, nbytes in calls:
             total[collective] = total.get(collective, 0) + nbytes
             comm += cluster.collective_time(collective, nbytes, world_size)
         c = shard_length(numel, world_size)
@@ -283,7 +366,14 @@ def predict(
             held += c * min(4 * num_objectives, world_size * element_size)
         elif method == "naive":  # the same on every rank, over the whole bucket
             compute += (2 * world_size + 1) * numel * element_size / cluster.memory_bandwidth
-    if method in ("bucket_moo", "fsdp_moo"):
+        elif method in SKETCH_METHODS:
+            # Every rank sketches its whole gradient (FSDP: the padded R·c input): the fold
+            # reads it and the fp32 signs and writes and reads an fp32 block (a problem of at
+            # most k elements: one fp32 copy); then the scaling reads and writes it.
+            n = world_size * c if method == "fsdp_moo_sketch" else numel
+            fold = n * (element_size + 12) if n > k else n * (element_size + 4)
+            compute += (fold + 2 * n * element_size) / cluster.memory_bandwidth
+    if method in LIBRARY_METHODS:
         exchange = exchange_bytes(world_size)
         total["all_gather"] = total.get("all_gather", 0) + exchange
         comm += cluster.collective_time("all_gather", exchange, world_size)
@@ -298,30 +388,39 @@ def table(
     world_sizes: Sequence[int],
     cluster: Cluster | None = None,
     bucket_cap_mb: float = 25.0,
+    sketch_size: int = DEFAULT_SKETCH_SIZE,
 ) -> str:
-    """Markdown: DDP and FSDP, per world size, predicted bytes and time and their ratios."""
+    """Markdown: DDP and FSDP, per world size, predicted bytes and time and their ratios (the
+    sketch protocol's at ``sketch_size``)."""
     cluster = cluster or Cluster()
     buckets = ddp_buckets(parameters, bucket_cap_mb, element_size=2)
     lines = [
         f"{parameters / 1e9:g}B parameters, bf16 gradients, {len(buckets)} buckets of ≤ "
-        f"{bucket_cap_mb:g} MiB (FSDP: units of the same sizes), L = {num_objectives}; "
-        f"{cluster.describe()}",
+        f"{bucket_cap_mb:g} MiB (FSDP: units of the same sizes), L = {num_objectives}, sketch "
+        f"k = {sketch_size}; {cluster.describe()}",
         "",
-        "| GPUs | all-reduce GiB | ms | bucket MOO × bytes | × time | naive × bytes | × time "
-        "| FSDP RS ms | FSDP MOO × time | global MOO held GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| GPUs | all-reduce GiB | ms | bucket MOO × bytes | × time | sketch × bytes | × time "
+        "| naive × bytes | × time | FSDP RS ms | FSDP MOO × time | FSDP sketch × time "
+        "| global MOO held GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in world_sizes:
         base = predict("allreduce", buckets, r, num_objectives, cluster)
         moo = predict("bucket_moo", buckets, r, num_objectives, cluster)
+        sketch = predict("bucket_moo_sketch", buckets, r, num_objectives, cluster, 2, sketch_size)
         naive = predict("naive", buckets, r, num_objectives, cluster)
         rs = predict("fsdp_reduce_scatter", buckets, r, num_objectives, cluster)
         fsdp = predict("fsdp_moo", buckets, r, num_objectives, cluster)
+        fsdp_sketch = predict(
+            "fsdp_moo_sketch", buckets, r, num_objectives, cluster, 2, sketch_size
+        )
         lines.append(
             f"| {r} | {base.total_bytes / 2**30:.2f} | {1e3 * base.time:.1f} | "
             f"{moo.total_bytes / base.total_bytes:.4f} | {moo.time / base.time:.2f} | "
+            f"{sketch.total_bytes / base.total_bytes:.4f} | {sketch.time / base.time:.2f} | "
             f"{naive.total_bytes / base.total_bytes:.1f} | {naive.time / base.time:.1f} | "
-            f"{1e3 * rs.time:.1f} | {fsdp.time / rs.time:.2f} | {moo.held_bytes / 2**30:.2f} |"
+            f"{1e3 * rs.time:.1f} | {fsdp.time / rs.time:.2f} | {fsdp_sketch.time / rs.time:.2f} | "
+            f"{moo.held_bytes / 2**30:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -332,9 +431,19 @@ def main() -> None:
     parser.add_argument("--objectives", type=int, default=8)
     parser.add_argument("--gpus", default="8,16,32,64,128,256,512")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    parser.add_argument("--sketch-size", type=int, default=DEFAULT_SKETCH_SIZE)
     args = parser.parse_args()
     world_sizes = [int(g) for g in args.gpus.split(",")]
-    print(table(int(args.parameters), args.objectives, world_sizes, None, args.bucket_cap_mb))
+    print(
+        table(
+            int(args.parameters),
+            args.objectives,
+            world_sizes,
+            None,
+            args.bucket_cap_mb,
+            args.sketch_size,
+        )
+    )
 
 
 if __name__ == "__main__":

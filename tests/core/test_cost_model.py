@@ -1,13 +1,27 @@
 """The alpha–beta cost model: byte formulas, DDP's bucket sizes, and the time model's shape.
 
 Its byte counts are checked against gloo measurements in
-``tests/integration/test_comm_benchmark.py``.
+``tests/integration/test_comm_benchmark.py``, and the sketch protocol's against the hook's own
+ledger on 4 gloo ranks (DDP and FSDP2, every path of the sketch exchange) here.
 """
 
+from typing import Any
+
 import pytest
+import torch
+from _cost_model_workers import SketchCase, sketch_ledgers
+from _distributed import shared_spawn
 
 from bucketmoo_hooks import cost_model
-from bucketmoo_hooks._collectives import all_reduce_bytes
+from bucketmoo_hooks._collectives import SENT_BYTES, all_gather_bytes, all_reduce_bytes
+from bucketmoo_hooks._sketch import (
+    DEFAULT_SKETCH_SIZE,
+    SignTable,
+    fold_width,
+    sketch,
+    sketch_collective,
+    sketch_width,
+)
 from bucketmoo_hooks.cost_model import Cluster, bucket_bytes, ddp_buckets, predict, step_bytes
 
 
@@ -105,5 +119,186 @@ def test_predict_and_table() -> None:
     assert moo.time > base.time  # across 2 nodes the all-to-all is bisection-bound
     table = cost_model.table(10**9, 8, [8, 64, 512])
     assert table.count("\n| ") == 4  # header + 3 rows
+    assert all(line.count("|") == 14 for line in table.splitlines()[2:])
+    assert "sketch × bytes" in table and "FSDP sketch × time" in table
     with pytest.raises(ValueError, match="without shapes"):
         predict("powersgd", buckets, 8, 8)
+
+
+# -- the sketch protocol ---------------------------------------------------------------------------
+
+
+def test_sketch_width_is_the_sketch_length() -> None:
+    """A problem of at most k elements is kept as it is (even between p and k), else folded
+    into p = the largest prime ≤ k columns."""
+    assert fold_width(4096) == 4093 and fold_width(16) == 13
+    signs = SignTable()
+    for n in (1, 12, 13, 15, 16, 17, 100):
+        assert sketch(torch.ones(n), 16, 1, signs).numel() == sketch_width(n, 16)
+    assert [sketch_width(n, 16) for n in (13, 15, 16, 17, 10**6)] == [13, 15, 16, 13, 13]
+
+
+def test_sketch_collective_sends_the_fewer_bytes() -> None:
+    # L > R/2: the all-gather of [R, K] (R = 4, L = 3: (R−1)·K·4 against 2(R−1)/R·L·K·4).
+    assert sketch_collective(3, 4, 4093, 0, 4) == ("all_gather", 4 * 4093 * 4)
+    # L ≤ R/2: the all-reduce of [L, K].
+    assert sketch_collective(2, 4, 4093, 0, 4) == ("all_reduce", 2 * 4093 * 4)
+    # With presence: [L, K] rows and [P, L] counts, or [R, K + P]; a tie takes the all-reduce.
+    assert sketch_collective(2, 4, 12, 2, 4) == ("all_reduce", (2 * 12 + 2 * 2) * 4)
+    assert all_gather_bytes(4 * 14 * 4, 4) == all_reduce_bytes(28 * 4, 4) == 168
+    assert sketch_collective(8, 512, 4093, 0, 4) == ("all_reduce", 8 * 4093 * 4)
+
+
+def test_sketch_bytes_by_hand() -> None:
+    # DDP, 10 000 fp32 elements on R = 4: the bucket's own all-reduce, 2·3/4·40 000 bytes, and
+    # the sketch folded into p = 4093 columns: L = 2 all-reduce [2, 4093] (2·3/4·32 744), L = 3
+    # all-gather [4, 4093] (3/4·65 488).
+    assert bucket_bytes("bucket_moo_sketch", 10_000, 4, 2) == {"all_reduce": 60_000 + 49_116}
+    assert bucket_bytes("bucket_moo_sketch", 10_000, 4, 3) == {
+        "all_reduce": 60_000,
+        "all_gather": 49_116,
+    }
+    # bf16 buckets sketch in fp32, fp64 in fp64; a bucket of n ≤ k is sent whole (n, not p).
+    assert bucket_bytes("bucket_moo_sketch", 4096, 4, 2, 2) == {
+        "all_reduce": 6 * 4096 * 2 // 4 + 6 * 2 * 4096 * 4 // 4
+    }
+    assert bucket_bytes("bucket_moo_sketch", 4095, 4, 2, 8, sketch_size=4096)["all_reduce"] == (
+        6 * 4095 * 8 // 4 + 6 * 2 * 4095 * 8 // 4
+    )
+    # FSDP, 10 elements on R = 4: the padded [12] reduce-scatter (3/4·48) and its sketch, 12
+    # numbers, with 2 presence counts: the all-reduce of 2·12 + 2·2 fp32 (a tie with the
+    # all-gather of [4, 14]).
+    assert bucket_bytes("fsdp_moo_sketch", 10, 4, 2, parameters=2) == {
+        "reduce_scatter": 36,
+        "all_reduce": 168,
+    }
+    # One problem per parameter: the widths add up (5000 → 13, 17 → 13, 15 → 15 at k = 16).
+    assert bucket_bytes(
+        "bucket_moo_sketch", 5032, 2, 2, sketch_size=16, problem_sizes=[5000, 17, 15]
+    ) == {"all_reduce": 5032 * 4, "all_gather": 2 * 41 * 4 // 2}
+    with pytest.raises(ValueError, match="takes problem_sizes"):
+        bucket_bytes("bucket_moo_sketch", 100, 2, 2, problems=3)
+    # The step adds the objective exchange, as the shard protocol's.
+    assert step_bytes("bucket_moo_sketch", [10_000, 10_000], 4, 3) == {
+        "all_reduce": 120_000,
+        "all_gather": 2 * 49_116 + 3 * 24,
+    }
+
+
+def test_sketch_time_model() -> None:
+    """The sketch's collectives are the engine's ring/tree reduction plus one small one: across
+    nodes nowhere near the shard protocol's bisection-bound all-to-all."""
+    buckets = ddp_buckets(10**9, element_size=2)
+    for world_size in (8, 64, 512):
+        base = predict("allreduce", buckets, world_size, 8)
+        sketch = predict("bucket_moo_sketch", buckets, world_size, 8)
+        shard = predict("bucket_moo", buckets, world_size, 8)
+        assert sketch.total_bytes == pytest.approx(base.total_bytes, rel=0.01)
+        assert sketch.bytes["all_reduce"] >= base.bytes["all_reduce"]
+        assert sketch.held_bytes == 0 < sketch.compute_time
+        # One small collective per bucket (every bucket folded: [L, p] or [R, p]), on top of
+        # the same all-reduces, and the objective exchange.
+        collective, size = sketch_collective(8, world_size, 4093, 0, 4)
+        small = Cluster().collective_time(
+            collective, SENT_BYTES[collective](size, world_size), world_size
+        )
+        exchange = Cluster().collective_time(
+            "all_gather", cost_model.exchange_bytes(world_size), world_size
+        )
+        assert sketch.comm_time == pytest.approx(
+            base.comm_time + len(buckets) * small + exchange, rel=1e-12
+        )
+        if world_size > 8:
+            assert sketch.comm_time < shard.comm_time / 2
+    rs = predict("fsdp_reduce_scatter", buckets, 64, 8)
+    fsdp = predict("fsdp_moo_sketch", buckets, 64, 8)
+    assert fsdp.bytes["reduce_scatter"] == rs.bytes["reduce_scatter"]
+    assert rs.comm_time < fsdp.comm_time < 1.5 * rs.comm_time
+    # k changes only the sketch's collective.
+    small_k = predict("bucket_moo_sketch", buckets, 8, 8, sketch_size=16)
+    assert (
+        small_k.bytes["all_gather"]
+        < predict("bucket_moo_sketch", buckets, 8, 8).bytes["all_gather"]
+    )
+
+
+SKETCH_CASES = [
+    # L = 2 ≤ R/2: the all-reduce of [L, K]; buckets folded into 13 columns.
+    SketchCase("ddp_reduce", "ddp", (0, 0, 1, 1), sketch_size=16),
+    # L = 3: the all-gather; one problem per parameter (a bias of 15: 13 < 15 ≤ 16, kept
+    # whole), presence counted (find_unused_parameters).
+    SketchCase(
+        "ddp_gather_parameter",
+        "ddp",
+        (0, 1, 2, 2),
+        granularity="parameter",
+        sketch_size=16,
+        find_unused_parameters=True,
+    ),
+    # The default k: every bucket whole; bf16 sketched in fp32; global MOO.
+    SketchCase("ddp_global_bf16", "ddp", (0, 1, 2, 3), granularity="global", dtype=torch.bfloat16),
+    SketchCase("ddp_fp64", "ddp", (0, 0, 0, 1), sketch_size=64, dtype=torch.float64),
+    # FSDP2: presence counts always; the padded R·c unit, or R·shard per parameter.
+    SketchCase("fsdp2_reduce", "fsdp2", (0, 0, 1, 1), sketch_size=16),
+    SketchCase("fsdp2_parameter", "fsdp2", (0, 1, 2, 3), granularity="parameter", sketch_size=32),
+]
+SKETCH_WORLD = 4
+SKETCH_RUN = shared_spawn(SKETCH_WORLD).add(sketch_ledgers, SKETCH_CASES)
+
+
+def predicted_sketch(case: SketchCase, bucket: dict[str, Any], num_objectives: int) -> dict:
+    fsdp = case.engine == "fsdp2"
+    sizes = bucket["sizes"]
+    problem_sizes = None
+    if case.granularity == "parameter":
+        problem_sizes = [SKETCH_WORLD * n for n in sizes] if fsdp else sizes
+    return bucket_bytes(
+        "fsdp_moo_sketch" if fsdp else "bucket_moo_sketch",
+        bucket["numel"],
+        SKETCH_WORLD,
+        num_objectives,
+        bucket["element_size"],
+        parameters=len(sizes) if fsdp or case.find_unused_parameters else 0,
+        sketch_size=case.sketch_size,
+        problem_sizes=problem_sizes,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(SKETCH_CASES)), ids=[c.name for c in SKETCH_CASES])
+def test_sketch_bytes_are_what_the_hook_counts(index: int) -> None:
+    case = SKETCH_CASES[index]
+    for rank_result in SKETCH_RUN.results():
+        result = rank_result[index]
+        assert result["overhead"] == {"objective_exchange": cost_model.exchange_bytes(4)}
+        assert result["buckets"]
+        for bucket in result["buckets"]:
+            expected = predicted_sketch(case, bucket, result["num_objectives"])
+            assert bucket["sent"] == expected, (bucket["index"], bucket["sizes"])
+
+
+@pytest.mark.slow
+def test_sketch_cases_cover_every_path() -> None:
+    """Both collectives, folded and whole problems, presence counted and not."""
+    k = DEFAULT_SKETCH_SIZE
+    seen = set()
+    for case, result in zip(SKETCH_CASES, SKETCH_RUN.results()[0], strict=True):
+        for bucket in result["buckets"]:
+            sent = set(bucket["sent"])
+            seen.add("gather" if "all_gather" in sent else "reduce")
+            sizes = bucket["sizes"] if case.granularity == "parameter" else [bucket["numel"]]
+            width = case.sketch_size or k
+            seen |= {"folded" if n > width else "whole" for n in sizes}
+            seen.add(
+                "between p and k" if any(fold_width(width) < n <= width for n in sizes) else ""
+            )
+            seen.add("presence" if result["presence"] else "no presence")
+    assert seen >= {
+        "gather",
+        "reduce",
+        "folded",
+        "whole",
+        "between p and k",
+        "presence",
+        "no presence",
+    }

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from bucketmoo_hooks import cost_model
 from bucketmoo_hooks._collectives import all_reduce_bytes
@@ -27,6 +28,10 @@ _benchmark = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_benchmark)
 METHODS: tuple[str, ...] = _benchmark.METHODS
 HOOK = set(_benchmark.HOOK_METHODS)
+#: The library's methods of each protocol (DDP hook and FSDP2).
+SKETCH = {m for m, options in _benchmark.HOOK_METHODS.items() if options[3] == "sketch"} | {
+    m for m, protocol in _benchmark.FSDP_MOO_METHODS.items() if protocol == "sketch"
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +87,23 @@ def test_measured_bytes_meet_the_budget(sweep: tuple[Path, dict], world_size: in
         row = measured[method]
         # The library's ledger and the independent counter agree; the budget holds.
         assert row["ledger_bytes"] == row["algorithm_bytes"]
+        if method in SKETCH:  # DDP's own all-reduce, plus the sketch exchange (costed exactly
+            # below): on this tiny model k = 4096 numbers are a tenth of a bucket.
+            assert row["algorithm_by_collective"]["all_reduce"] == allreduce
+            continue
         assert row["algorithm_bytes"] <= 1.02 * allreduce + gramians + world_size * 24
     assert measured["naive"]["bytes_ratio"] == pytest.approx(world_size / 2, rel=0.01)
     assert measured["powersgd"]["bytes_ratio"] < 0.5
-    fsdp, ours = measured["fsdp2"], measured["fsdp2-moo"]
+    fsdp, ours, sketch = measured["fsdp2"], measured["fsdp2-moo"], measured["fsdp2-sketch"]
     assert (
         ours["algorithm_by_collective"]["all_to_all"]
         == fsdp["algorithm_by_collective"]["reduce_scatter"]
+        == sketch["algorithm_by_collective"]["reduce_scatter"]
     )
+    # The ledger counts the library's collectives: everything but FSDP's parameter all-gathers.
+    for row in (ours, sketch):
+        parameters = fsdp["algorithm_by_collective"]["all_gather"]
+        assert row["ledger_bytes"] == row["algorithm_bytes"] - parameters
 
 
 def gloo_wire_bytes(row: dict[str, Any]) -> int:
@@ -108,21 +122,27 @@ def test_counted_bytes_are_what_the_kernel_saw_gloo_write(
         assert abs(row["wire_bytes"] - expected) <= 0.01 * expected + 8192, method
 
 
-def predicted(method: str, row: dict[str, Any], world_size: int) -> dict[str, int]:
+def predicted(
+    method: str, row: dict[str, Any], world_size: int, fsdp_gathers: int
+) -> dict[str, int]:
+    """What the cost model says ``row`` sent; ``fsdp_gathers``: FSDP's own parameter
+    all-gathers, as measured under plain FSDP2 (the same model, counted too)."""
     buckets = [b["numel"] for b in row["buckets"]]
     if method in HOOK:
-        return cost_model.step_bytes("bucket_moo", buckets, world_size, world_size)
+        name = "bucket_moo_sketch" if method in SKETCH else "bucket_moo"
+        return cost_model.step_bytes(name, buckets, world_size, world_size)
     if method == "powersgd":
         shapes = [b["shapes"] for b in row["buckets"]]
         return cost_model.step_bytes("powersgd", buckets, world_size, world_size, shapes=shapes)
     if method == "fsdp2":
-        return cost_model.step_bytes("fsdp_reduce_scatter", buckets, world_size, world_size)
-    if method == "fsdp2-moo":  # FSDP's parameter all-gathers are counted too: compare the rest
+        sent = cost_model.step_bytes("fsdp_reduce_scatter", buckets, world_size, world_size)
+        return sent | {"all_gather": fsdp_gathers}
+    if method in _benchmark.FSDP_MOO_METHODS:
         parameters = [b["parameters"] for b in row["buckets"]]
-        sent = cost_model.step_bytes(
-            "fsdp_moo", buckets, world_size, world_size, parameters=parameters
-        )
-        return {k: v for k, v in sent.items() if k != "all_gather"}
+        name = "fsdp_moo_sketch" if method in SKETCH else "fsdp_moo"
+        sent = cost_model.step_bytes(name, buckets, world_size, world_size, parameters=parameters)
+        sent["all_gather"] = sent.get("all_gather", 0) + fsdp_gathers
+        return sent
     return cost_model.step_bytes(method, buckets, world_size, world_size)
 
 
@@ -130,10 +150,12 @@ def predicted(method: str, row: dict[str, Any], world_size: int) -> dict[str, in
 def test_cost_model_predicts_the_measured_bytes_exactly(
     sweep: tuple[Path, dict], world_size: int
 ) -> None:
-    for method, row in rows(sweep[1], world_size).items():
-        expected = predicted(method, row, world_size)
-        measured = {k: row["algorithm_by_collective"].get(k, 0) for k in expected}
-        assert measured == expected, method
+    measured_rows = rows(sweep[1], world_size)
+    fsdp_gathers = measured_rows["fsdp2"]["algorithm_by_collective"]["all_gather"]
+    assert {"sketch", "sketch-global", "fsdp2-sketch"} <= set(measured_rows)
+    for method, row in measured_rows.items():
+        expected = predicted(method, row, world_size, fsdp_gathers)
+        assert row["algorithm_by_collective"] == expected, method
 
 
 def test_protocol_phases_prints_every_phase() -> None:
@@ -177,3 +199,17 @@ def test_run_prints_a_table_and_help_lists_methods_and_defaults(
     text = " ".join(done.stdout.split())
     assert all(method in text for method in METHODS)
     assert "(default: 6)" in text  # --steps
+    assert "--model {gpt,mlp}" in done.stdout and "--sketch-size" in done.stdout
+
+
+def test_mlp_model_counts_its_parameters() -> None:
+    """``--model mlp`` (no launch: the model, its parameter count and its loss)."""
+    for layers, d_model, context in ((3, 512, 64), (1, 32, 16), (2, 100, 64)):
+        model = _benchmark.make_model("mlp", layers, d_model, context)
+        count = sum(p.numel() for p in model.parameters())
+        assert count == _benchmark.parameter_count(layers, d_model, context, "mlp")
+    assert _benchmark.parameter_count(3, 512, 64, "mlp") == 6_436_352
+    assert _benchmark.parameter_count(8, 512, 64) == 25_515_008  # the default transformer
+    tokens = torch.randint(0, _benchmark.VOCAB, (4, 17))
+    loss = _benchmark.loss_of(_benchmark.make_model("mlp", 1, 32, 16), tokens)
+    assert loss.dim() == 0 and loss.item() > 0
