@@ -18,15 +18,17 @@ elements and sketch size ``k``:
 The fold ``Φ``. Let ``p`` be the largest prime ``≤ k`` (:func:`fold_width`) and cut the problem into
 rows of ``p`` consecutive elements (the last one shorter): element ``i`` sits in row ``⌊i/p⌋`` and
 column ``i mod p``. Then ``(Φg)_j = Σ_b ρ_b σ_{bp+j} g_{bp+j}``: a sum over the rows, column by
-column, with a sign ``σ_i`` per element (a fixed random table, :class:`SignTable`) and a sign
-``ρ_b`` per row drawn afresh for every step and problem from a seed all ranks share
-(:func:`problem_seed`). It is a CountSketch whose hash is ``i mod p``:
+column, with a sign ``σ_i`` per element and a sign ``ρ_b`` per row, both drawn afresh for every
+step and problem from a seed all ranks share (:func:`problem_seed`): ``ρ`` by the device's
+generator, ``σ`` as a window of a fixed random table (:class:`SignTable`) at an offset drawn
+from the seed, so that no pair of elements keeps an unlucky sign product from step to step. It
+is a CountSketch whose hash is ``i mod p``:
 
 - unbiased at every step: ``⟨Φa, Φb⟩ − ⟨a, b⟩ = Σ_j Σ_{b≠b'} ρ_b ρ_b' σσ' a b'`` has mean 0 over
   the fresh ``ρ``, and its errors at different steps are uncorrelated;
 - ``Var[⟨Φa, Φb⟩] = Σ_j (A_j B_j + C_j² − 2 Σ_{i∈j} a_i² b_i²)`` over the columns ``j`` (``A_j``,
-  ``B_j``: the energy of ``a``, ``b`` in column ``j``, ``C_j = Σ_{i∈j} a_i b_i``), in expectation
-  over ``σ``. When the energy spreads evenly over the ``p`` columns this is at most
+  ``B_j``: the energy of ``a``, ``b`` in column ``j``, ``C_j = Σ_{i∈j} a_i b_i``), over the
+  draws of ``σ`` and ``ρ``. When the energy spreads evenly over the ``p`` columns this is at most
   ``(‖a‖²‖b‖² + ⟨a, b⟩²)/p``: relative standard deviations ``√(2/p)`` on a squared norm and
   ``√((1+cos²)/p)`` on a cosine (2.2 % and 1.6–2.2 % for ``k = 4096``). A prime ``p`` keeps it
   even on gradients: consecutive elements (a bias, a LayerNorm, an embedding row) fall in
@@ -61,6 +63,8 @@ SKETCH_SIZE_RANGE = (16, 1 << 20)
 # seed, so that element i has the same sign whatever the table's length.
 _SIGN_CHUNK = 1 << 20
 _SIGN_SEED = 0x5EED_B0C4
+# A problem reads the table from an offset in [0, _SIGN_OFFSETS) drawn per step and problem.
+_SIGN_OFFSETS = 1 << 20
 
 
 def check_sketch_size(sketch_size: object, protocol: str) -> int | None:
@@ -140,11 +144,12 @@ def _random_signs(count: int, seed: int, device: torch.device, dtype: torch.dtyp
 
 
 class SignTable:
-    """The fixed per-element signs ``σ``, per device and dtype, grown on demand.
+    """A fixed table of random signs, per device and dtype, grown on demand; a problem's
+    element signs ``σ`` are a window of it (:func:`sketch`).
 
-    Element ``i``'s sign depends only on ``i`` (and the device type's generator), not on how
-    long the table is: every problem reads a prefix. Kept by the protocol of a state, so it
-    costs one buffer of the longest problem's length.
+    Entry ``i`` depends only on ``i`` (and the device type's generator), not on how long the
+    table is. Kept by the protocol of a state: one buffer of the longest problem's length plus
+    2²⁰ entries.
     """
 
     __slots__ = ("_tables",)
@@ -183,7 +188,8 @@ def sketch(
     full_rows, tail = divmod(numel, width)
     rows = full_rows + (tail > 0)
     row_signs = _random_signs(rows, seed, vector.device, compute)
-    element_signs = signs.take(numel, vector.device, compute)
+    offset = (seed >> 20) % _SIGN_OFFSETS  # other bits of the seed than the generator's low ones
+    element_signs = signs.take(offset + numel, vector.device, compute)[offset:]
     # Blocks of rows: 1 MiB (a cache's worth) on the CPU, 16 MiB elsewhere (few launches).
     block_rows = max(1, (1 << 18 if vector.device.type == "cpu" else 1 << 22) // width)
     if workspace is not None and vector.device.type == "cpu":
