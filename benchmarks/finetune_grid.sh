@@ -4,6 +4,7 @@
 #   bash benchmarks/finetune_grid.sh smollm2   # SmolLM2-135M on gnome-user-docs (~3 CPU-min/run)
 #   bash benchmarks/finetune_grid.sh tiny      # byte-level GPT from scratch (~1 CPU-min/run)
 #   bash benchmarks/finetune_grid.sh tiny-why  # tiny, MGDA variants: global/parameter, l2, 3x lr
+#   METHODS="mgda-sketch pcgrad-sketch" bash benchmarks/finetune_grid.sh tiny  # sketched Gramians
 #   python scripts/analyze_finetune.py runs/finetune --out benchmarks/results/finetune
 #
 # Needs `python scripts/fetch_corpora.py` and, for smollm2, `python scripts/fetch_models.py`.
@@ -41,6 +42,9 @@ for seed in $seeds; do for method in $methods; do
         *-global | *-parameter) extra=(--granularity "${method#*-}") ;;
         *-l2) extra=(--mgda-normalization l2) ;;
         *-lr3) extra=(--lr 9e-3) ;;
+        *-lrjitter) extra=(--lr 3.003e-3) ;;  # tiny: lr + 0.1 %, how far a nudge carries
+        *-sketch) extra=(--protocol sketch) ;;  # the default sketch_size, 4096
+        *-sketch[0-9]*) extra=(--protocol sketch --sketch-size "${method##*-sketch}") ;;
     esac
     # The pretrained model's step-0 evaluation is the same in every run: do it once.
     [[ $grid == smollm2 && "$method $seed" != "ddp 1" ]] && extra+=(--no-eval-start)

@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 WeightingSpec = str | Weighting | Callable[[Tensor], Tensor]
+# The sketch's fixed per-element signs (σ depends on the element's index only): one table for
+# every call, grown on demand, rather than 2²⁰ fresh random signs per call.
+_SIGNS = SignTable()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +102,8 @@ def sketch_gramian(
     gradient)."""
     check_sketch_size(sketch_size, "sketch")
     compute = objective_grads.to(torch.promote_types(objective_grads.dtype, torch.float32))
-    signs, seed = SignTable(), problem_seed(step, bucket, problem)
-    sketches = torch.stack([sketch(row, sketch_size, seed, signs) for row in compute])
+    seed = problem_seed(step, bucket, problem)
+    sketches = torch.stack([sketch(row, sketch_size, seed, _SIGNS) for row in compute])
     return gramian_of(sketches)
 
 

@@ -29,8 +29,9 @@ from torch import Tensor
 from ._absent import check_absent
 from ._diagnostics import Diagnostics
 from ._objectives import ObjectiveMap, objective_key
+from ._sketch import check_sketch_size
 from ._state import GRANULARITIES
-from .reference import Combination, combine
+from .reference import Combination, combine, sketch_gramian
 from .weightings import Weighting, WeightingContext, get_weighting
 
 __all__ = ["SingleDeviceMOO", "ddp_bucket_partition"]
@@ -72,6 +73,11 @@ class SingleDeviceMOO:
         absent: As for :class:`BucketMOOState`: ``"exclude"`` (default) leaves an objective out
             of the parameters none of its emulated ranks used (no ``.grad``, or a zero one);
             ``"zero"`` counts their zero gradient.
+        sketch_size: As ``BucketMOOState(protocol="sketch", sketch_size=...)``: every problem's
+            Gramian is :func:`~bucketmoo_hooks.reference.sketch_gramian`, with the seed the hook
+            draws for it (step ``iter``, the DDP bucket's index, the parameter's position in its
+            bucket); with ``"global"`` the model's Gramian is the sum of the buckets'. ``None``
+            (default): exact Gramians.
 
     Attributes:
         buckets: :func:`ddp_bucket_partition` of the parameters.
@@ -86,6 +92,7 @@ class SingleDeviceMOO:
         bucket_cap_mb: float | None = None,
         diagnostics: Diagnostics | None = None,
         absent: str = "exclude",
+        sketch_size: int | None = None,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -94,6 +101,7 @@ class SingleDeviceMOO:
         self.granularity = granularity
         self.diagnostics = diagnostics
         self.absent = check_absent(absent)
+        self.sketch_size = None if sketch_size is None else check_sketch_size(sketch_size, "sketch")
         self.buckets = ddp_bucket_partition(self.parameters, bucket_cap_mb)
         self.iter = 0
         self._order = [i for bucket in self.buckets for i in bucket]  # flat layout: bucket order
@@ -182,12 +190,25 @@ class SingleDeviceMOO:
         if self.granularity == "global":
             context = WeightingContext(self.iter, -1, objectives, None, ())
             sizes = [self.parameters[i].numel() for i in self._order]
+            gramian, sketched = None, ()
+            if self.sketch_size is not None:  # the hook: the sum of the buckets' sketches
+                lengths = [sum(self.parameters[i].numel() for i in b) for b in self.buckets]
+                chunks = torch.split(objective_grads, lengths, dim=1)
+                gramian = torch.stack(
+                    [self._sketch_gramian(c, b, 0) for b, c in enumerate(chunks)]
+                ).sum(dim=0)
+                sketched = (any(n > self.sketch_size for n in lengths),)
             combination = combine(
-                objective_grads, weighting, context, present=present, parameter_sizes=sizes
+                objective_grads,
+                weighting,
+                context,
+                present=present,
+                parameter_sizes=sizes,
+                gramian=gramian,
             )
-            self._record(-1, objectives, [combination], segmented=False)
+            self._record(-1, objectives, [combination], False, sketched)
             return combination.update
-        for b, bucket in enumerate(self.buckets):
+        for b, bucket in enumerate(self.buckets):  # b: the DDP bucket's index (reduction order)
             sizes = [self.parameters[i].numel() for i in bucket]
             chunk = objective_grads[:, offset : offset + sum(sizes)]
             used = None if present is None else present[first : first + len(bucket)]
@@ -205,13 +226,33 @@ class SingleDeviceMOO:
                     )
                     for s, piece in enumerate(torch.split(chunk, sizes, dim=1))
                 ]
+            # The hook's problem index: 0 for a bucket, the parameter's position in it.
             combinations = [
-                combine(piece, weighting, context, present=used, parameter_sizes=sizes)
-                for piece, context, used, sizes in pieces
+                combine(
+                    piece,
+                    weighting,
+                    context,
+                    present=used,
+                    parameter_sizes=sizes,
+                    gramian=self._sketch_gramian(piece, b, s),
+                )
+                for s, (piece, context, used, sizes) in enumerate(pieces)
             ]
-            self._record(b, objectives, combinations, segmented=self.granularity == "parameter")
+            sketched = ()
+            if self.sketch_size is not None:
+                sketched = tuple(piece.shape[1] > self.sketch_size for piece, *_ in pieces)
+            self._record(b, objectives, combinations, self.granularity == "parameter", sketched)
             parts += [c.update for c in combinations]
         return torch.cat(parts)
+
+    def _sketch_gramian(self, grads: Tensor, bucket: int, problem: int) -> Tensor | None:
+        """The Gramian the sketch protocol estimates for problem ``problem`` of bucket
+        ``bucket`` at this step, or ``None`` (exact) without ``sketch_size``."""
+        if self.sketch_size is None:
+            return None
+        return sketch_gramian(
+            grads, self.sketch_size, step=self.iter, bucket=bucket, problem=problem
+        )
 
     def _record(
         self,
@@ -219,11 +260,21 @@ class SingleDeviceMOO:
         objectives: tuple[int, ...],
         combinations: list[Combination],
         segmented: bool,
+        sketched: tuple[bool, ...],
     ) -> None:
         if self.diagnostics is not None:
             gramians = torch.stack([c.gramian for c in combinations])
             weights = torch.stack([c.weights for c in combinations])
-            self.diagnostics.record(self.iter, bucket, objectives, gramians, weights, segmented)
+            self.diagnostics.record(
+                self.iter,
+                bucket,
+                objectives,
+                gramians,
+                weights,
+                segmented,
+                sketched=sketched,
+                sketch_size=self.sketch_size,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Progress and the weighting's state (for checkpoints)."""

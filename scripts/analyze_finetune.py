@@ -2,9 +2,12 @@
 """Tables and plots of a fine-tuning grid written by ``benchmarks/finetune_grid.sh``.
 
     python scripts/analyze_finetune.py runs/finetune/tiny --out benchmarks/results/finetune/tiny
+    python scripts/analyze_finetune.py runs/exact/tiny runs/finetune/tiny --variant sketch \
+        --out benchmarks/results/finetune/tiny-sketch        # METHOD-sketch against METHOD
 
-Reads ``<root>/<method>-s<seed>/`` run directories (``summary.json``, ``log.jsonl``,
-``diagnostics.jsonl``, ``buckets.json`` from ``finetune_multilingual.py --out``) and writes:
+Reads the ``<root>/<method>-s<seed>/`` run directories of every root (a method's seeds may be
+spread over roots; ``summary.json``, ``log.jsonl``, ``diagnostics.jsonl``, ``buckets.json`` from
+``finetune_multilingual.py --out``) and writes:
 
 - ``results.md`` / ``results.json``: final held-out bits per byte per language (mean ± standard
   deviation over seeds), seen and unseen means, each method's difference from plain DDP, and per
@@ -15,6 +18,10 @@ Reads ``<root>/<method>-s<seed>/`` run directories (``summary.json``, ``log.json
   early, middle and late thirds of training (method given by ``--cosine-method``, default DDP:
   the control's Gramians, which no weighting has shaped);
 - ``pair_cosine.png``: every pair's cosine over training, averaged over buckets;
+- with ``--variant V`` (repeatable), in ``results.md``/``results.json``: every method ``M``
+  that has runs ``M-V`` too against them, language by language: both means ± standard
+  deviations, the difference of the means, and the paired difference over the seeds both have
+  (a seed fixes the initialisation and the batches, so pairs share everything but the variant);
 - ``separability.png`` (runs with ``--probe``): per layer, how linearly separable the languages
   are in the hidden states (probe accuracy and between-language variance ratio) per method.
 """
@@ -54,7 +61,9 @@ def load_runs(root: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _rank(method: str) -> int:
-    return ORDER.index(method) if method in ORDER else len(ORDER)
+    """Methods in ORDER's order, each variant (``mgda-sketch``) after its base method."""
+    base = method.split("-")[0]
+    return ORDER.index(base) if base in ORDER else len(ORDER)
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -67,6 +76,13 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _value(run: dict[str, Any], column: str) -> float:
+    """Final test bits per byte of a language, or the ``seen``/``unseen`` mean."""
+    if column in ("seen", "unseen"):
+        return run["mean_bpb"][column]
+    return run["eval"][column]["bpb"]
+
+
 def table(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
     """Markdown table of final test bits per byte, and the same numbers as a dict."""
     first = next(iter(runs.values()))[0]
@@ -76,12 +92,7 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
         (r["eval"] for rs in runs.values() for r in rs if r["eval"][codes[0]]["bpb_start"]), None
     )
     columns = [*codes, "seen", "unseen"]
-
-    def values(run: dict[str, Any], column: str) -> float:
-        if column in ("seen", "unseen"):
-            return run["mean_bpb"][column]
-        return run["eval"][column]["bpb"]
-
+    values = _value
     data: dict[str, Any] = {"columns": columns, "sets": kinds, "methods": {}}
     header = "| method | seeds | " + " | ".join(
         f"{c} ({kinds[c]})" if c in kinds else f"mean {c}" for c in columns
@@ -109,6 +120,63 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
         seeds = ",".join(str(r["seed"]) for r in method_runs)
         lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
         data["methods"][method] = entry | {"seeds": [r["seed"] for r in method_runs]}
+    return "\n".join(lines) + "\n", data
+
+
+# Two-sided 95 % quantile of Student's t with n − 1 degrees of freedom, for n = 2..10 pairs.
+_T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def variant_table(
+    runs: dict[str, list[dict[str, Any]]], variant: str, columns: list[str]
+) -> tuple[str, dict[str, Any]]:
+    """Every method ``M`` with runs ``M-<variant>`` against them (module docstring). In the
+    ``Δ`` row, ``*`` marks a difference of the means larger than the larger of the two seed
+    standard deviations; in the paired row, ``†`` a paired difference whose t statistic exceeds
+    the two-sided 95 % quantile (3 seeds: |t| > 4.30)."""
+    header = "| weighting | runs | " + " | ".join(columns) + " |"
+    lines = [header, "|" + " --- |" * (len(columns) + 2)]
+    data: dict[str, Any] = {}
+    for method, base_runs in runs.items():
+        variant_runs = runs.get(f"{method}-{variant}")
+        if variant_runs is None:
+            continue
+        base_by_seed = {r["seed"]: r for r in base_runs}
+        paired = [(base_by_seed[r["seed"]], r) for r in variant_runs if r["seed"] in base_by_seed]
+        rows: dict[str, list[str]] = {"base": [], "variant": [], "delta": [], "paired": []}
+        entry: dict[str, Any] = {}
+        for column in columns:
+            base = _stats([_value(r, column) for r in base_runs])
+            mine = _stats([_value(r, column) for r in variant_runs])
+            delta = mine[0] - base[0]
+            differences = [_value(v, column) - _value(b, column) for b, v in paired]
+            pair = _stats(differences) if differences else (float("nan"), float("nan"))
+            n = len(differences)
+            t = pair[0] / (pair[1] / n**0.5) if n > 1 and pair[1] > 0 else float("nan")
+            beyond_spread = abs(delta) > max(base[1], mine[1])
+            significant = n in _T95 and abs(t) > _T95[n]
+            rows["base"].append(f"{base[0]:.3f} ± {base[1]:.3f}")
+            rows["variant"].append(f"{mine[0]:.3f} ± {mine[1]:.3f}")
+            rows["delta"].append(f"{delta:+.3f}" + (" *" if beyond_spread else ""))
+            rows["paired"].append(f"{pair[0]:+.3f} ± {pair[1]:.3f}" + (" †" if significant else ""))
+            entry[column] = {
+                "base": {"mean": base[0], "std": base[1]},
+                "variant": {"mean": mine[0], "std": mine[1]},
+                "delta": delta,
+                "paired": {"mean": pair[0], "std": pair[1], "t": t, "n": n},
+                "beyond_spread": beyond_spread,
+                "paired_significant": significant,
+            }
+        seeds = ",".join(str(s) for s in sorted({b["seed"] for b, _ in paired}))
+        names = {
+            "base": f"{method} ({','.join(str(r['seed']) for r in base_runs)})",
+            "variant": f"{method}-{variant} ({','.join(str(r['seed']) for r in variant_runs)})",
+            "delta": "Δ of the means",
+            "paired": f"paired Δ, seeds {seeds}",
+        }
+        for kind, cells in rows.items():
+            lines.append(f"| {method} | {names[kind]} | " + " | ".join(cells) + " |")
+        data[method] = entry
     return "\n".join(lines) + "\n", data
 
 
@@ -373,15 +441,34 @@ def bucket_table(runs: dict[str, list[dict[str, Any]]], cosine_method: str) -> s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", type=Path, help="grid directory with <method>-s<seed>/ runs")
+    parser.add_argument(
+        "root", type=Path, nargs="+", help="grid directories with <method>-s<seed>/ runs"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cosine-method", default="ddp", help="whose Gramians the heatmaps show")
+    parser.add_argument(
+        "--variant", action="append", default=[], help="compare METHOD-VARIANT with METHOD"
+    )
     args = parser.parse_args(argv)
-    runs = load_runs(args.root)
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for root in args.root:  # a method's runs may come from several roots (other seeds)
+        for method, method_runs in load_runs(root).items():
+            runs[method] += method_runs
     if not runs:
         raise SystemExit(f"no finished runs (summary.json) under {args.root}")
+    for method, method_runs in runs.items():
+        seeds = [r["seed"] for r in method_runs]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit(f"{method}: a seed has runs under more than one of {args.root}")
+        method_runs.sort(key=lambda r: r["seed"])
+    runs = dict(sorted(runs.items(), key=lambda kv: (_rank(kv[0]), kv[0])))
     args.out.mkdir(parents=True, exist_ok=True)
     markdown, data = table(runs)
+    for variant in args.variant:
+        comparison, data.setdefault("variants", {})[variant] = variant_table(
+            runs, variant, data["columns"]
+        )
+        markdown += f"\n{variant} against the base method:\n\n{comparison}"
     plot_loss_curves(runs, args.out / "loss_curves.png")
     cosine_runs = [r for r in runs.get(args.cosine_method, []) if r["diagnostics"]]
     if cosine_runs:

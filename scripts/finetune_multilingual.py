@@ -8,6 +8,7 @@ instead of DDP's plain average. ``--weighting ddp`` is the control: plain DDP, n
     torchrun --nproc-per-node 4 scripts/finetune_multilingual.py --weighting ddp
     torchrun --nproc-per-node 2 scripts/finetune_multilingual.py --languages eng,rus,jpn,arb,hin
     torchrun --nproc-per-node 4 scripts/finetune_multilingual.py --device cuda --dtype bf16
+    torchrun --nproc-per-node 4 scripts/finetune_multilingual.py --protocol sketch   # k = 4096
     python scripts/finetune_multilingual.py --engine single --model smollm2-135m --data gnome \\
         --languages de,fr,ru,ko --unseen uk,es,el --weighting pcgrad          # one device
 
@@ -55,6 +56,7 @@ from bucketmoo_hooks import (
     install_bucket_moo,
     weighting_names,
 )
+from bucketmoo_hooks._sketch import check_sketch_size
 from bucketmoo_hooks.cost_model import bucket_bytes
 from bucketmoo_hooks.data import load_udhr, udhr_languages, udhr_split
 from bucketmoo_hooks.data.corpora import cache_dir, corpus_languages, load_corpus
@@ -386,7 +388,7 @@ def weighting_of(args: argparse.Namespace) -> str | Weighting:
 def checkpoint_config(args: argparse.Namespace, world: int) -> dict[str, object]:
     """What a resumed run must share with the run that saved the checkpoint."""
     keys = ("engine", "weighting", "mgda_normalization", "granularity", "languages", "model")
-    keys += ("seed", "steps", "data")
+    keys += ("seed", "steps", "data", "protocol", "sketch_size")
     return {key: vars(args)[key] for key in keys} | {"world": world}
 
 
@@ -445,6 +447,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--weighting", choices=["ddp", *weighting_names()], default="mgda", help="ddp: no hook")
     add("--granularity", choices=["bucket", "parameter", "global"], default="bucket")
     add("--mgda-normalization", choices=["none", "l2"], default="none", help="MGDA on unit grads")
+    add(
+        "--protocol", choices=["shard", "sketch"], default="shard", help="sketch: sketched Gramians"
+    )
+    add("--sketch-size", type=int, default=None, help="--protocol sketch: k (default 4096)")
     add("--steps", type=int, default=200)
     add("--batch-size", type=int, default=32, help="windows per rank per micro-batch")
     add("--grad-accum", type=int, default=1, help="micro-batches per step (DDP no_sync)")
@@ -500,6 +506,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
     if args.warmup is None:
         args.warmup = max(1, args.steps // 10)
+    if args.protocol == "sketch" and args.weighting == "ddp":
+        parser.error("--protocol sketch needs a MOO weighting (--weighting ddp runs no hook)")
+    try:  # the default k of --protocol sketch, so that the summary records it
+        args.sketch_size = check_sketch_size(args.sketch_size, args.protocol)
+    except (TypeError, ValueError) as error:
+        parser.error(f"--sketch-size: {error}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
     if (args.resume or args.ckpt_every or args.stop_after) and args.out is None:
@@ -619,6 +631,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                 weighting_of(args),
                 granularity=args.granularity,
                 diagnostics=diagnostics,
+                protocol=args.protocol,
+                sketch_size=args.sketch_size,
             )
             install_bucket_moo(ddp, state)
     else:
@@ -628,6 +642,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             granularity=args.granularity,
             bucket_cap_mb=args.bucket_cap_mb,
             diagnostics=diagnostics,
+            sketch_size=args.sketch_size,
         )
     forward = ddp if ddp is not None else model
 
@@ -701,7 +716,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     log(
         f"{world} {'ranks' if distributed else 'emulated ranks'} on {device.type} "
         f"({dist.get_backend() if distributed else 'single-device engine'}), "
-        f"weighting={weighting_of(args)}, granularity={args.granularity}, model={args.model}, "
+        f"weighting={weighting_of(args)}, granularity={args.granularity}, "
+        f"protocol={args.protocol}{f' (k={args.sketch_size})' if args.sketch_size else ''}, "
+        f"model={args.model}, "
         f"{n_params / 1e6:.3f}M trainable params in {len(buckets)} buckets "
         f"(cap {args.bucket_cap_mb} MB), {args.steps} steps x {args.grad_accum} x "
         f"{args.batch_size} x {args.context} tokens per rank, data={args.data}"

@@ -12,7 +12,17 @@ from bucketmoo_hooks.single_device import SingleDeviceMOO, ddp_bucket_partition
 
 LANGUAGES = ["en", "de", "en", "ja"]  # 4 ranks, 3 objectives, one group of two
 CAP_MB = 0.0005  # buckets of >= 131 fp32 numbers: 3 buckets of the 472 parameters
-CONFIGS = [("mgda", "bucket"), ("pcgrad", "parameter"), ("cagrad", "global"), (None, "bucket")]
+SKETCH = 16  # sketch_size: fold width 13, so every problem but the short biases is sketched
+# (weighting, granularity, sketch_size): sketch_size=None is the shard protocol's exact Gramians.
+CONFIGS = [
+    ("mgda", "bucket", None),
+    ("pcgrad", "parameter", None),
+    ("cagrad", "global", None),
+    (None, "bucket", None),
+    ("mgda", "bucket", SKETCH),
+    ("pcgrad", "parameter", SKETCH),
+    ("cagrad", "global", SKETCH),
+]
 
 
 def make_model() -> nn.Module:
@@ -32,13 +42,22 @@ def loss_of(model: nn.Module, rank: int, step: int) -> torch.Tensor:
     return (model(x) - y).square().mean() * (1 + rank)  # unequal scales: MOO weights differ
 
 
-def ddp_trajectory(rank: int, weighting: str | None, granularity: str) -> dict:
+def ddp_trajectory(
+    rank: int, weighting: str | None, granularity: str, sketch_size: int | None
+) -> dict:
     """Three SGD steps of DDP (+ the hook unless ``weighting`` is None): parameters per step."""
     model = make_model()
     ddp = DistributedDataParallel(model, bucket_cap_mb=CAP_MB, find_unused_parameters=True)
     state = None
     if weighting is not None:
-        state = BucketMOOState(LANGUAGES, weighting, granularity=granularity)
+        protocol = "shard" if sketch_size is None else "sketch"
+        state = BucketMOOState(
+            LANGUAGES,
+            weighting,
+            granularity=granularity,
+            protocol=protocol,
+            sketch_size=sketch_size,
+        )
         install_bucket_moo(ddp, state)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trajectory = []
@@ -52,7 +71,7 @@ def ddp_trajectory(rank: int, weighting: str | None, granularity: str) -> dict:
 
 
 def ddp_worker(rank: int, world: int) -> list[dict]:
-    return [ddp_trajectory(rank, weighting, granularity) for weighting, granularity in CONFIGS]
+    return [ddp_trajectory(rank, *config) for config in CONFIGS]
 
 
 DDP_RUNS = shared_spawn(4).add(ddp_worker)
@@ -64,9 +83,13 @@ def ddp_results() -> list[list[dict]]:
     return DDP_RUNS.results()
 
 
-def engine_trajectory(weighting: str | None, granularity: str) -> tuple[torch.Tensor, list[int]]:
+def engine_trajectory(
+    weighting: str | None, granularity: str, sketch_size: int | None = None
+) -> tuple[torch.Tensor, list[int]]:
     model = make_model()
-    engine = SingleDeviceMOO(model.parameters(), weighting, granularity, bucket_cap_mb=CAP_MB)
+    engine = SingleDeviceMOO(
+        model.parameters(), weighting, granularity, bucket_cap_mb=CAP_MB, sketch_size=sketch_size
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trajectory = []
     for step in range(3):
@@ -83,10 +106,14 @@ def engine_trajectory(weighting: str | None, granularity: str) -> tuple[torch.Te
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", range(len(CONFIGS)), ids=[f"{w}-{g}" for w, g in CONFIGS])
+@pytest.mark.parametrize(
+    "config",
+    range(len(CONFIGS)),
+    ids=[f"{w}-{g}" + (f"-sketch{k}" if k else "") for w, g, k in CONFIGS],
+)
 def test_engine_matches_ddp_on_four_ranks(ddp_results: list[list[dict]], config: int) -> None:
-    weighting, granularity = CONFIGS[config]
-    trajectory, numels = engine_trajectory(weighting, granularity)
+    weighting, granularity, sketch_size = CONFIGS[config]
+    trajectory, numels = engine_trajectory(weighting, granularity, sketch_size)
     assert len(numels) == 3
     if weighting is not None:  # the hook's buckets are the engine's partition
         assert ddp_results[0][config]["bucket_numels"] == numels
@@ -131,6 +158,103 @@ def test_engine_bucket_update_is_the_reference_over_the_partition() -> None:
     torch.testing.assert_close(got, expected)
 
 
+def engine_steps(
+    granularity: str, sketch_size: int | None, diagnostics: Diagnostics | None = None
+) -> tuple[SingleDeviceMOO, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Two steps of the MGDA engine (no optimizer): per step, the ranks' gradients ``[R, N]``
+    and the combined update ``[N]``, both in the engine's flat layout (bucket order)."""
+    model = make_model()
+    params = list(model.parameters())
+    engine = SingleDeviceMOO(
+        params,
+        "mgda",
+        granularity,
+        bucket_cap_mb=CAP_MB,
+        diagnostics=diagnostics,
+        sketch_size=sketch_size,
+    )
+    order = [i for bucket in engine.buckets for i in bucket]
+    steps = []
+    for step in range(2):
+        rows = []
+        for rank, language in enumerate(LANGUAGES):
+            loss_of(model, rank, step).backward()
+            rows.append(torch.cat([params[i].grad.flatten() for i in order]))
+            engine.add_gradient(language)
+        engine.combine()
+        steps.append((torch.stack(rows), torch.cat([params[i].grad.flatten() for i in order])))
+    return engine, steps
+
+
+def sketched_reference(
+    engine: SingleDeviceMOO, grads: torch.Tensor, granularity: str, step: int
+) -> torch.Tensor:
+    """The sketch protocol's update by the reference, problem by problem, with the hook's seeds:
+    (step, DDP bucket index, 0 or the parameter's position in its bucket)."""
+    params = engine.parameters
+    sizes = [[params[i].numel() for i in bucket] for bucket in engine.buckets]
+    buckets = torch.split(grads, [sum(s) for s in sizes], dim=1)
+    if granularity == "bucket":
+        flat = [n for s in sizes for n in s]
+        lengths = [sum(s) for s in sizes]
+        return reference.model_update(
+            grads, lengths, LANGUAGES, step=step, parameter_sizes=flat, sketch_size=SKETCH
+        )
+    if granularity == "parameter":
+        return torch.cat(
+            [
+                reference.bucket_update(
+                    piece, LANGUAGES, step=step, bucket=b, segment=s, sketch_size=SKETCH
+                )
+                for b, chunk in enumerate(buckets)
+                for s, piece in enumerate(torch.split(chunk, sizes[b], dim=1))
+            ]
+        )
+    objective_grads, _ = reference.objective_gradients(grads, LANGUAGES)
+    chunks = torch.split(objective_grads, [sum(s) for s in sizes], dim=1)
+    gramian = sum(
+        reference.sketch_gramian(chunk, SKETCH, step=step, bucket=b)
+        for b, chunk in enumerate(chunks)
+    )
+    return reference.combine(objective_grads, gramian=gramian).update
+
+
+@pytest.mark.parametrize("granularity", ["bucket", "parameter", "global"])
+def test_engine_sketch_is_the_reference_with_the_hooks_seeds(granularity: str) -> None:
+    diagnostics = Diagnostics(log_every=1)
+    engine, steps = engine_steps(granularity, SKETCH, diagnostics)
+    _, exact = engine_steps(granularity, None)
+    for step, ((grads, update), (_, exact_update)) in enumerate(zip(steps, exact, strict=True)):
+        torch.testing.assert_close(update, sketched_reference(engine, grads, granularity, step))
+        # Not vacuous: a 16-number sketch of problems of up to 221 elements moves the weights.
+        assert (update - exact_update).abs().max() > 1e-3 * exact_update.abs().max()
+    records = [r for r in diagnostics.records if "bucket" in r]
+    assert records and any(r["sketched"] for r in records)
+    # Sketched exactly where the problem (for "global": some bucket) has over 16 elements.
+    sizes = [[engine.parameters[i].numel() for i in bucket] for bucket in engine.buckets]
+    for record in records:
+        b, s = record["bucket"], record["parameter"]
+        if b < 0:
+            longest = max(sum(bucket) for bucket in sizes)
+        else:
+            longest = sum(sizes[b]) if s is None else sizes[b][s]
+        assert record["sketched"] is (longest > SKETCH)
+        assert record["sketch_size"] == (SKETCH if longest > SKETCH else None)
+    if granularity == "parameter":  # the 11- and 3-element biases are kept whole
+        assert sum(not r["sketched"] for r in records) == 2 * 2
+
+
+@pytest.mark.parametrize("granularity", ["bucket", "parameter", "global"])
+def test_engine_sketch_of_every_problem_whole_is_exact(granularity: str) -> None:
+    diagnostics = Diagnostics(log_every=1)
+    _, steps = engine_steps(granularity, 512, diagnostics)  # 472 elements in all
+    _, exact = engine_steps(granularity, None)
+    for (_, update), (_, exact_update) in zip(steps, exact, strict=True):
+        torch.testing.assert_close(update, exact_update)
+    records = [r for r in diagnostics.records if "bucket" in r]
+    assert records and not any(r["sketched"] or r["sketch_size"] for r in records)
+
+
 def test_partition_follows_ddp_caps() -> None:
     params = [torch.zeros(n, requires_grad=True) for n in (300, 300, 300, 300)]
     # 2 KiB cap: a bucket closes once it holds >= 512 fp32 numbers; DDP reduces the last first.
@@ -145,3 +269,11 @@ def test_engine_refuses_bad_use() -> None:
         SingleDeviceMOO(model.parameters(), granularity="layer")
     with pytest.raises(RuntimeError, match="add_gradient"):
         SingleDeviceMOO(model.parameters()).combine()
+    for bad, error in [
+        (8, ValueError),
+        (1 << 21, ValueError),
+        (64.0, TypeError),
+        (True, TypeError),
+    ]:
+        with pytest.raises(error, match="sketch_size"):
+            SingleDeviceMOO(model.parameters(), sketch_size=bad)

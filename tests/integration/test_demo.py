@@ -144,11 +144,21 @@ def test_single_device_engine_reproduces_the_ddp_run(
 
 @pytest.mark.slow
 def test_more_languages_than_ranks_rotate(tmp_path: Path) -> None:
+    # The sketch protocol rides along (the mean weighting ignores the Gramians it estimates).
     out = launch(
         *("--languages", "eng,rus,jpn", "--unseen", "", "--weighting", "mean"),
-        *("--log-every", "1", "--out", str(tmp_path)),
+        *(
+            "--log-every",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--protocol",
+            "sketch",
+            "--sketch-size",
+            "16",
+        ),
     )
-    assert "rotating" in out
+    assert "rotating" in out and "protocol=sketch (k=16)" in out
     lines = loss_lines(out)
     assert len(lines) == 4, out
     assert re.search(r"\| eng \d\.\d{3}  rus \d\.\d{3}  jpn   -   \|", lines[0]), lines[0]
@@ -158,6 +168,10 @@ def test_more_languages_than_ranks_rotate(tmp_path: Path) -> None:
     assert trained == [["eng", "rus"], ["eng", "jpn"], ["jpn", "rus"], ["eng", "rus"]]
     assert_eval_table(out, ["eng", "rus", "jpn"], [])
     assert "hook sent" in out
+    assert (result["config"]["protocol"], result["config"]["sketch_size"]) == ("sketch", 16)
+    records = [json.loads(line) for line in (tmp_path / "diagnostics.jsonl").open()]
+    per_bucket = [r for r in records if "bucket" in r]
+    assert per_bucket and all(r["sketched"] and r["sketch_size"] == 16 for r in per_bucket)
 
 
 @pytest.mark.slow
@@ -187,6 +201,17 @@ def test_cli_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtu
     assert "need --out" in capsys.readouterr().err
     args = parse_args(["--engine", "single", "--languages", "eng,rus,jpn"])
     assert args.ranks == 3 and args.unseen == ["ukr", "deu_1996"]
+    assert (args.protocol, args.sketch_size) == ("shard", None)
+    args = parse_args(["--engine", "single", "--protocol", "sketch"])
+    assert args.sketch_size == 4096  # the default, resolved so that the summary records it
+    for bad, message in [
+        (["--sketch-size", "64"], "protocol='sketch' only"),
+        (["--protocol", "sketch", "--sketch-size", "8"], "sketch_size must be in"),
+        (["--protocol", "sketch", "--weighting", "ddp"], "needs a MOO weighting"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(["--engine", "single", *bad])
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow
