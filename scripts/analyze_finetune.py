@@ -2,7 +2,7 @@
 """Tables and plots of a fine-tuning grid written by ``benchmarks/finetune_grid.sh``.
 
     python scripts/analyze_finetune.py runs/finetune/tiny --out benchmarks/results/finetune/tiny
-    python scripts/analyze_finetune.py runs/exact/tiny runs/finetune/tiny --variant sketch \
+    python scripts/analyze_finetune.py runs/repro/tiny runs/finetune/tiny --variant sketch \
         --out benchmarks/results/finetune/tiny-sketch        # METHOD-sketch against METHOD
 
 Reads the ``<root>/<method>-s<seed>/`` run directories of every root (a method's seeds may be
