@@ -19,10 +19,10 @@ The fold ``Φ``. Let ``p`` be the largest prime ``≤ k`` (:func:`fold_width`) a
 rows of ``p`` consecutive elements (the last one shorter): element ``i`` sits in row ``⌊i/p⌋`` and
 column ``i mod p``. Then ``(Φg)_j = Σ_b ρ_b σ_{bp+j} g_{bp+j}``: a sum over the rows, column by
 column, with a sign ``σ_i`` per element and a sign ``ρ_b`` per row, both drawn afresh for every
-step and problem from a seed all ranks share (:func:`problem_seed`): ``ρ`` by the device's
-generator, ``σ`` as a window of a fixed random table (:class:`SignTable`) at an offset drawn
-from the seed, so that no pair of elements keeps an unlucky sign product from step to step. It
-is a CountSketch whose hash is ``i mod p``:
+step and problem from a seed all ranks share (:func:`problem_seed`): ``ρ`` by the CPU's
+generator (the same map on every device), ``σ`` as a window of a fixed random table
+(:class:`SignTable`) at an offset drawn from the seed, so that no pair of elements keeps an
+unlucky sign product from step to step. It is a CountSketch whose hash is ``i mod p``:
 
 - unbiased at every step: ``⟨Φa, Φb⟩ − ⟨a, b⟩ = Σ_j Σ_{b≠b'} ρ_b ρ_b' σσ' a b'`` has mean 0 over
   the fresh ``ρ``, and its errors at different steps are uncorrelated;
@@ -49,6 +49,7 @@ from torch import Tensor
 
 from ._absent import touched
 from ._collectives import Collectives, all_gather_bytes, all_reduce_bytes
+from ._device_path import to_device
 from ._linalg import Segment, objective_shards, partial_gramians, row_segments
 from ._protocol import Exchange, ExchangeProtocol, Gradient, Request
 from ._runtime import Workspace
@@ -131,25 +132,20 @@ def problem_seed(step: int, bucket: int, problem: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    # The device's own generator: drawing on a GPU then needs no host synchronisation.
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
-
-
 def _random_signs(count: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    bits = torch.randint(0, 2, (count,), generator=_generator(seed, device), device=device)
-    return (bits * 2 - 1).to(dtype)
+    """``count`` random ±1 from ``seed``, drawn on the CPU whatever ``device`` (the same map on
+    every device, so the CPU reference reproduces a GPU run) and moved without synchronising."""
+    generator = torch.Generator().manual_seed(seed)
+    signs = (torch.randint(0, 2, (count,), generator=generator) * 2 - 1).to(dtype)
+    return to_device(signs, device)
 
 
 class SignTable:
     """A fixed table of random signs, per device and dtype, grown on demand; a problem's
     element signs ``σ`` are a window of it (:func:`sketch`).
 
-    Entry ``i`` depends only on ``i`` (and the device type's generator), not on how long the
-    table is. Kept by the protocol of a state: one buffer of the longest problem's length plus
-    2²⁰ entries.
+    Entry ``i`` depends only on ``i``, not on how long the table is or on the device. Kept by
+    the protocol of a state: one buffer of the longest problem's length plus 2²⁰ entries.
     """
 
     __slots__ = ("_tables",)
