@@ -50,6 +50,7 @@ from torch import Tensor
 from ._absent import touched
 from ._collectives import Collectives, all_gather_bytes, all_reduce_bytes
 from ._device_path import to_device
+from ._kernels import Backend, fold_kernel, sketch_kernel
 from ._linalg import Segment, objective_shards, partial_gramians, row_segments
 from ._protocol import Exchange, ExchangeProtocol, Gradient, Request
 from ._runtime import Workspace
@@ -170,11 +171,13 @@ def sketch(
     seed: int,
     signs: SignTable,
     workspace: Workspace | None = None,
+    backend: Backend | None = None,
 ) -> Tensor:
     """``Φ vector`` in fp32 (fp64 for fp64): ``vector`` itself if it has at most
     ``sketch_size`` elements, else its fold into :func:`fold_width` columns (module docstring).
 
     ``seed``: :func:`problem_seed` of the problem. ``workspace``: a CPU buffer for the blocks.
+    ``backend``: fold in the fused CUDA kernel (:func:`._kernels.sketch_kernel`) instead.
     """
     compute = torch.promote_types(vector.dtype, torch.float32)
     numel = vector.numel()
@@ -186,6 +189,8 @@ def sketch(
     row_signs = _random_signs(rows, seed, vector.device, compute)
     offset = (seed >> 20) % _SIGN_OFFSETS  # other bits of the seed than the generator's low ones
     element_signs = signs.take(offset + numel, vector.device, compute)[offset:]
+    if backend is not None:
+        return fold_kernel(backend, vector, element_signs, row_signs, width)
     # Blocks of rows: 1 MiB (a cache's worth) on the CPU, 16 MiB elsewhere (few launches).
     block_rows = max(1, (1 << 18 if vector.device.type == "cpu" else 1 << 22) // width)
     if workspace is not None and vector.device.type == "cpu":
@@ -220,11 +225,6 @@ class SketchProtocol(ExchangeProtocol):
     def exchange(
         self, comm: Collectives, gradient: Gradient, averaging: Tensor, request: Request
     ) -> "SketchExchange":
-        if request.kernels == "cuda":
-            raise ValueError(
-                "kernels='cuda' runs the shard protocol's fused kernels; the sketch protocol "
-                "has no kernel of its own yet: use kernels='auto' or 'torch' with it"
-            )
         flat, world_size = gradient.flat, comm.world_size
         rank = comm.group.rank()
         if gradient.rows:  # FSDP2: parameter p is columns [lo, hi) of every rank's chunk
@@ -236,6 +236,8 @@ class SketchProtocol(ExchangeProtocol):
             pieces = [flat[lo:hi] for lo, hi in parameters]
         vectors = [p.reshape(-1) for p in pieces] if request.per_parameter else [flat]
         bucket = request.bucket.index
+        folds = any(v.numel() > self.sketch_size for v in vectors)
+        backend = sketch_kernel(request.kernels, flat) if folds else None
         sketches = [
             sketch(
                 v,
@@ -243,6 +245,7 @@ class SketchProtocol(ExchangeProtocol):
                 problem_seed(request.step, bucket, s),
                 self.signs,
                 request.workspace,
+                backend,
             )
             for s, v in enumerate(vectors)
         ]

@@ -209,11 +209,6 @@ class BucketMOOState:
         self.nonfinite = check_nonfinite(nonfinite)
         self.absent = check_absent(absent)
         self.protocol = protocol
-        if protocol == "sketch" and self.kernels == "cuda":
-            raise ValueError(
-                "kernels='cuda' runs the shard protocol's fused kernels; protocol='sketch' runs "
-                "in torch: use kernels='auto' or 'torch' with it"
-            )
         if diagnostics is not None and not isinstance(diagnostics, Diagnostics):
             raise TypeError(
                 f"diagnostics must be a bucketmoo_hooks.Diagnostics or None, "

@@ -14,7 +14,7 @@
 constexpr int kObjectives = BMOO_OBJECTIVES;  // L
 constexpr int kBlock = BMOO_BLOCK;            // threads per block
 constexpr int kColumns = BMOO_COLUMNS;        // columns per thread per tile
-constexpr int kTile = kBlock * kColumns;      // columns per block per tile
+[[maybe_unused]] constexpr int kTile = kBlock * kColumns;  // columns per block per tile
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // One lane per objective in the warp solver, and the Gramian's triangle in registers.

@@ -173,3 +173,27 @@ def fused_kernels(
         f"on {torch.cuda.get_device_name(shards.device)}"
     )
     return FusedBucket(backend, shards, averaging, segments)
+
+
+def sketch_kernel(choice: str, vector: Tensor) -> Backend | None:
+    """The backend that folds the sketch protocol's problems in one CUDA pass
+    (:func:`._fold.fold_kernel`), or ``None`` for the torch path; ``choice`` as in
+    :func:`fused_kernels` (``"cuda"`` raises ``RuntimeError`` saying why it cannot run)."""
+    if choice == "torch":
+        return None
+    reason = probe_kernels(vector.device)
+    if reason is None and vector.dtype not in DTYPE_CODES:
+        reason = f"{vector.dtype} gradients (the kernel reads {', '.join(map(str, DTYPE_CODES))})"
+    if reason is None and vector.dtype == torch.bfloat16:
+        major, minor = torch.cuda.get_device_capability(vector.device)
+        if major < 8:
+            reason = f"bf16 gradients on sm_{major}{minor} (the kernels build bf16 for sm_80)"
+    if reason is not None:
+        if choice == "cuda":
+            raise RuntimeError(f"kernels='cuda' cannot fold this problem: {reason}")
+        _log_once(f"bucketmoo_hooks: the sketch on the torch path: {reason}")
+        return None
+    backend = cuda_backend()
+    assert not isinstance(backend, str)  # the probe passed
+    _log_once(f"bucketmoo_hooks: the sketch in the fused CUDA kernel (CuPy {backend.version()})")
+    return backend

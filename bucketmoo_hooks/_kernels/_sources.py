@@ -10,8 +10,9 @@ from importlib import resources
 
 import torch
 
-#: The compilation units; each is compiled once per (number of objectives, dtype).
-SOURCES = ("gramian.cu", "combine.cu")
+#: The compilation units; each is compiled once per (number of objectives, dtype). The sketch
+#: protocol's fold (sketch.cu) is compiled for one objective.
+SOURCES = ("gramian.cu", "combine.cu", "sketch.cu")
 #: Threads per block of every kernel.
 BLOCK = 256
 #: Largest ``L`` the kernels compile for (one warp lane per objective, the Gramian's triangle in

@@ -277,3 +277,29 @@ def test_tf32_changes_nothing_on_the_torch_path(ids: list[int]) -> None:
     if torch.cuda.get_device_capability() >= (8, 0):  # TF32 exists here: the test has teeth
         wide = shards.double()
         assert gramian_error(plain_gemm[None], (wide @ wide.T)[None]) > 1e-5
+
+
+@needs_cupy
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sketch_fold_on_cuda_is_the_cpu_map(dtype: torch.dtype) -> None:
+    """The sketch protocol's map is the same on every device: the fused fold (csrc/sketch.cu)
+    and the torch fold on the GPU agree with the CPU's, without a host synchronisation."""
+    from bucketmoo_hooks import _sketch
+    from bucketmoo_hooks._kernels import sketch_kernel
+
+    vector = torch.randn(3_000_001, generator=torch.Generator().manual_seed(1)).to(dtype)
+    seed = _sketch.problem_seed(5, 2, 0)
+    on_cpu = _sketch.sketch(vector, 4096, seed, _sketch.SignTable())
+    device_vector, signs = vector.cuda(), _sketch.SignTable()
+    backend = sketch_kernel("cuda", device_vector)
+    _sketch.sketch(device_vector, 4096, seed, signs, backend=backend)  # tables, compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused = _sketch.sketch(device_vector, 4096, seed, signs, backend=backend)
+        plain = _sketch.sketch(device_vector, 4096, seed, signs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    scale = 1e-5 * vector.double().norm().item()
+    torch.testing.assert_close(fused.cpu().double(), on_cpu.double(), rtol=0, atol=scale)
+    torch.testing.assert_close(plain.cpu().double(), on_cpu.double(), rtol=0, atol=scale)

@@ -6,6 +6,7 @@ whole Python launch path, are checked here without a GPU; test_gpu.py repeats th
 a device.
 """
 
+import math
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from _kernel_checks import (
 )
 from _kernel_workers import fused_and_plain
 
-from bucketmoo_hooks import _shard
+from bucketmoo_hooks import _shard, _sketch
 from bucketmoo_hooks._kernels import FusedBucket
 from bucketmoo_hooks._kernels._sources import compile_options
 from bucketmoo_hooks._linalg import combine_segments, objective_shards
@@ -166,3 +167,28 @@ def test_hook_with_the_kernels_equals_the_torch_path(backend: EmulatedBackend) -
         for a, b in zip(fused_grads, plain_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.equal(fused[0][0], plain[0][0])  # the kernels did run (round-off differs)
+
+
+# (elements, sketch size, dtype): tails, one row, widths over one block, 16-bit gradients.
+FOLDS = [
+    (1000, 16, torch.float32),
+    (40_000, 256, torch.bfloat16),
+    (9_000, 4096, torch.float16),
+    (4_200, 4096, torch.float32),  # two rows, the second short
+    (300_001, 1024, torch.float32),
+]
+
+
+@pytest.mark.parametrize(("numel", "sketch_size", "dtype"), FOLDS)
+def test_sketch_fold_kernel_matches_the_torch_fold(
+    backend: EmulatedBackend, numel: int, sketch_size: int, dtype: torch.dtype
+) -> None:
+    """csrc/sketch.cu folds as ``_sketch.sketch``'s torch path (its oracle), up to fp32
+    summation order; the same launch twice gives the same bits."""
+    vector = torch.randn(numel, generator=torch.Generator().manual_seed(numel)).to(dtype)
+    signs, seed = _sketch.SignTable(), _sketch.problem_seed(3, 1, 0)
+    expected = _sketch.sketch(vector.double(), sketch_size, seed, signs)
+    folded = _sketch.sketch(vector, sketch_size, seed, signs, backend=backend)
+    assert folded.dtype == torch.float32 and folded.shape == expected.shape
+    torch.testing.assert_close(folded.double(), expected, rtol=0, atol=1e-5 * math.sqrt(numel))
+    assert torch.equal(folded, _sketch.sketch(vector, sketch_size, seed, signs, backend=backend))
