@@ -79,7 +79,8 @@ class BucketMOOState:
             the last bucket (``L·⌈n/R⌉`` fp32, or the ``R·⌈n/R⌉`` received elements the fused
             kernels read when that is smaller), so memory grows with the model
             (:attr:`held_bytes`).
-        kernels: Where a bucket's compute (group averages, Gramian, weights, combination) runs.
+        kernels: Where a bucket's compute (group averages, Gramian, weights, combination; the
+            sketch protocol's fold) runs.
             ``"auto"`` (default): the fused CUDA kernels (README, "CUDA kernels") for CUDA buckets
             when CuPy is installed (``pip install bucketmoo_hooks[cuda]``) and the bucket is
             supported, else the torch path; the choice is logged once. ``"torch"``: always the

@@ -30,8 +30,8 @@ all-gather of ``[R, K + P]``, whichever sends fewer bytes: :func:`._sketch.sketc
 ``K`` sums the widths of the bucket's problems, ``n`` for a problem of ``n ≤ k`` elements, else
 the fold's ``p``: :func:`._sketch.sketch_width`), then the engine's own all-reduce (DDP) or
 reduce-scatter (FSDP) of the bucket: ring or tree, never the bisection-bound all-to-all. Its
-compute: one pass that folds the gradient (reads it and the fp32 signs, writes and reads the
-fp32 block) and one that scales it in place.
+compute, with the fused fold kernel (csrc/sketch.cu): one pass that reads the gradient and the
+fp32 signs, and one that scales the gradient in place.
 
 The collectives of one step run one after the other on the communication stream (DDP issues
 buckets in order), so a step's communication time is their sum; how much of it backward hides
@@ -367,12 +367,11 @@ def predict(
         elif method == "naive":  # the same on every rank, over the whole bucket
             compute += (2 * world_size + 1) * numel * element_size / cluster.memory_bandwidth
         elif method in SKETCH_METHODS:
-            # Every rank sketches its whole gradient (FSDP: the padded R·c input): the fold
-            # reads it and the fp32 signs and writes and reads an fp32 block (a problem of at
-            # most k elements: one fp32 copy); then the scaling reads and writes it.
+            # Every rank sketches its whole gradient (FSDP: the padded R·c input): the fused
+            # fold reads it and the fp32 signs (a problem of at most k elements: one fp32
+            # copy); then the scaling reads and writes it.
             n = world_size * c if method == "fsdp_moo_sketch" else numel
-            fold = n * (element_size + 12) if n > k else n * (element_size + 4)
-            compute += (fold + 2 * n * element_size) / cluster.memory_bandwidth
+            compute += (n * (element_size + 4) + 2 * n * element_size) / cluster.memory_bandwidth
     if method in LIBRARY_METHODS:
         exchange = exchange_bytes(world_size)
         total["all_gather"] = total.get("all_gather", 0) + exchange
