@@ -60,11 +60,12 @@ from bucketmoo_hooks import reference, weighting_names
 from bucketmoo_hooks._collectives import all_gather_bytes, all_reduce_bytes
 from bucketmoo_hooks._linalg import gramian_of
 from bucketmoo_hooks._sketch import (
-    _SIGN_OFFSETS,
+    SIGN_OFFSETS,
     SignTable,
     _random_signs,
     fold_width,
     problem_seed,
+    sign_offset,
 )
 from bucketmoo_hooks.single_device import ddp_bucket_partition
 from bucketmoo_hooks.weightings import WeightingContext, get_weighting
@@ -233,12 +234,6 @@ def collect_gradients(
 # -- 2. the estimator ------------------------------------------------------------------------------
 
 
-def sign_offset(seed: int) -> int:
-    """Where a problem's window of element signs starts in the sign table, ``_sketch.sketch``'s
-    rule: bits of the seed above the generator's low ones, modulo ``_SIGN_OFFSETS``."""
-    return (seed >> 20) % _SIGN_OFFSETS
-
-
 def fold(grads: Tensor, sketch_size: int, signs: Tensor | None = None) -> Tensor:
     """``σ ⊙ A`` cut into the fold's rows of ``p`` columns, zero-padded: ``[L, rows, p]``.
     ``signs``: ``σ`` (at least ``n`` of them); ``None``: ``A`` itself (enough for
@@ -268,7 +263,7 @@ def sketched_gramians(problem: Problem, sketch_size: int, steps: range, signs: S
     layout = fold(grads, sketch_size).permute(1, 0, 2).contiguous()  # [rows, L, p]
     rows = layout.shape[0]
     # Entry i of the table does not depend on its length: windows past n meet the zero padding.
-    table = signs.take(_SIGN_OFFSETS + rows * width, grads.device, grads.dtype)
+    table = signs.take(SIGN_OFFSETS + rows * width, grads.device, grads.dtype)
     block_rows = max(1, (1 << 18) // width)  # L·2¹⁸ numbers per block
     buffer = grads.new_empty(min(block_rows, rows), num_objectives, width)
     sketch = grads.new_empty(num_objectives * width)

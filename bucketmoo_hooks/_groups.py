@@ -24,6 +24,9 @@ from ._worker import BucketWorker
 
 HOST = "host"  # the per-step objective exchange, for a group without a CPU backend
 OVERLAP = "overlap"  # the overlap worker's copy of the group, for CPU buckets
+# The sketch protocol's small collective of CPU buckets: on a gloo group of its own it does not
+# queue behind the all-reduces of earlier buckets (gloo runs one group's collectives in order).
+SKETCH = "sketch"
 
 _groups: dict[tuple[str, tuple[int, ...], datetime.timedelta], dist.ProcessGroup] = {}
 # One thread per copy: collectives issued on one gloo group from two threads could pair up in a

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._collectives import nbytes
-from ._groups import HOST, OVERLAP, helper_group, shared_worker
+from ._groups import HOST, OVERLAP, SKETCH, helper_group, shared_worker
 from ._objectives import ObjectiveMap
 from ._worker import BucketWorker
 
@@ -172,6 +172,8 @@ def register(
     runtime.host_group(group)
     if state.overlap and cpu_buckets:
         helper_group(group, OVERLAP)
+    if state.protocol == "sketch" and cpu_buckets:
+        helper_group(group, SKETCH)
     state.process_group = group
     runtime.model = weakref.ref(model)
 

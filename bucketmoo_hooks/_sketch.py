@@ -50,6 +50,7 @@ from torch import Tensor
 from ._absent import touched
 from ._collectives import Collectives, all_gather_bytes, all_reduce_bytes
 from ._device_path import to_device
+from ._groups import SKETCH, helper_group
 from ._kernels import Backend, fold_kernel, sketch_kernel
 from ._linalg import Segment, objective_shards, partial_gramians, row_segments
 from ._protocol import Exchange, ExchangeProtocol, Gradient, Request
@@ -65,8 +66,8 @@ SKETCH_SIZE_RANGE = (16, 1 << 20)
 # seed, so that element i has the same sign whatever the table's length.
 _SIGN_CHUNK = 1 << 20
 _SIGN_SEED = 0x5EED_B0C4
-# A problem reads the table from an offset in [0, _SIGN_OFFSETS) drawn per step and problem.
-_SIGN_OFFSETS = 1 << 20
+# A problem reads the table from an offset in [0, SIGN_OFFSETS) drawn per step and problem.
+SIGN_OFFSETS = 1 << 20
 
 
 def check_sketch_size(sketch_size: object, protocol: str) -> int | None:
@@ -133,6 +134,12 @@ def problem_seed(step: int, bucket: int, problem: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def sign_offset(seed: int) -> int:
+    """Where a problem's window of element signs starts in the :class:`SignTable`: bits of its
+    seed above those the row signs' generator mixes first, modulo 2²⁰."""
+    return (seed >> 20) % SIGN_OFFSETS
+
+
 def _random_signs(count: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``count`` random ±1 from ``seed``, drawn on the CPU whatever ``device`` (the same map on
     every device, so the CPU reference reproduces a GPU run) and moved without synchronising."""
@@ -187,7 +194,7 @@ def sketch(
     full_rows, tail = divmod(numel, width)
     rows = full_rows + (tail > 0)
     row_signs = _random_signs(rows, seed, vector.device, compute)
-    offset = (seed >> 20) % _SIGN_OFFSETS  # other bits of the seed than the generator's low ones
+    offset = sign_offset(seed)
     element_signs = signs.take(offset + numel, vector.device, compute)[offset:]
     if backend is not None:
         return fold_kernel(backend, vector, element_signs, row_signs, width)
@@ -256,8 +263,12 @@ class SketchProtocol(ExchangeProtocol):
         presence = None
         if request.presence:
             presence = torch.stack([touched(p) for p in pieces]).to(own.dtype)  # [P]
+        small = comm
+        if flat.device.type == "cpu" and gradient.output is None and comm.outer is None:
+            # An all-reduce on gloo (DDP): Y on a group of its own, beside the buckets' ones.
+            small = Collectives(helper_group(comm.group, SKETCH), comm.traffic)
         gramians, counts = _exchange_sketches(
-            comm, own, presence, averaging, column, members, segments
+            comm, small, own, presence, averaging, column, members, segments
         )
         return SketchExchange(
             comm=comm,
@@ -273,6 +284,7 @@ class SketchProtocol(ExchangeProtocol):
 
 def _exchange_sketches(
     comm: Collectives,
+    small: Collectives,
     own: Tensor,
     presence: Tensor | None,
     averaging: Tensor,
@@ -281,10 +293,10 @@ def _exchange_sketches(
     segments: list[Segment],
 ) -> tuple[Tensor, Tensor | None]:
     """Step 2: ``Y`` from every rank's sketch ``own`` (and the presence counts from every
-    rank's ``presence``), by whichever of all-reduce and all-gather sends fewer bytes; the
-    Gramians of ``Y``'s ``segments``. With ``comm.outer`` (HSDP: each rank of the replicate
-    group holds one shard of the unit), every shard's Gramians and counts are summed over
-    ``outer``: the sum of independent sketches of the shards is a sketch of the unit."""
+    rank's ``presence``), by whichever of all-reduce and all-gather sends fewer bytes, over
+    ``small`` (``comm``'s ranks); the Gramians of ``Y``'s ``segments``. With ``comm.outer``
+    (HSDP: each rank of the replicate group holds one shard of the unit), every shard's Gramians
+    and counts are summed over ``outer``: the sum of the shards' sketches estimates the unit's."""
     num_objectives, world_size = averaging.shape
     width, parameters = own.numel(), 0 if presence is None else presence.numel()
     collective, _ = sketch_collective(
@@ -293,7 +305,7 @@ def _exchange_sketches(
     if collective == "all_gather":
         mine = own if presence is None else torch.cat([own, presence])
         rows = mine.new_empty(world_size, mine.numel())
-        comm.all_gather(rows.view(-1), mine).wait()
+        small.all_gather(rows.view(-1), mine).wait()
         sketches = objective_shards(rows[:, :width], averaging)  # Y = M S, exact
         counts = None if presence is None else rows[:, width:].T @ members.T  # [P, L]
     else:
@@ -302,7 +314,7 @@ def _exchange_sketches(
             packed = torch.cat(
                 [packed, torch.outer(presence, members[:, comm.group.rank()]).reshape(-1)]
             )
-        comm.all_reduce(packed).wait()
+        small.all_reduce(packed).wait()
         sketches = packed[: num_objectives * width].view(num_objectives, width)
         counts = None
         if presence is not None:
