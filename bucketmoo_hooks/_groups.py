@@ -24,8 +24,9 @@ from ._worker import BucketWorker
 
 HOST = "host"  # the per-step objective exchange, for a group without a CPU backend
 OVERLAP = "overlap"  # the overlap worker's copy of the group, for CPU buckets
-# The sketch protocol's small collective of CPU buckets: on a gloo group of its own it does not
-# queue behind the all-reduces of earlier buckets (gloo runs one group's collectives in order).
+# The sketch protocol's small collective of CPU buckets on the overlap worker: on a gloo group of
+# its own it does not queue behind the all-reduces of earlier buckets (gloo runs one group's
+# collectives in order). Used by the worker thread only, like OVERLAP.
 SKETCH = "sketch"
 
 _groups: dict[tuple[str, tuple[int, ...], datetime.timedelta], dist.ProcessGroup] = {}
@@ -67,6 +68,11 @@ def helper_group(group: dist.ProcessGroup, purpose: str) -> dist.ProcessGroup:
     c10d._world.pg_group_ranks[made] = {global_rank: i for i, global_rank in enumerate(ranks)}
     _groups[key] = made
     return made
+
+
+def is_helper(group: dist.ProcessGroup, purpose: str) -> bool:
+    """Whether ``group`` is the :func:`helper_group` for ``purpose`` of some ranks."""
+    return any(made is group for (p, _, _), made in _groups.items() if p == purpose)
 
 
 def shared_worker(copy: dist.ProcessGroup) -> BucketWorker:

@@ -172,7 +172,7 @@ def register(
     runtime.host_group(group)
     if state.overlap and cpu_buckets:
         helper_group(group, OVERLAP)
-    if state.protocol == "sketch" and cpu_buckets:
+    if state.protocol == "sketch" and state.overlap and cpu_buckets:
         helper_group(group, SKETCH)
     state.process_group = group
     runtime.model = weakref.ref(model)

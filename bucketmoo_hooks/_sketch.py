@@ -41,6 +41,7 @@ unlucky sign product from step to step. It is a CountSketch whose hash is ``i mo
 import functools
 import hashlib
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,7 +51,7 @@ from torch import Tensor
 from ._absent import touched
 from ._collectives import Collectives, all_gather_bytes, all_reduce_bytes
 from ._device_path import to_device
-from ._groups import SKETCH, helper_group
+from ._groups import OVERLAP, SKETCH, helper_group, is_helper
 from ._kernels import Backend, fold_kernel, sketch_kernel
 from ._linalg import Segment, objective_shards, partial_gramians, row_segments
 from ._protocol import Exchange, ExchangeProtocol, Gradient, Request
@@ -82,6 +83,8 @@ def check_sketch_size(sketch_size: object, protocol: str) -> int | None:
     if sketch_size is None:
         return DEFAULT_SKETCH_SIZE
     low, high = SKETCH_SIZE_RANGE
+    if not isinstance(sketch_size, bool) and hasattr(sketch_size, "__index__"):
+        sketch_size = operator.index(sketch_size)  # numpy integers too
     if isinstance(sketch_size, bool) or not isinstance(sketch_size, int):
         raise TypeError(
             f"sketch_size must be an int (entries per objective in each problem's sketch), got "
@@ -135,8 +138,8 @@ def problem_seed(step: int, bucket: int, problem: int) -> int:
 
 
 def sign_offset(seed: int) -> int:
-    """Where a problem's window of element signs starts in the :class:`SignTable`: bits of its
-    seed above those the row signs' generator mixes first, modulo 2²⁰."""
+    """Where a problem's window of element signs starts in the :class:`SignTable`: bits 20–39
+    of its seed (the row signs' generator reads the low 32 bits; together about 2⁴⁰ maps)."""
     return (seed >> 20) % SIGN_OFFSETS
 
 
@@ -264,8 +267,9 @@ class SketchProtocol(ExchangeProtocol):
         if request.presence:
             presence = torch.stack([touched(p) for p in pieces]).to(own.dtype)  # [P]
         small = comm
-        if flat.device.type == "cpu" and gradient.output is None and comm.outer is None:
-            # An all-reduce on gloo (DDP): Y on a group of its own, beside the buckets' ones.
+        if is_helper(comm.group, OVERLAP):
+            # DDP's CPU buckets on the overlap worker: Y on a group of its own (the worker's
+            # only), so that it does not wait for the earlier buckets' all-reduces.
             small = Collectives(helper_group(comm.group, SKETCH), comm.traffic)
         gramians, counts = _exchange_sketches(
             comm, small, own, presence, averaging, column, members, segments
