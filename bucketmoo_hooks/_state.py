@@ -291,7 +291,8 @@ class BucketMOOState:
         Raises:
             TypeError: ``state_dict`` is not a dict, or an entry has the wrong type.
             ValueError: Missing or unknown keys, another version, or a checkpoint saved with a
-                different weighting, granularity or ``objective_of_rank``.
+                different weighting, granularity or ``objective_of_rank``. The protocol and its
+                ``sketch_size`` may differ: a run can resume under another protocol.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -315,14 +316,20 @@ class BucketMOOState:
             ("granularity", (self.granularity,)),
             ("weighting", _weighting_configs(self.weighting)),
             ("objective_keys", (_keys_of(self.objective_of_rank),)),
-            ("protocol", (self.protocol,)),
-            ("sketch_size", (self.sketch_size,)),
         ):
             if state_dict[name] not in accepted:
                 raise ValueError(
                     f"the checkpoint was saved with {name}={state_dict[name]!r}, but this state "
                     f"has {name}={accepted[0]!r}; build the state as it was when saved"
                 )
+        # The protocol may change on resume (to "sketch" when a run outgrows a node): the
+        # weighting's state and the step do not depend on how buckets are exchanged.
+        if state_dict["protocol"] not in PROTOCOLS:
+            raise ValueError(
+                f"state_dict['protocol'] must be one of {tuple(PROTOCOLS)}, "
+                f"got {state_dict['protocol']!r}"
+            )
+        check_sketch_size(state_dict["sketch_size"], state_dict["protocol"])
         self.weighting.load_state_dict(state_dict["weighting_state"])
         self.iter = step
         self.ledger.totals = dict(state_dict["ledger_totals"])
