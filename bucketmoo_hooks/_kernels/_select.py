@@ -130,14 +130,22 @@ def check_kernels(choice: object) -> str:
     return choice
 
 
-def unsupported(shards: Tensor, averaging: Tensor) -> str | None:
-    """Why the kernels cannot run this bucket (``None`` if they can); the torch path can."""
-    if shards.dtype not in DTYPE_CODES:
-        return f"{shards.dtype} buckets (the kernels read {', '.join(map(str, DTYPE_CODES))})"
-    if shards.dtype == torch.bfloat16 and shards.is_cuda:
-        major, minor = torch.cuda.get_device_capability(shards.device)
+def _unsupported_dtype(tensor: Tensor) -> str | None:
+    """Why the kernels cannot read ``tensor``'s dtype on its device (``None`` if they can)."""
+    if tensor.dtype not in DTYPE_CODES:
+        return f"{tensor.dtype} buckets (the kernels read {', '.join(map(str, DTYPE_CODES))})"
+    if tensor.dtype == torch.bfloat16 and tensor.is_cuda:
+        major, minor = torch.cuda.get_device_capability(tensor.device)
         if major < 8:
             return f"bf16 buckets on sm_{major}{minor} (the kernels' bf16 rounding needs sm_80)"
+    return None
+
+
+def unsupported(shards: Tensor, averaging: Tensor) -> str | None:
+    """Why the kernels cannot run this bucket (``None`` if they can); the torch path can."""
+    reason = _unsupported_dtype(shards)
+    if reason is not None:
+        return reason
     num_objectives, ranks = averaging.shape
     if num_objectives > MAX_OBJECTIVES:
         return f"{num_objectives} objectives (the kernels support up to {MAX_OBJECTIVES})"
@@ -146,6 +154,19 @@ def unsupported(shards: Tensor, averaging: Tensor) -> str | None:
     if shards.shape[1] >= 2**31:
         return f"a slice of {shards.shape[1]} ≥ 2³¹ elements"
     return None
+
+
+def _backend_unless(choice: str, reason: str | None, work: str, what: str) -> Backend | None:
+    """The CuPy backend if ``reason`` is ``None``; else ``None`` (logged once, as ``work`` on
+    the torch path), or for ``choice="cuda"`` a ``RuntimeError`` naming ``what``."""
+    if reason is not None:
+        if choice == "cuda":
+            raise RuntimeError(f"kernels='cuda' cannot run {what}: {reason}")
+        _log_once(f"bucketmoo_hooks: {work} on the torch path: {reason}")
+        return None
+    backend = cuda_backend()
+    assert not isinstance(backend, str)  # the probe passed
+    return backend
 
 
 def fused_kernels(
@@ -161,13 +182,9 @@ def fused_kernels(
     if choice == "torch":
         return None
     reason = probe_kernels(shards.device) or unsupported(shards, averaging)
-    if reason is not None:
-        if choice == "cuda":
-            raise RuntimeError(f"kernels='cuda' cannot run this bucket: {reason}")
-        _log_once(f"bucketmoo_hooks: steps 2-6 on the torch path: {reason}")
+    backend = _backend_unless(choice, reason, "steps 2-6", "this bucket")
+    if backend is None:
         return None
-    backend = cuda_backend()
-    assert not isinstance(backend, str)  # the probe passed
     _log_once(
         f"bucketmoo_hooks: steps 2-6 in the fused CUDA kernels (CuPy {backend.version()}) "
         f"on {torch.cuda.get_device_name(shards.device)}"
@@ -178,22 +195,11 @@ def fused_kernels(
 def sketch_kernel(choice: str, vector: Tensor) -> Backend | None:
     """The backend that folds the sketch protocol's problems in one CUDA pass
     (:func:`._fold.fold_kernel`), or ``None`` for the torch path; ``choice`` as in
-    :func:`fused_kernels` (``"cuda"`` raises ``RuntimeError`` saying why it cannot run)."""
+    :func:`fused_kernels`."""
     if choice == "torch":
         return None
-    reason = probe_kernels(vector.device)
-    if reason is None and vector.dtype not in DTYPE_CODES:
-        reason = f"{vector.dtype} gradients (the kernel reads {', '.join(map(str, DTYPE_CODES))})"
-    if reason is None and vector.dtype == torch.bfloat16:
-        major, minor = torch.cuda.get_device_capability(vector.device)
-        if major < 8:
-            reason = f"bf16 gradients on sm_{major}{minor} (the kernels build bf16 for sm_80)"
-    if reason is not None:
-        if choice == "cuda":
-            raise RuntimeError(f"kernels='cuda' cannot fold this problem: {reason}")
-        _log_once(f"bucketmoo_hooks: the sketch on the torch path: {reason}")
-        return None
-    backend = cuda_backend()
-    assert not isinstance(backend, str)  # the probe passed
-    _log_once(f"bucketmoo_hooks: the sketch in the fused CUDA kernel (CuPy {backend.version()})")
+    reason = probe_kernels(vector.device) or _unsupported_dtype(vector)
+    backend = _backend_unless(choice, reason, "the sketch", "the sketch of this bucket")
+    if backend is not None:
+        _log_once(f"bucketmoo_hooks: the sketch in a fused CUDA kernel (CuPy {backend.version()})")
     return backend
