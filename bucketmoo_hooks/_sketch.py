@@ -237,17 +237,16 @@ class SketchProtocol(ExchangeProtocol):
     ) -> "SketchExchange":
         flat, world_size = gradient.flat, comm.world_size
         rank = comm.group.rank()
+        parameters = row_segments(gradient.sizes)
         if gradient.rows:  # FSDP2: parameter p is columns [lo, hi) of every rank's chunk
             grid = flat.view(world_size, -1)
-            parameters = row_segments(gradient.sizes)
             pieces = [grid[:, lo:hi] for lo, hi in parameters]
         else:
-            parameters = row_segments(gradient.sizes)
             pieces = [flat[lo:hi] for lo, hi in parameters]
         vectors = [p.reshape(-1) for p in pieces] if request.per_parameter else [flat]
         bucket = request.bucket.index
-        folds = any(v.numel() > self.sketch_size for v in vectors)
-        backend = sketch_kernel(request.kernels, flat) if folds else None
+        sketched = tuple(v.numel() > self.sketch_size for v in vectors)
+        backend = sketch_kernel(request.kernels, flat) if any(sketched) else None
         sketches = [
             sketch(
                 v,
@@ -282,7 +281,7 @@ class SketchProtocol(ExchangeProtocol):
             per_parameter=request.per_parameter,
             gramians=gramians,
             counts=counts,
-            sketched=tuple(v.numel() > self.sketch_size for v in vectors),
+            sketched=sketched,
         )
 
 
