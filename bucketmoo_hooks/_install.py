@@ -8,6 +8,7 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
 from ._ddp import install_ddp
+from ._deepspeed import install_deepspeed, is_deepspeed_engine
 from ._fsdp1 import install_fsdp1
 from ._fsdp2 import install_fsdp2
 from ._state import BucketMOOState
@@ -19,13 +20,16 @@ class Installation:
     """What :func:`install_bucket_moo` installed.
 
     Attributes:
-        engine: ``"ddp"``, ``"fsdp1"`` or ``"fsdp2"``.
+        engine: ``"ddp"``, ``"fsdp1"``, ``"fsdp2"`` or ``"deepspeed"``.
         units: FSDP: the units, in module order (unit ``i``'s index is its bucket id in
-            diagnostics and the ledger); DDP: empty (DDP forms its buckets at the first step).
+            diagnostics and the ledger); DDP and DeepSpeed: empty (they form their buckets
+            during backward).
+        zero_stage: DeepSpeed: the ZeRO stage (1, 2 or 3); else ``None``.
     """
 
     engine: str
     units: tuple[FSDPUnit, ...] = ()
+    zero_stage: int | None = None
 
 
 def install_bucket_moo(
@@ -46,6 +50,9 @@ def install_bucket_moo(
       all-reduce becomes the conflict-aware step.
     - FSDP1 (the root ``FullyShardedDataParallel``, before its first forward): a comm hook on
       every unit; ``no_sync()`` and ``MixedPrecision(reduce_dtype=...)`` work unchanged.
+    - DeepSpeed (the ``DeepSpeedEngine`` that ``deepspeed.initialize`` returns) with ZeRO 1, 2
+      or 3: replaces the ZeRO optimizer's bucket reduction (docs/deepspeed.md); ZeRO-1/2
+      buckets are reduced as all-reduces, ZeRO-3 buckets as reduce-scatters.
 
     Takes the model as ``accelerate``'s ``Accelerator.prepare`` returns it. Call it on every
     rank of the group before the first backward: it creates the gloo groups the hook needs
@@ -56,19 +63,24 @@ def install_bucket_moo(
 
     Raises:
         TypeError: ``model`` is not distributed (e.g. ``accelerate`` with one process, where
-            there is nothing to combine) or wrapped in something else (DeepSpeed,
-            ``torch.compile``: pass the wrapped module), ``state`` is not a
-            :class:`BucketMOOState`, or ``hsdp_mesh`` is given for another engine than FSDP2.
+            there is nothing to combine) or wrapped in something else (``torch.compile``:
+            pass the wrapped module), ``state`` is not a :class:`BucketMOOState`, or
+            ``hsdp_mesh`` is given for another engine than FSDP2.
         ValueError: The engine is set up in a way the hook cannot serve, named with the unit
             and the fix: ``DDP(mixed_precision=...)``, a comm hook or custom reduce-scatter
             already installed, FSDP1 hybrid sharding, native 2-D HSDP meshes,
-            ``granularity="global"`` with FSDP, a state already installed on another model, a
-            state whose group lacks the model's ranks, or ``objective_of_rank`` without one
-            entry per rank.
+            ``granularity="global"`` with FSDP or DeepSpeed, DeepSpeed options that bypass the
+            reduction (named by their configuration key), a state already installed on another
+            model, a state whose group lacks the model's ranks, or ``objective_of_rank`` without
+            one entry per rank.
         RuntimeError: The installed torch's FSDP2 lacks an API this needs.
     """
     if not isinstance(state, BucketMOOState):
         raise TypeError(f"state must be a BucketMOOState, got {type(state).__name__}")
+    if is_deepspeed_engine(model):
+        if hsdp_mesh is not None:
+            raise TypeError("hsdp_mesh is for FSDP2 models, but model is a DeepSpeedEngine")
+        return Installation("deepspeed", zero_stage=install_deepspeed(model, state))
     wrapped = isinstance(model, DistributedDataParallel | FullyShardedDataParallel)
     fsdp2 = isinstance(model, nn.Module) and any(isinstance(m, FSDPModule) for m in model.modules())
     if hsdp_mesh is not None and (wrapped or not fsdp2):
