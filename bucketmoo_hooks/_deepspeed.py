@@ -163,7 +163,13 @@ class _ZeroReduction:
         """ZeRO-3: ``__avg_scatter_grads``. This rank's partition of every parameter's combined
         gradient (on the scale of an average), in the optimizer's gradient accumulation dtype."""
         optimizer = self.optimizer
-        group = optimizer._get_param_partition_group(parameters[0])
+        # DeepSpeed < 0.19 partitions every gradient over the data-parallel group.
+        partition_group = getattr(optimizer, "_get_param_partition_group", None)
+        group = (
+            optimizer.dp_process_group
+            if partition_group is None
+            else partition_group(parameters[0])
+        )
         if ranks_of(group) != ranks_of(self.state.group):
             raise ValueError(
                 f"ZeRO-3 partitions gradients over ranks {ranks_of(group)}, not over the state's "
@@ -178,7 +184,7 @@ class _ZeroReduction:
         offset = 0
         for grad, chunk in zip(grads, chunks, strict=True):
             # ``reduce_scatter_coalesced``'s layout; its padding is zero here (a Gramian reads it).
-            full, rest = divmod(grad.numel(), chunk)
+            full, rest = divmod(grad.numel(), chunk) if chunk else (0, 0)
             rows[:full, offset : offset + chunk].copy_(grad[: full * chunk].view(full, chunk))
             if rest:
                 rows[full, offset : offset + rest].copy_(grad[full * chunk :])

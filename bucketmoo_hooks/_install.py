@@ -97,7 +97,7 @@ def install_bucket_moo(
         return Installation("fsdp2", tuple(install_fsdp2(model, state, hsdp_mesh=hsdp_mesh)))
     raise TypeError(
         f"model ({type(model).__name__}) is not wrapped for data parallelism: bucket-MOO needs "
-        "DistributedDataParallel, FullyShardedDataParallel (FSDP1) or fully_shard (FSDP2), as "
-        "Accelerator.prepare returns with several processes; with one process there is "
-        "nothing to combine"
+        "DistributedDataParallel, FullyShardedDataParallel (FSDP1), fully_shard (FSDP2), as "
+        "Accelerator.prepare returns with several processes, or the DeepSpeedEngine that "
+        "deepspeed.initialize returns; with one process there is nothing to combine"
     )

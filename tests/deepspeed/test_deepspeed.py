@@ -305,5 +305,8 @@ def test_mean_is_plain_deepspeed(stage: int, dtype: str) -> None:
 
 @pytest.mark.parametrize("stage", (1, 2))
 def test_sum_op_gets_the_combination_times_r(stage: int) -> None:
+    constants = pytest.importorskip("deepspeed.runtime.constants")
+    if not hasattr(constants, "GRADIENT_ALLREDUCE_OP"):
+        pytest.skip("this DeepSpeed has no gradient_allreduce_op (it always averages)")
     index = len(ACCUMULATION) + len(HEADS) + len(MEAN) + len(OFFLOAD) + stage - 1
     _check_case(SUM[stage - 1], [r[index] for r in SECOND.results()])
