@@ -4,6 +4,11 @@ stage, dtype, ``reduce_scatter`` and ``overlap_comm``; gradient accumulation; la
 heads; the refusals; the HF Trainer with a DeepSpeed config."""
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +29,12 @@ pytestmark = pytest.mark.slow  # launches of processes
 OBJECTIVES = ["eng", "eng", "rus"]  # uneven groups; 3 ranks partition nothing evenly
 WEIGHTINGS = ["mean", "mgda", "upgrad"]
 STAGES, DTYPES = (1, 2, 3), ("fp32", "bf16")
+ROOT = Path(__file__).resolve().parents[2]
 
-# Every stage × dtype × reduce_scatter × overlap_comm, the weighting and granularity cycling
-# over the cases; buckets of 40 elements split the model and leave parameters larger than one.
+# Per stage, every pair of dtype, reduce_scatter and overlap_comm values (each pair of factors
+# meets in all four combinations); the weighting cycles; buckets of 40 elements split the model
+# and leave parameters larger than one.
+PAIRS = [("fp32", True, True), ("fp32", False, False), ("bf16", True, False), ("bf16", False, True)]
 MATRIX = [
     {
         "config": config(stage, dtype=dtype, reduce_scatter=rs, overlap_comm=overlap),
@@ -36,9 +44,7 @@ MATRIX = [
             "granularity": "parameter",
         },
     }
-    for i, (stage, dtype, rs, overlap) in enumerate(
-        itertools.product(STAGES, DTYPES, (True, False), (True, False))
-    )
+    for i, (stage, (dtype, rs, overlap)) in enumerate(itertools.product(STAGES, PAIRS))
 ]
 # Plain DeepSpeed (its default reduce_scatter: true) per stage and dtype, and one bucket over
 # the whole model (granularity "bucket": one problem, the model's Gramian).
@@ -120,7 +126,17 @@ SUM = [
     }
     for stage in (1, 2)
 ]
-SECOND = shared_spawn(2).add(zero_cases, ACCUMULATION + HEADS + MEAN + OFFLOAD + SUM, timeout=300)
+# bf16 training with fp32 communication: the bucket is cast, exchanged in fp32, cast back.
+COMM_FP32 = [
+    {
+        "config": config(stage, dtype="bf16") | {"communication_data_type": "fp32"},
+        "state": {"weighting": "mgda", "granularity": "parameter"},
+    }
+    for stage in STAGES
+]
+SECOND = shared_spawn(2).add(
+    zero_cases, ACCUMULATION + HEADS + MEAN + OFFLOAD + SUM + COMM_FP32, timeout=300
+)
 REFUSED = [
     (config(0), {}),
     (config(2), {"granularity": "global"}),
@@ -310,3 +326,39 @@ def test_sum_op_gets_the_combination_times_r(stage: int) -> None:
         pytest.skip("this DeepSpeed has no gradient_allreduce_op (it always averages)")
     index = len(ACCUMULATION) + len(HEADS) + len(MEAN) + len(OFFLOAD) + stage - 1
     _check_case(SUM[stage - 1], [r[index] for r in SECOND.results()])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_bf16_training_with_fp32_communication(stage: int) -> None:
+    index = len(ACCUMULATION) + len(HEADS) + len(MEAN) + len(OFFLOAD) + len(SUM)
+    index += STAGES.index(stage)
+    per_rank = [r[index] for r in SECOND.results()]
+    _check_case(COMM_FP32[STAGES.index(stage)], per_rank)
+    for _, element_size, _ in per_rank[0]["traffic"]:
+        assert element_size == 4  # the bucket travelled in fp32
+
+
+def test_overhead_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    """``benchmarks/deepspeed_overhead.py`` on a tiny model: every stage and method, the hook's
+    bytes those of DeepSpeed's own collective for its buckets (plus the Gramians)."""
+    out = tmp_path / "overhead.json"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(ROOT / "benchmarks" / "deepspeed_overhead.py"),
+        *("--layers=1", "--d-model=32", "--context=16", "--batch=1"),
+        *("--steps=1", "--warmup=1", "--rounds=1", f"--out={out}"),
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
+    assert done.returncode == 0, done.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert set(result["stages"]) == {"1", "2", "3"}
+    for methods in result["stages"].values():
+        assert set(methods) == {"plain", "mgda", "sketch"}
+        ratio = methods["mgda"]["ledger_per_step"] / methods["mgda"]["engine_equivalent"]
+        assert 1.0 <= ratio < 1.01
+    assert "| 3 | sketch |" in out.with_suffix(".md").read_text()
