@@ -248,12 +248,17 @@ class BucketMOOState:
         and stays until changed. A step that has already started (its first bucket was reduced)
         keeps its map.
 
+        Once a step has run in this process, the call also starts the step's exchange of
+        objectives with the other ranks, so that backward does not wait for it: call it once per
+        step, before ``backward()``. Changing the objective again in the same step cannot reach
+        that step's map; the next step raises on every rank.
+
         Call it on every rank or on none: a step where some ranks set their objective and others
         did not raises on every rank (a forgotten call would silently make that rank's default
         id an objective of its own). A 0-d tensor or numpy scalar counts as its Python value
         (``tensor(0)`` is ``0``); a tensor with dimensions and NaN are refused.
         """
-        objective = self._steps.set_objective(objective)
+        objective = self._steps.set_objective(objective, self)
         if self.diagnostics is not None:
             self.diagnostics.add_labels([objective])
 
