@@ -32,9 +32,11 @@ class ObjectiveTable:
 
     def rows(self, objectives: tuple[int, ...], device: torch.device, fill: float) -> list[int]:
         """Rows of ``objectives`` in the table, which grows by ``fill`` for objectives it lacks
-        and moves to ``device``."""
+        and moves to ``device`` (from the host, as a checkpoint loads it: pinned and
+        non-blocking, so the first solve after a resume does not wait for the device)."""
         if self.values.device != device:
-            self.values = self.values.to(device)
+            host = self.values.device.type == "cpu"
+            self.values = to_device(self.values, device) if host else self.values.to(device)
         new = [key for key in objectives if key not in self.objectives]
         if new:
             self.objectives += new
