@@ -27,7 +27,9 @@ from bucketmoo_hooks._device_path import force_device_path
 from bucketmoo_hooks.weightings import WeightingContext, get_weighting, weighting_names
 
 # Not flagged as views, but metadata only: no kernel on any device.
-_METADATA = frozenset({"aten::_unsafe_view", "aten::lift_fresh"})
+_METADATA = frozenset(
+    {"aten::_unsafe_view", "aten::lift_fresh", "aten::squeeze_", "aten::unsqueeze_", "aten::t_"}
+)
 
 
 class OpCounter(TorchDispatchMode):

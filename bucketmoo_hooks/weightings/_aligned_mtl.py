@@ -43,14 +43,14 @@ class AlignedMTL(BatchedWeighting):
             raise ValueError(f"scale_mode must be one of {_SCALE_MODES}, got {scale_mode!r}")
         self.scale_mode = scale_mode
 
-    def solve(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
         num_objectives = gramians.shape[-1]
         g, _ = normalise_by_trace(gramians)
         eigenvalues, eigenvectors, kept = significant_eigh(g, gramians.dtype)
         safe = torch.where(kept, eigenvalues, 1.0)
         count = kept.sum(dim=-1, keepdim=True)
         if self.scale_mode == "min":
-            scale = torch.where(kept, eigenvalues, torch.inf).min(dim=-1, keepdim=True).values
+            scale = torch.where(kept, eigenvalues, torch.inf).amin(dim=-1, keepdim=True)
         elif self.scale_mode == "rmse":
             scale = torch.where(kept, eigenvalues, 0.0).sum(dim=-1, keepdim=True)
             scale = scale / count.clamp_min(1)

@@ -90,7 +90,7 @@ class CAGrad(BatchedWeighting):
         self.c = float(c)
         self.iterations = check_iterations(iterations)
 
-    def solve(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
         num_objectives = gramians.shape[-1]
         iterations = 2 * num_objectives if self.iterations is None else self.iterations
         g, nonzero = normalise_by_trace(gramians)
@@ -150,7 +150,7 @@ def cagrad_dual(
         negative = support & (direction < 0) & (w + reach * direction < _NEGATIVE)
         infeasible = negative.any(dim=-1, keepdim=True)
         ratio = torch.where(negative, w / -direction, math.inf)
-        step = torch.minimum(ratio.min(dim=-1, keepdim=True).values, reach)
+        step = torch.minimum(ratio.amin(dim=-1, keepdim=True), reach)
         step = torch.where(torch.isfinite(step), step, 0.0)  # direction 0: F is constant, stay
         moved = (w + step * direction).clamp_min(0.0)
         kept = support & (ratio > step) & (moved > 0)

@@ -39,7 +39,7 @@ class DualProj(BatchedWeighting):
         self.reg_eps = check_reg_eps(reg_eps)
         self.iterations = check_iterations(iterations)
 
-    def solve(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
         num_objectives = gramians.shape[-1]
         mean = torch.full(
             (1, num_objectives), 1.0 / num_objectives, dtype=torch.float64, device=gramians.device

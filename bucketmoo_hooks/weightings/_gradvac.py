@@ -48,7 +48,7 @@ class GradVac(BatchedWeighting):
         self._order = PCGrad(seed)
         self._targets: dict[Problem, ObjectiveTable] = {}
 
-    def solve(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
         num_objectives = gramians.shape[-1]
         tables, keys = [], []
         for context in contexts:
@@ -65,9 +65,9 @@ class GradVac(BatchedWeighting):
             keys.append(tuple(range(num_objectives)) if context is None else context.objectives)
         g, _ = normalise_by_trace(gramians)
         lookup = Lookup.read(tables, keys, g.device, fill=0.0)
-        target = lookup.values
+        target = lookup.values.view(g.shape)
 
-        ranks = self._order.batch_visiting_ranks(num_objectives, contexts, g.device)
+        ranks = self._order.batch_visiting_ranks(num_objectives, contexts, g.device).view(g.shape)
         coefficients = torch.eye(num_objectives, dtype=g.dtype, device=g.device).expand_as(g)
         norms_j_squared = diagonal(g)
         for position in range(num_objectives - 1):

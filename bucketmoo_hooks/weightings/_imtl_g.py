@@ -39,7 +39,7 @@ class IMTLG(BatchedWeighting):
     name = "imtl_g"
     description = "Update with equal projections on all unit gradients (Liu 2021, IMTL-G)."
 
-    def solve(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
         g, nonzero = normalise_by_trace(gramians)
         eigenvalues, eigenvectors, kept = significant_eigh(g, gramians.dtype)
         inverse = torch.where(kept, 1.0 / torch.where(kept, eigenvalues, 1.0), 0.0)

@@ -16,7 +16,7 @@ class Mean(BatchedWeighting):
     name = "mean"
     description = "Average of the objective gradients (DDP's average when groups are equal)."
 
-    def solve(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
         num_objectives = gramians.shape[-1]
         return torch.full(
             gramians.shape[:-1], 1.0 / num_objectives, dtype=gramians.dtype, device=gramians.device

@@ -82,7 +82,7 @@ class MGDA(BatchedWeighting):
         self.iterations = iterations
         self.normalization = normalization
 
-    def solve(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
         num_objectives = gramians.shape[-1]
         iterations = 2 * num_objectives if self.iterations is None else self.iterations
         if self.normalization == "none":
@@ -146,7 +146,7 @@ def _active_set(g: Tensor, iterations: int, stop_at_fixed_point: bool) -> Tensor
         # Infeasible: walk from the current weights towards the candidate until the first
         # weight reaches zero, and drop every weight that did.
         ratio = torch.where(negative, weights / (weights - candidate), math.inf)
-        step = ratio.min(dim=-1, keepdim=True).values.clamp(max=1.0)
+        step = ratio.amin(dim=-1, keepdim=True).clamp(max=1.0)
         moved = weights + step * (candidate - weights)
         kept = support & (ratio > step) & (moved > 0)
         moved = torch.where(kept, moved, 0.0)

@@ -76,7 +76,7 @@ class NashMTL(BatchedWeighting):
         self.normalization = normalization
         self._starts: dict[Problem, ObjectiveTable] = {}
 
-    def solve(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
         num_objectives = gramians.shape[-1]
         c, inverse, nonzero = unit_problem(gramians)
         iterations = 2 * num_objectives + 16 if self.iterations is None else self.iterations
@@ -92,7 +92,7 @@ class NashMTL(BatchedWeighting):
             tables.append(table)
             keys.append(tuple(range(num_objectives)) if context is None else context.objectives)
         starts = Lookup.read(tables, keys, c.device, fill=1.0)
-        beta = bargain(c, starts.values, iterations, cpu_path(c.device))
+        beta = bargain(c, starts.values.view(inverse.shape), iterations, cpu_path(c.device))
         starts.write(beta)
 
         alpha = beta * inverse  # in trace-normalised units: 1/‖ḡ_i‖ relative to √tr G
@@ -146,7 +146,7 @@ def bargain(c: Tensor, start: Tensor, iterations: int, stop_at_fixed_point: bool
         step = torch.linalg.solve_ex(hessian, gradient)[0]
         decrement = dot(gradient, step).clamp_min(0.0).sqrt()
         # 1/(1 + λ) keeps β > 0 in exact arithmetic; the cap keeps it there under round-off.
-        largest = (step / beta).max(dim=-1, keepdim=True).values.clamp_min(0.0)
+        largest = (step / beta).amax(dim=-1, keepdim=True).clamp_min(0.0)
         damping = torch.minimum(1.0 / (1.0 + decrement), 0.9 / largest)
         new = beta - damping * step
         new = new * (num_objectives / quadratic(c, new)).sqrt()

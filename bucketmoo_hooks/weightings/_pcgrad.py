@@ -89,13 +89,13 @@ class PCGrad(BatchedWeighting):
         diagonal(keys).fill_(1 << 40)
         return (keys.unsqueeze(-2) < keys.unsqueeze(-1)).sum(dim=-1)
 
-    def solve(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
         num_objectives = gramians.shape[-1]
         g, _ = normalise_by_trace(gramians)
-        ranks = self.batch_visiting_ranks(num_objectives, contexts, g.device)
+        ranks = self.batch_visiting_ranks(num_objectives, contexts, g.device).view(g.shape)
         positions = torch.arange(num_objectives - 1, device=g.device)
-        # visited[t, s, i] is the one-hot of the objective j that objective i visits at step t.
-        visited = (ranks == positions[:, None, None, None]).to(g.dtype)
+        # visited[t, ..., i] is the one-hot of the objective j that objective i visits at step t.
+        visited = (ranks == positions.view(-1, *(1,) * ranks.dim())).to(g.dtype)
         squared_norms = (visited * diagonal(g).unsqueeze(-2)).sum(dim=-1)  # ‖ḡ_j‖², [steps, S, L]
         inverse_norms = torch.where(
             squared_norms > 0, 1.0 / squared_norms.clamp_min(1e-300), 0.0

@@ -295,7 +295,7 @@ def lower_bounded_qp(
         infeasible = below.any(dim=-1, keepdim=True)
         # Infeasible: walk from v towards x until the first free variable reaches its bound.
         ratio = torch.where(below, (v - lower) / (v - x), math.inf)
-        step = ratio.min(dim=-1, keepdim=True).values.clamp(max=1.0)
+        step = ratio.amin(dim=-1, keepdim=True).clamp(max=1.0)
         moved = torch.maximum(v + step * (x - v), lower)
         hits = below & (ratio <= step)
         moved = torch.where(hits, lower, moved)
@@ -339,6 +339,6 @@ def significant_eigh(g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Ten
     the mask of eigenvalues above the round-off level of the input ``dtype`` (:func:`noise_level`).
     """
     eigenvalues, eigenvectors = jacobi_eigh(g)
-    largest = eigenvalues.max(dim=-1, keepdim=True).values
+    largest = eigenvalues.amax(dim=-1, keepdim=True)
     kept = eigenvalues > noise_level(dtype, g.shape[-1]) * largest
     return eigenvalues, eigenvectors, kept

@@ -48,7 +48,7 @@ class UPGrad(BatchedWeighting):
         self.reg_eps = check_reg_eps(reg_eps)
         self.iterations = check_iterations(iterations)
 
-    def solve(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
         num_objectives = gramians.shape[-1]
         eye = torch.eye(num_objectives, dtype=torch.float64, device=gramians.device)
         v = dual_cone_weights(gramians, eye / num_objectives, self.reg_eps, self.iterations)
