@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 from _ddp_workers import batch, make_model
@@ -20,6 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bucketmoo_hooks import BucketMOOState, Diagnostics, install_bucket_moo
 from bucketmoo_hooks._collectives import Collectives
+
+#: ``pytestmark`` of the GPU test modules.
+GPU_ONLY = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 @dataclasses.dataclass(frozen=True)

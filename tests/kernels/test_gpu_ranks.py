@@ -13,6 +13,7 @@ import torch
 from _distributed import run_distributed
 from _gpu_workers import (
     BLOCKING,
+    GPU_ONLY,
     Scenario,
     cuda_and_cpu,
     fsdp2_cuda_and_cpu,
@@ -23,10 +24,7 @@ from _gpu_workers import (
 
 from bucketmoo_hooks.weightings import weighting_names
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = GPU_ONLY
 
 RANKS = 3
 # Gradients on the GPU against the CPU: fp32 round-off of the Gramians, amplified by solvers
