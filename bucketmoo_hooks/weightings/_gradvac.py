@@ -50,13 +50,13 @@ class GradVac(BatchedWeighting):
 
     def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
         num_objectives = gramians.shape[-1]
+        if any(context is not None and context.problem is None for context in contexts):
+            raise ValueError(
+                "gradvac keeps targets per bucket and needs stable bucket keys: register the "
+                "hook with bucketmoo_hooks.install_bucket_moo(model, state)"
+            )
         tables, keys = [], []
         for context in contexts:
-            if context is not None and context.problem is None:
-                raise ValueError(
-                    "gradvac keeps targets per bucket and needs stable bucket keys: register "
-                    "the hook with bucketmoo_hooks.install_bucket_moo(model, state)"
-                )
             problem = None if context is None else context.problem
             table = self._targets.get(problem)
             if table is None:
