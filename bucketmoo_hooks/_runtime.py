@@ -184,7 +184,7 @@ def register(
 
 def _start_exchange(state: "BucketMOOState", module: nn.Module, args: object) -> None:
     """Forward pre-hook: start the step's objective exchange (:class:`._steps.StepAgreement`)."""
-    state._steps.start_at_forward(state)
+    state._steps.start(state)
 
 
 def has_cpu_backend(group: dist.ProcessGroup) -> bool:

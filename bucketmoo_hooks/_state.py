@@ -241,17 +241,17 @@ class BucketMOOState:
         return dist.group.WORLD
 
     def set_objective(self, objective: Hashable) -> None:
-        """Set the objective this rank trains from the next step on (call before ``backward()``).
+        """Set the objective this rank trains from the next step on (call before the forward).
 
         Lets the rank → objective map change every step, e.g. when there are more languages than
         ranks and each step samples some. The value overrides ``objective_of_rank`` for this rank
         and stays until changed. A step that has already started (its first bucket was reduced)
         keeps its map.
 
-        Once a step has run in this process, the call also starts the step's exchange of
-        objectives with the other ranks, so that backward does not wait for it: call it once per
-        step, before ``backward()``. Changing the objective again in the same step cannot reach
-        that step's map; the next step raises on every rank.
+        Call it before the step's forward: from the second step of the process on, the ranks
+        start exchanging their objectives at the forward (so that backward does not wait for
+        it), and an objective changed after that cannot reach the step's map (the step keeps the
+        previous one, and the next step raises on every rank).
 
         Call it on every rank or on none: a step where some ranks set their objective and others
         did not raises on every rank (a forgotten call would silently make that rank's default

@@ -5,13 +5,13 @@ host-side group: a mismatch raises on every rank instead of silently combining w
 
 The all-gather is started before backward and waited for at the step's first bucket (DDP's
 bucket 0, FSDP's first unit): started there, it would stop the fastest rank from launching the
-rest of its backward until the slowest rank reached its first bucket. It starts when
-:meth:`BucketMOOState.set_objective` is called or, on a rank that never called it, at the step's
+rest of its backward until the slowest rank reached its first bucket. It starts at the step's
 first forward with gradients enabled (a forward pre-hook the installers register), from the
-second step of the process on: the first step exchanges at its first bucket, so that every rank
-takes the same path whether or not (and wherever) it calls ``set_objective``. Every rank makes
-the same choice, so the all-gathers match. An objective changed after the step's exchange started
-cannot reach that step: the next exchange reports it and every rank raises.
+second step of the process on; the first step, and a hook registered without an installer,
+exchange at the first bucket. Whether a step starts early depends on nothing a rank decides
+alone (not on where or whether it calls ``set_objective``), so every rank issues the same
+all-gather on the same group. An objective changed by ``set_objective`` after the step's
+exchange started cannot reach that step: the next exchange reports it and every rank raises.
 """
 
 import time
@@ -65,28 +65,22 @@ class StepAgreement:
         self.waited_s = 0.0
 
     def set_objective(self, objective: Hashable, state: "BucketMOOState") -> Hashable:
-        """Set the objective, and start the step's exchange if the state is registered."""
         objective = canonical_objective(objective)
         self.objective = (objective, objective_key(objective))
         pending = self._pending
         if pending is not None and pending.step == state.iter and pending.key != self.objective[1]:
             self._late = True
-        self.start(state)
         return objective
 
     def start(self, state: "BucketMOOState") -> None:
-        """Start the step's exchange over the state's group unless it has started (a no-op in
-        the process's first step and while the state is unregistered)."""
-        if not self._warm or state.process_group is None or not dist.is_initialized():
+        """The forward pre-hook: start the step's exchange over the state's group unless it has
+        started, with gradients enabled (a no-op in the process's first step)."""
+        if not (self._warm and torch.is_grad_enabled()):
+            return
+        if state.process_group is None or not dist.is_initialized():
             return
         if self._pending is None or self._pending.step != state.iter:
             self._pending = self._issue(state, state.process_group)
-
-    def start_at_forward(self, state: "BucketMOOState") -> None:
-        """The forward pre-hook's start: on ranks that leave the objective to
-        ``objective_of_rank`` (``set_objective`` starts it on the others), with gradients on."""
-        if self.objective is None and torch.is_grad_enabled():
-            self.start(state)
 
     def own_key(self, state: "BucketMOOState", rank: int) -> int:
         if self.objective is not None:
@@ -166,9 +160,9 @@ class StepAgreement:
         if late:
             raise ValueError(
                 f"ranks {late} called state.set_objective with a new objective during step "
-                f"{steps[0] - 1} after its first training forward, when the ranks had already "
-                "exchanged their objectives: that step trained the objective set before; call "
-                "state.set_objective(id) before the step's first forward"
+                f"{steps[0] - 1} after its first forward with gradients enabled, when the ranks "
+                "had already started exchanging their objectives: that step trained the "
+                "objective set before; call state.set_objective(id) before the step's forward"
             )
         self.objective_map = ObjectiveMap.from_keys(keys)
         return self.objective_map

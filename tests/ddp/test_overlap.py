@@ -54,8 +54,8 @@ def test_hook_returns_before_the_bucket_is_reduced() -> None:
 
 def test_objective_exchange_starts_before_backward() -> None:
     """Rank 1 reaches backward 0.4 s after rank 0. From the second step on, rank 0's bucket 0
-    finds the exchange done (started at the forward, or by set_objective), where at bucket 0 it
-    would wait for rank 1; the first step of the process exchanges at bucket 0."""
+    finds the exchange done (started at the forward), where at bucket 0 it would wait for rank
+    1; the first step of the process exchanges at bucket 0."""
     delay = 2 * DELAY
     fast = EARLY.results()[0]["waited"]
     for setup in ("installed", "set_objective"):
@@ -68,7 +68,7 @@ def test_early_exchange_keeps_its_checks_on_every_rank() -> None:
     for result in EARLY.results():
         late, steps = result["errors"]["late"], result["errors"]["steps"]
         assert late.startswith("step 3: ") and "ranks [0, 1] called state.set_objective" in late
-        assert "during step 2 after its first training forward" in late
+        assert "during step 2 after its first forward with gradients enabled" in late
         assert steps.startswith("step 2: ") and "ranks are at different steps" in steps
 
 

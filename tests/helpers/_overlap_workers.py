@@ -155,11 +155,11 @@ def early_exchange(rank: int, world_size: int, delay: float) -> dict[str, Any]:
     seconds after rank 0; how long rank 0's bucket 0 waited for the exchange, per step.
 
     ``installed``: registered by ``install_bucket_moo`` (the forward pre-hook starts it);
-    ``set_objective``: likewise, the exchange started by ``set_objective`` (called after the
-    forward, as some training loops do); ``plain``: ``register_comm_hook`` without the installer,
-    so the exchange runs at bucket 0 and rank 0 waits for rank 1. Then the checks still raise on
-    every rank: a rank that changed its objective after the exchange started (reported at the
-    next step), and ranks at different steps.
+    ``set_objective``: likewise, with ``set_objective`` called every step, after the forward
+    (the same objective each time: allowed); ``plain``: ``register_comm_hook`` without the
+    installer, so the exchange runs at bucket 0 and rank 0 waits for rank 1. Then the checks
+    still raise on every rank: a rank that changed its objective after the exchange started
+    (reported at the next step), and ranks at different steps.
     """
     waited: dict[str, list[float]] = {}
     for setup in ("installed", "set_objective", "plain"):
@@ -188,7 +188,7 @@ def early_exchange(rank: int, world_size: int, delay: float) -> dict[str, Any]:
         install_bucket_moo(ddp, state)
         for step in range(4):
             if case == "late" and step == 2:
-                state.set_objective("first")  # starts the exchange
+                state.set_objective("first")  # before the forward: this step's objective
             elif case == "steps" and step == 2 and rank == 1:
                 state.iter += 1
             x, target = batch(rank, step, 0, torch.float32)
