@@ -54,14 +54,14 @@ def test_hook_returns_before_the_bucket_is_reduced() -> None:
 
 def test_objective_exchange_starts_before_backward() -> None:
     """Rank 1 reaches backward 0.4 s after rank 0. From the second step on, rank 0's bucket 0
-    finds the exchange done (started at the forward), where at bucket 0 it would wait for rank
-    1; the first step of the process exchanges at bucket 0."""
+    finds the exchange done (started at the forward), where at bucket 0 it waits for rank 1.
+    (The first step, which exchanges at bucket 0 in every setup, is left out: rank 0's own
+    first-step costs shorten its wait by an amount that depends on the machine's load.)"""
     delay = 2 * DELAY
     fast = EARLY.results()[0]["waited"]
     for setup in ("installed", "set_objective"):
         assert max(fast[setup][1:]) < delay / 4, (setup, fast[setup])
-    assert min(fast["plain"]) > delay / 2, fast["plain"]
-    assert fast["installed"][0] > delay / 2, fast["installed"]
+    assert min(fast["plain"][1:]) > delay / 2, fast["plain"]
 
 
 def test_early_exchange_keeps_its_checks_on_every_rank() -> None:
