@@ -93,5 +93,11 @@ def test_backward_never_waits_for_the_device() -> None:
     for case, found in zip(SYNC_CASES[1:], counts[1:], strict=True):
         extra = {name: found[name] - baseline[name] for name in BLOCKING}
         assert not any(extra.values()), (case, found, baseline)
-        # CuPy launches order nothing by events of their own (raw pointers, torch's stream).
-        assert found["cudaStreamWaitEvent"] <= 4 * max(found["buckets"], 1), (case, found)
+    # The fused kernels add no stream ordering of their own (raw pointers on torch's stream;
+    # DLPack's stream handshake cost an event record and wait per tensor per launch).
+    torch_path, fused = (
+        counts[SYNC_CASES.index({"weighting": "mgda", "kernels": "torch"})],
+        counts[SYNC_CASES.index({"weighting": "mgda", "kernels": "auto"})],
+    )
+    waits = fused["cudaStreamWaitEvent"] - torch_path["cudaStreamWaitEvent"]
+    assert waits <= fused["buckets"], (torch_path, fused)
