@@ -4,6 +4,9 @@ One measurement (launched by torchrun; gloo/CPU, or NCCL when every rank has a G
 
     torchrun --nproc-per-node 4 benchmarks/comm_overhead.py run --out /tmp/r4.json
 
+(``--shared-gpu``: every rank on GPU 0 over gloo, for a step-time comparison with ``R > 1`` on
+one GPU; NCCL refuses two ranks on one device)
+
 trains a GPT-style transformer (``--layers``/``--d-model``, default ≈25M parameters; or, with
 ``--model mlp``, a residual MLP over the previous ``--context`` bytes, default ≈6.4M parameters:
 little compute per byte of gradient) under each
@@ -632,17 +635,20 @@ def exact_rss() -> None:
 
 def run(args: argparse.Namespace) -> None:
     """The torchrun entry point: every method in turn; rank 0 writes the gathered records."""
-    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(
-        os.environ.get("LOCAL_WORLD_SIZE", "1")
+    cuda = args.shared_gpu or (
+        torch.cuda.is_available()
+        and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     )
     if cuda:
-        local_rank = int(os.environ["LOCAL_RANK"])
+        # --shared-gpu: every rank on GPU 0 over gloo (NCCL refuses two ranks on one GPU).
+        local_rank = 0 if args.shared_gpu else int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
         torch.set_num_threads(1)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    backend = "nccl" if cuda and not args.shared_gpu else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     control = dist.new_group(backend="gloo")
     counter = CollectiveCounter(ignore=control)
     counter.install()
@@ -1080,6 +1086,11 @@ def main() -> None:
             help=f"comma-separated, of: {', '.join(METHODS)}; 'all': every one, in this order",
         )
     commands.choices["run"].add_argument("--out", required=True, help="JSON written by rank 0")
+    commands.choices["run"].add_argument(
+        "--shared-gpu",
+        action="store_true",
+        help="every rank on GPU 0 over gloo: a one-GPU step-time comparison with R > 1",
+    )
     sweep_parser = commands.choices["sweep"]
     sweep_parser.add_argument("--worlds", default="2,4,8", help="world sizes of the table")
     sweep_parser.add_argument("--sizes", default="2,8,16", help="layer counts of the size sweep")

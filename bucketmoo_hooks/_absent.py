@@ -16,8 +16,9 @@ gradient is zero-filled). For each problem (a bucket, a parameter, the model) wi
    present get what ``absent="zero"`` gives them.
 2. A parameter on which only ``Π_p ⊊ P`` are present gets the weighting on ``G[Π_p, Π_p]``
    (solved once per distinct ``Π_p`` in the problem, with its own state for stateful
-   weightings): ``d_p = Σ_{ℓ∈Π_p} w^{Π_p}_ℓ ḡ_ℓ``. With one objective present, ``d_p = ḡ_ℓ``:
-   exactly that objective's average gradient (the scaling contract), whatever the weighting.
+   weightings; the solves of all problems over the same objectives form one batch):
+   ``d_p = Σ_{ℓ∈Π_p} w^{Π_p}_ℓ ḡ_ℓ``. With one objective present, ``d_p = ḡ_ℓ``: exactly that
+   objective's average gradient (the scaling contract), whatever the weighting.
 
 DDP's plain average gives such a parameter ``(m_ℓ/R) ḡ_ℓ`` instead (half of it with two equal
 language groups). ``absent="zero"`` keeps DDP's convention: absent objectives count as zero
@@ -113,8 +114,7 @@ def solve_weights(
         return solve_present(weighting, gramians, contexts, present, problems)
     if solved_later:
         return None, None
-    weights = [weighting(g, context) for g, context in zip(gramians, contexts, strict=True)]
-    return torch.stack(weights), None
+    return weighting.solve(gramians, contexts), None
 
 
 def solve_present(
@@ -138,48 +138,62 @@ def solve_present(
         problem's objectives (then the problem weights apply as they are).
     """
     num_problems, num_objectives = gramians.shape[:2]
-    device = gramians.device
     rows = [tuple(row) for row in present.tolist()]
     of_problem = [(False,) * num_objectives for _ in range(num_problems)]
     for row, problem in zip(rows, problems, strict=True):
         of_problem[problem] = tuple(a or b for a, b in zip(of_problem[problem], row, strict=True))
+    # Every (problem, pattern) to solve: each problem over its objectives, each parameter over
+    # its own (a parameter no objective touched has a zero update whatever its weights).
+    needed = list(enumerate(of_problem))
+    needed += [(p, row) for row, p in zip(rows, problems, strict=True) if any(row)]
+    by_pattern: dict[tuple[bool, ...], list[int]] = {}
+    for problem, pattern in dict.fromkeys(needed):
+        by_pattern.setdefault(pattern, []).append(problem)
     solved: dict[tuple[int, tuple[bool, ...]], Tensor] = {}
+    for pattern, members in by_pattern.items():
+        weights = _solve_pattern(weighting, gramians, contexts, pattern, members, of_problem)
+        solved.update(zip(((p, pattern) for p in members), weights, strict=True))
 
-    def weights_of(problem: int, pattern: tuple[bool, ...]) -> Tensor:
-        """The weighting on the problem's Gramian restricted to the objectives of ``pattern``."""
-        if (problem, pattern) in solved:
-            return solved[problem, pattern]
-        gramian, context = gramians[problem], contexts[problem]
-        keep = [i for i, here in enumerate(pattern) if here]
-        if len(keep) == num_objectives:
-            weights = weighting(gramian, context)
-        elif not keep:  # every gradient is zero there: nothing to weigh (as for G = 0)
-            weights = gramian.new_full((num_objectives,), 1.0 / num_objectives)
-        else:
-            index = to_device(torch.tensor(keep), device)
-            if len(keep) == 1:  # exactly the objective's gradient (every weighting gives 1)
-                sub_weights = gramian.new_ones(1)
-            else:
-                sub = gramian.index_select(0, index).index_select(1, index)
-                sub_weights = weighting(
-                    sub, _sub_context(context, keep, pattern, of_problem[problem])
-                )
-            weights = gramian.new_zeros(num_objectives).index_copy(0, index, sub_weights)
-        solved[problem, pattern] = weights
-        return weights
-
-    problem_weights = torch.stack(
-        [weights_of(problem, objectives) for problem, objectives in enumerate(of_problem)]
-    )
-    # A parameter no objective touched has a zero update whatever its weights.
+    problem_weights = torch.stack([solved[p, pattern] for p, pattern in enumerate(of_problem)])
     if all(row == of_problem[p] or not any(row) for row, p in zip(rows, problems, strict=True)):
         return problem_weights, None
     return problem_weights, torch.stack(
         [
-            weights_of(p, row) if any(row) else problem_weights[p]
+            solved[p, row] if any(row) else problem_weights[p]
             for row, p in zip(rows, problems, strict=True)
         ]
     )
+
+
+def _solve_pattern(
+    weighting: Weighting,
+    gramians: Tensor,
+    contexts: Sequence[WeightingContext],
+    pattern: tuple[bool, ...],
+    members: list[int],
+    of_problem: list[tuple[bool, ...]],
+) -> Tensor:
+    """``[len(members), L]``: the weighting on the Gramians of the problems ``members``
+    restricted to the objectives of ``pattern``, solved as one batch (0 for the others)."""
+    num_problems, num_objectives = gramians.shape[:2]
+    device = gramians.device
+    keep = [i for i, here in enumerate(pattern) if here]
+    if not keep:  # every gradient is zero there: nothing to weigh (as for G = 0)
+        return gramians.new_full((len(members), num_objectives), 1.0 / num_objectives)
+    if members == list(range(num_problems)):
+        batch = gramians
+    else:
+        batch = gramians.index_select(0, to_device(torch.tensor(members), device))
+    if len(keep) == num_objectives:
+        return weighting.solve(batch, [contexts[p] for p in members])
+    index = to_device(torch.tensor(keep), device)
+    if len(keep) == 1:  # exactly the objective's gradient (every weighting gives 1)
+        sub_weights = batch.new_ones(len(members), 1)
+    else:
+        sub = batch.index_select(1, index).index_select(2, index)
+        sub_contexts = [_sub_context(contexts[p], keep, pattern, of_problem[p]) for p in members]
+        sub_weights = weighting.solve(sub, sub_contexts)
+    return batch.new_zeros(len(members), num_objectives).index_copy(1, index, sub_weights)
 
 
 def _sub_context(

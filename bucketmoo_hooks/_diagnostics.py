@@ -2,6 +2,7 @@
 
 import json
 from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,12 +34,15 @@ class Diagnostics:
     sum of the bucket Gramians (the global Gramian, docs/design.md §5). Zero means the model is
     Pareto-stationary; compare it with the per-bucket update norms (docs/design.md §6).
 
-    Recording stays on the device and never synchronises. Every ``log_every`` steps (and on
-    :meth:`pull`) the pending records are copied to the host in one transfer, appended to
-    :attr:`records` and, with ``path``, to a JSON-lines file (one object per bucket and step).
+    Recording stays on the device and never synchronises. Every ``log_every`` steps the pending
+    records are copied to the host in one asynchronous transfer (pinned memory, on the stream
+    that produced them, followed by an event), and the transfers that have completed by then are
+    read: appended to :attr:`records` and, with ``path``, to a JSON-lines file (one object per
+    bucket and step). On a GPU the records of a transfer are therefore read at a later pull,
+    usually ``log_every`` steps later; :meth:`pull` reads everything, waiting for the transfers.
 
     Args:
-        log_every: Steps between automatic pulls to the host (one device sync each).
+        log_every: Steps between automatic pulls to the host (none synchronises the device).
         path: JSON-lines file to append the records to (written by the rank that owns this
             object; pass a path on one rank only, or a per-rank path).
         keep: Keep pulled records in :attr:`records` (bounded memory: set ``False`` for long runs
@@ -55,6 +59,8 @@ class Diagnostics:
 
     __slots__ = (
         "_pending",
+        "_produced",
+        "_shipments",
         "_step_gramians",
         "keep",
         "labels",
@@ -89,6 +95,11 @@ class Diagnostics:
         self.records: list[dict[str, Any]] = []
         self._pending: list[tuple[dict[str, Any], Tensor]] = []
         self._step_gramians: list[Tensor] = []
+        self._shipments: list[_Shipment] = []
+        # Recorded on the stream that produced the pending records (CUDA): a copy issued from
+        # another stream (a pull() on the default stream while the hook ran on its side stream)
+        # waits for it.
+        self._produced: torch.cuda.Event | None = None
 
     def record(
         self,
@@ -121,6 +132,7 @@ class Diagnostics:
         }
         self._pending.append((meta, packed))
         self._step_gramians.append(g.sum(dim=0))
+        self._mark_produced(packed)
 
     def end_step(self, step: int) -> None:
         """Queue the step's global min-norm value; pull to the host every ``log_every`` steps."""
@@ -130,21 +142,60 @@ class Diagnostics:
             value = (weights @ total @ weights).clamp_min(0).sqrt()
             self._pending.append(({"step": step, "global": True}, value.reshape(1, 1)))
             self._step_gramians = []
+            self._mark_produced(value)
         if (step + 1) % self.log_every == 0:
-            self.pull()
+            self._ship()
+            self._read(wait=False)
 
     def pull(self) -> list[dict[str, Any]]:
-        """Copy the pending records to the host (one transfer) and return them."""
+        """Copy the pending records to the host, wait for every transfer, and return the records
+        read (with those of earlier transfers not read yet)."""
+        self._ship()
+        return self._read(wait=True)
+
+    def _mark_produced(self, tensor: Tensor) -> None:
+        if tensor.is_cuda:
+            if self._produced is None:
+                self._produced = torch.cuda.Event()
+            self._produced.record()
+
+    def _ship(self) -> None:
+        """Start the transfer of the pending records to the host (one copy)."""
         if not self._pending:
-            return []
-        sizes = [packed.numel() for _, packed in self._pending]
-        host = torch.cat([packed.flatten() for _, packed in self._pending]).cpu().tolist()
-        pulled, offset = [], 0
-        for (meta, packed), size in zip(self._pending, sizes, strict=True):
-            values = host[offset : offset + size]
-            offset += size
-            pulled += self._unpack(meta, packed.shape, values)
+            return
+        device = self._pending[0][1].device
+        if device.type == "cuda":
+            assert self._produced is not None
+            torch.cuda.current_stream(device).wait_event(self._produced)
+        flat = torch.cat([packed.flatten() for _, packed in self._pending])
+        done = None
+        if flat.is_cuda:
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = flat
+        self._shipments.append(_Shipment(self._pending, host, flat, done))
         self._pending = []
+
+    def _read(self, wait: bool) -> list[dict[str, Any]]:
+        """Unpack the transfers that have completed (all of them, waiting, with ``wait``)."""
+        pulled: list[dict[str, Any]] = []
+        while self._shipments:
+            shipment = self._shipments[0]
+            if shipment.done is not None:
+                if not wait and not shipment.done.query():
+                    break
+                shipment.done.synchronize()
+            self._shipments.pop(0)
+            host, offset = shipment.host.tolist(), 0
+            for meta, packed in shipment.records:
+                values = host[offset : offset + packed.numel()]
+                offset += packed.numel()
+                pulled += self._unpack(meta, packed.shape, values)
+        if not pulled:
+            return []
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(record) + "\n" for record in pulled)
@@ -200,6 +251,18 @@ class Diagnostics:
         for name, value in state.items():
             setattr(self, name, value)
         self._pending, self._step_gramians, self.tensorboard = [], [], None
+        self._shipments, self._produced = [], None
+
+
+@dataclass(slots=True)
+class _Shipment:
+    """Records on their way to the host: ``host`` is complete once ``done`` has completed
+    (``None``: already on the host). ``device`` keeps the copy's source alive until then."""
+
+    records: list[tuple[dict[str, Any], Tensor]]
+    host: Tensor
+    device: Tensor
+    done: torch.cuda.Event | None
 
 
 def _scalars(record: dict[str, Any]) -> list[tuple[str, float]]:

@@ -3,6 +3,7 @@
 None of it is configuration or progress: it is rebuilt after unpickling, never saved.
 """
 
+import functools
 import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -176,6 +177,14 @@ def register(
         helper_group(group, SKETCH)
     state.process_group = group
     runtime.model = weakref.ref(model)
+    # The step's objective exchange starts at its first forward, not at its first bucket.
+    # (The model holds the state anyway, through its comm hook or reduce-scatter hooks.)
+    model.register_forward_pre_hook(functools.partial(_start_exchange, state))
+
+
+def _start_exchange(state: "BucketMOOState", module: nn.Module, args: object) -> None:
+    """Forward pre-hook: start the step's objective exchange (:class:`._steps.StepAgreement`)."""
+    state._steps.start(state)
 
 
 def has_cpu_backend(group: dist.ProcessGroup) -> bool:

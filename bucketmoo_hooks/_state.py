@@ -241,19 +241,24 @@ class BucketMOOState:
         return dist.group.WORLD
 
     def set_objective(self, objective: Hashable) -> None:
-        """Set the objective this rank trains from the next step on (call before ``backward()``).
+        """Set the objective this rank trains from the next step on (call before the forward).
 
         Lets the rank → objective map change every step, e.g. when there are more languages than
         ranks and each step samples some. The value overrides ``objective_of_rank`` for this rank
         and stays until changed. A step that has already started (its first bucket was reduced)
         keeps its map.
 
+        Call it before the step's forward: from the second step of the process on, the ranks
+        start exchanging their objectives at the forward (so that backward does not wait for
+        it), and an objective changed after that cannot reach the step's map (the step keeps the
+        previous one, and the next step raises on every rank).
+
         Call it on every rank or on none: a step where some ranks set their objective and others
         did not raises on every rank (a forgotten call would silently make that rank's default
         id an objective of its own). A 0-d tensor or numpy scalar counts as its Python value
         (``tensor(0)`` is ``0``); a tensor with dimensions and NaN are refused.
         """
-        objective = self._steps.set_objective(objective)
+        objective = self._steps.set_objective(objective, self)
         if self.diagnostics is not None:
             self.diagnostics.add_labels([objective])
 

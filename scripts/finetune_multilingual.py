@@ -764,7 +764,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         for slot, r in enumerate(run.local_ranks):
             lang = langs[language_index(r, step, world, n_langs)]
             if state is not None and rotate:
-                state.set_objective(lang)  # before backward: the hook reads it at bucket 0
+                state.set_objective(lang)  # before the forward, where the ranks exchange it
             for micro in range(args.grad_accum):
                 x, y = get_batch(
                     train_data[lang], args.batch_size, args.context, codec.bos, generators[r]

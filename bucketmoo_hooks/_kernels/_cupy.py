@@ -1,4 +1,4 @@
-"""The CuPy backend: NVRTC compilation (cached), DLPack exchange, launches on torch's stream."""
+"""The CuPy backend: NVRTC compilation (cached), launches on torch's stream with raw pointers."""
 
 import ctypes
 import threading
@@ -12,17 +12,22 @@ from torch import Tensor
 from ._launch import KernelArgument
 from ._sources import BLOCK, kernel_source
 
-# CuPy has no bfloat16 and DLPack export keeps the dtype: 16-bit floats travel as their bits.
-_AS_BITS = (torch.bfloat16, torch.float16)
 # Dynamic shared memory a kernel gets without opting in (cudaFuncSetAttribute).
 _DEFAULT_SHARED = 48 * 1024
 
 
-def _to_cupy(argument: KernelArgument) -> object:
-    """A zero-copy CuPy view of a tensor (DLPack), or the numpy scalar of a C scalar."""
+def _kernel_argument(argument: KernelArgument) -> object:
+    """What CuPy passes by value: a tensor's device address (a pointer parameter), or the numpy
+    scalar of a C scalar.
+
+    Not a DLPack view: ``__dlpack__`` is called with CuPy's stream, which torch wraps as an
+    ``ExternalStream`` that never equals its own current stream, so every tensor of every launch
+    cost an event record and wait. The kernels index dense arrays, so the address is all they
+    need, and the caller keeps the tensors alive for the launch (stream-ordered, as any op)."""
     if isinstance(argument, Tensor):
-        tensor = argument.view(torch.int16) if argument.dtype in _AS_BITS else argument
-        return cupy.from_dlpack(tensor)
+        if not argument.is_contiguous():
+            raise ValueError("a kernel argument must be a contiguous tensor")
+        return numpy.uintp(argument.data_ptr())
     if isinstance(argument, ctypes.c_int64):
         return numpy.int64(argument.value)
     return numpy.int32(argument.value)
@@ -43,8 +48,8 @@ class CupyModule:
             function = self._kernels[kernel] = self._module.get_function(kernel)
         index = self._device.index
         stream = torch.cuda.current_stream(self._device).cuda_stream
-        # CuPy's current stream = torch's: from_dlpack then orders nothing (same stream), and the
-        # launch runs where the hook's other work runs. No host synchronisation anywhere.
+        # CuPy's current stream = torch's: the launch runs where the hook's other work runs, in
+        # order with it. No host synchronisation anywhere.
         with (
             torch.cuda.device(index),
             cupy.cuda.Device(index),
@@ -53,7 +58,8 @@ class CupyModule:
             if shared > self._shared_limit.get(kernel, _DEFAULT_SHARED):
                 function.max_dynamic_shared_size_bytes = shared  # L ≥ 13: up to 84 KiB
                 self._shared_limit[kernel] = shared
-            function((grid,), (BLOCK,), tuple(_to_cupy(a) for a in args), shared_mem=shared)
+            arguments = tuple(_kernel_argument(a) for a in args)
+            function((grid,), (BLOCK,), arguments, shared_mem=shared)
 
 
 class CupyBackend:

@@ -9,6 +9,7 @@ Every method is usable in the hook (``BucketMOOState(weighting=...)``), in
 
 from ._aligned_mtl import AlignedMTL
 from ._base import (
+    BatchedWeighting,
     CallableWeighting,
     Weighting,
     WeightingContext,
@@ -29,6 +30,7 @@ __all__ = [
     "IMTLG",
     "MGDA",
     "AlignedMTL",
+    "BatchedWeighting",
     "CAGrad",
     "CallableWeighting",
     "DualProj",

@@ -1,13 +1,15 @@
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from ._base import Weighting, WeightingContext
-from ._solvers import normalise_by_trace, significant_eigh
+from ._base import BatchedWeighting, WeightingContext
+from ._solvers import matvec, normalise_by_trace, significant_eigh
 
 _SCALE_MODES = ("min", "median", "rmse")
 
 
-class AlignedMTL(Weighting):
+class AlignedMTL(BatchedWeighting):
     r"""Aligned-MTL: makes the gradient system well conditioned before averaging.
 
     Senushkin, Patakin, Kuznetsov & Konushin 2023, "Independent Component Alignment for
@@ -41,26 +43,27 @@ class AlignedMTL(Weighting):
             raise ValueError(f"scale_mode must be one of {_SCALE_MODES}, got {scale_mode!r}")
         self.scale_mode = scale_mode
 
-    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
-        num_objectives = gramian.shape[0]
-        g, _ = normalise_by_trace(gramian)
-        eigenvalues, eigenvectors, kept = significant_eigh(g, gramian.dtype)
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        num_objectives = gramians.shape[-1]
+        g, _ = normalise_by_trace(gramians)
+        eigenvalues, eigenvectors, kept = significant_eigh(g, gramians.dtype)
         safe = torch.where(kept, eigenvalues, 1.0)
-        count = kept.sum()
+        count = kept.sum(dim=-1, keepdim=True)
         if self.scale_mode == "min":
-            scale = torch.where(kept, eigenvalues, torch.inf).min()
+            scale = torch.where(kept, eigenvalues, torch.inf).amin(dim=-1, keepdim=True)
         elif self.scale_mode == "rmse":
-            scale = torch.where(kept, eigenvalues, 0.0).sum() / count.clamp_min(1)
+            scale = torch.where(kept, eigenvalues, 0.0).sum(dim=-1, keepdim=True)
+            scale = scale / count.clamp_min(1)
         else:  # lower median of the kept eigenvalues, as torch.median
-            ascending = torch.where(kept, eigenvalues, torch.inf).sort().values
-            middle = ((count - 1) // 2).clamp_min(0).reshape(1)
-            scale = ascending.gather(0, middle)[0]
+            ascending = torch.where(kept, eigenvalues, torch.inf).sort(dim=-1).values
+            middle = ((count - 1) // 2).clamp_min(0)
+            scale = ascending.gather(-1, middle)
         root = torch.where(kept, (torch.where(kept, scale, 1.0) / safe).sqrt(), 0.0)
         uniform = torch.full(
             (num_objectives,), 1.0 / num_objectives, dtype=g.dtype, device=g.device
         )
-        weights = eigenvectors @ (root * (eigenvectors.T @ uniform))
-        return torch.where(count > 0, weights, uniform).to(gramian.dtype)
+        weights = matvec(eigenvectors, root * (uniform @ eigenvectors))
+        return torch.where(count > 0, weights, uniform).to(gramians.dtype)
 
     def __repr__(self) -> str:
         return f"AlignedMTL(scale_mode={self.scale_mode!r})"

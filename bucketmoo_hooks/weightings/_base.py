@@ -5,10 +5,11 @@ import functools
 import importlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 # A memory address in a repr (``<object at 0x7f...>``): it differs from process to process.
@@ -75,6 +76,18 @@ class Weighting(ABC):
     def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
         """Return the weights ``[L]`` (float32, on the Gramian's device)."""
 
+    def solve(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        """The weights ``[S, L]`` of a batch of Gramians ``[S, L, L]``, ``gramians[s]`` with
+        ``contexts[s]`` (the segments of a bucket with ``granularity="parameter"``).
+
+        By default one :meth:`forward` per Gramian; the built-in weightings
+        (:class:`BatchedWeighting`) solve the batch at once, with as many device ops for ``S``
+        Gramians as for one.
+        """
+        return torch.stack(
+            [self.forward(g, context) for g, context in zip(gramians, contexts, strict=True)]
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """State that evolves during training (stateless weightings have none)."""
         return {}
@@ -99,6 +112,27 @@ class Weighting(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class BatchedWeighting(Weighting):
+    """A weighting whose :meth:`solve` handles a batch ``[S, L, L]`` at once (one set of device
+    ops whatever ``S``: on a GPU, as many kernel launches for a bucket's ``S`` segments as for
+    one)."""
+
+    def solve(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        if len(gramians) == 1:
+            # Unbatched: the same ops (and launches on a GPU), but on the CPU an op on [L, L]
+            # costs less than on [1, L, L] (measured: up to 1.5× for a whole solve).
+            return self.solve_batch(gramians[0], contexts).unsqueeze(0)
+        return self.solve_batch(gramians, contexts)
+
+    @abstractmethod
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        """The weights ``[..., L]`` of the Gramians ``[..., L, L]``: ``[S, L, L]`` with one
+        context each, or one Gramian ``[L, L]`` with one context."""
+
+    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
+        return self.solve_batch(gramian, [context])
 
 
 class CallableWeighting(Weighting):

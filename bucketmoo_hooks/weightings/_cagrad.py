@@ -1,14 +1,19 @@
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .._device_path import cpu_path
-from ._base import Weighting, WeightingContext
+from ._base import BatchedWeighting, WeightingContext
 from ._solvers import (
     check_iterations,
+    diagonal,
+    dot,
+    matvec,
     noise_level,
     normalise_by_trace,
+    quadratic,
     regularise,
     uniform_if_zero,
 )
@@ -23,7 +28,7 @@ _ENTER_TOLERANCE = 1e-12
 _STATIONARY = 10.0
 
 
-class CAGrad(Weighting):
+class CAGrad(BatchedWeighting):
     r"""Conflict-averse gradient descent: the best worst-case improvement near the average gradient.
 
     Liu, Liu, Jin, Stone & Liu 2021, "Conflict-Averse Gradient Descent for Multi-task Learning"
@@ -85,25 +90,25 @@ class CAGrad(Weighting):
         self.c = float(c)
         self.iterations = check_iterations(iterations)
 
-    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
-        num_objectives = gramian.shape[0]
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        num_objectives = gramians.shape[-1]
         iterations = 2 * num_objectives if self.iterations is None else self.iterations
-        g, nonzero = normalise_by_trace(gramian)
+        g, nonzero = normalise_by_trace(gramians)
         uniform = torch.full(
             (num_objectives,), 1.0 / num_objectives, dtype=g.dtype, device=g.device
         )
         b = g @ uniform
-        radius = self.c * torch.sqrt((uniform @ b).clamp_min(0.0))  # √φ = c‖g₀‖
-        ridge = noise_level(gramian.dtype, num_objectives)
+        radius = self.c * torch.sqrt(b.mean(dim=-1, keepdim=True).clamp_min(0.0))  # √φ = c‖g₀‖
+        ridge = noise_level(gramians.dtype, num_objectives)
         regularised = regularise(g, ridge)
         w = cagrad_dual(regularised, b, radius, iterations, stop_at_fixed_point=cpu_path(g.device))
-        squared = (w @ g @ w).clamp_min(0.0)
-        floor = _STATIONARY * ridge * (w * w) @ g.diagonal()
+        squared = quadratic(g, w).clamp_min(0.0)
+        floor = _STATIONARY * ridge * dot(w * w, diagonal(g))
         # With √φ = 0 (c = 0 or g₀ = 0) the update is g₀/(1 + c) whatever w* is.
         stationary = (squared <= floor) & (radius > 0)
         scale = torch.where(stationary | (radius == 0), 0.0, radius / torch.sqrt(squared))
         weights = torch.where(stationary, 0.0, (uniform + scale * w) / (1 + self.c))
-        return uniform_if_zero(weights, nonzero).to(gramian.dtype)
+        return uniform_if_zero(weights, nonzero).to(gramians.dtype)
 
     def __repr__(self) -> str:
         return f"CAGrad(c={self.c}, iterations={self.iterations})"
@@ -112,23 +117,26 @@ class CAGrad(Weighting):
 def cagrad_dual(
     regularised: Tensor, b: Tensor, radius: Tensor, iterations: int, stop_at_fixed_point: bool
 ) -> Tensor:
-    """``argmin_{w∈Δ} bᵀw + radius·√(wᵀGw)`` in float64 for a positive definite ``G``; see
+    """``argmin_{w∈Δ} bᵀw + radius·√(wᵀGw)`` in float64 for a positive definite ``G``, for each
+    problem of a batch (``G`` ``[..., L, L]``, ``b`` ``[..., L]``, ``radius`` ``[..., 1]``); see
     :class:`CAGrad` for the method."""
     g = regularised
-    num_objectives = g.shape[0]
+    num_objectives = g.shape[-1]
     index = torch.arange(num_objectives, device=g.device)
     eye = torch.eye(num_objectives, dtype=g.dtype, device=g.device)
     phi = radius * radius
-    support = torch.ones(num_objectives, dtype=torch.bool, device=g.device)
-    w = torch.full((num_objectives,), 1.0 / num_objectives, dtype=g.dtype, device=g.device)
+    support = torch.ones(g.shape[:-1], dtype=torch.bool, device=g.device)
+    w = torch.full(g.shape[:-1], 1.0 / num_objectives, dtype=g.dtype, device=g.device)
     if num_objectives == 1:
         return w
     for _ in range(iterations):
         s = support.to(g.dtype)
-        system = torch.where(support[:, None] & support[None, :], regularised, eye)
-        solved = torch.linalg.solve_ex(system, torch.stack([s, b * s], dim=1))[0] * s[:, None]
-        p, q = solved[:, 0], solved[:, 1]
-        alpha, beta, gamma = s @ p, s @ q, b @ q
+        system = torch.where(support.unsqueeze(-1) & support.unsqueeze(-2), regularised, eye)
+        solved = torch.linalg.solve_ex(system, torch.stack([s, b * s], dim=-1))[0]
+        solved = solved * s.unsqueeze(-1)
+        p, q = solved[..., 0], solved[..., 1]
+        totals = solved.sum(dim=-2)  # p and q vanish off the support
+        alpha, beta, gamma = totals[..., :1], totals[..., 1:], dot(b, q)
         excess = alpha * phi - (alpha * gamma - beta * beta).clamp_min(0.0)
         bounded = excess > 0
         lam = torch.sqrt(torch.where(bounded, excess, 1.0))
@@ -140,26 +148,26 @@ def cagrad_dual(
         reach = torch.where(bounded, 1.0, math.inf)
 
         negative = support & (direction < 0) & (w + reach * direction < _NEGATIVE)
-        infeasible = negative.any()
+        infeasible = negative.any(dim=-1, keepdim=True)
         ratio = torch.where(negative, w / -direction, math.inf)
-        step = torch.minimum(ratio.min(), reach)
+        step = torch.minimum(ratio.amin(dim=-1, keepdim=True), reach)
         step = torch.where(torch.isfinite(step), step, 0.0)  # direction 0: F is constant, stay
         moved = (w + step * direction).clamp_min(0.0)
         kept = support & (ratio > step) & (moved > 0)
         moved = torch.where(kept, moved, 0.0)
-        moved = moved / moved.sum()
+        moved = moved / moved.sum(dim=-1, keepdim=True)
 
         # Feasible: optimal unless some inactive j has ∂F/∂w_j < F(w) (= wᵀ∇F on the support).
         feasible = candidate.clamp_min(0.0)
-        norm = torch.sqrt((feasible @ regularised @ feasible).clamp_min(1e-300))
-        gradient = b + radius * (regularised @ feasible) / norm
-        value = feasible @ gradient
-        outside = torch.where(support, math.inf, gradient)
-        enters = (index == outside.argmin()) & (outside.min() < value - _ENTER_TOLERANCE)
+        norm = torch.sqrt(quadratic(regularised, feasible).clamp_min(1e-300))
+        gradient = b + radius * matvec(regularised, feasible) / norm
+        value = dot(feasible, gradient)
+        outside = torch.where(support, math.inf, gradient).min(dim=-1, keepdim=True)
+        enters = (index == outside.indices) & (outside.values < value - _ENTER_TOLERANCE)
 
         update = infeasible | ~bounded
         w = torch.where(update, moved, feasible)
         support = torch.where(update, kept, support | enters)
-        if stop_at_fixed_point and not (update | enters.any()):
+        if stop_at_fixed_point and not (update.any() | enters.any()):
             break
     return w

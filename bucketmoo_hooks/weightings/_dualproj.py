@@ -1,11 +1,13 @@
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from ._base import Weighting, WeightingContext
+from ._base import BatchedWeighting, WeightingContext
 from ._solvers import check_iterations, check_reg_eps, dual_cone_weights
 
 
-class DualProj(Weighting):
+class DualProj(BatchedWeighting):
     r"""The mean gradient projected onto the dual cone of the objective gradients.
 
     Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization" (arXiv 2406.16232),
@@ -37,12 +39,13 @@ class DualProj(Weighting):
         self.reg_eps = check_reg_eps(reg_eps)
         self.iterations = check_iterations(iterations)
 
-    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
-        num_objectives = gramian.shape[0]
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        num_objectives = gramians.shape[-1]
         mean = torch.full(
-            (1, num_objectives), 1.0 / num_objectives, dtype=torch.float64, device=gramian.device
+            (1, num_objectives), 1.0 / num_objectives, dtype=torch.float64, device=gramians.device
         )
-        return dual_cone_weights(gramian, mean, self.reg_eps, self.iterations)[0].to(gramian.dtype)
+        v = dual_cone_weights(gramians, mean, self.reg_eps, self.iterations)
+        return v.squeeze(-2).to(gramians.dtype)
 
     def __repr__(self) -> str:
         return f"DualProj(reg_eps={self.reg_eps}, iterations={self.iterations})"

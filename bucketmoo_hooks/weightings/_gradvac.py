@@ -1,15 +1,16 @@
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._base import Weighting, WeightingContext
+from ._base import BatchedWeighting, WeightingContext
 from ._pcgrad import PCGrad
-from ._solvers import normalise_by_trace
-from ._tables import ObjectiveTable, Problem, load_tables, tables_state
+from ._solvers import diagonal, matvec, normalise_by_trace
+from ._tables import Lookup, ObjectiveTable, Problem, load_tables, tables_state
 
 
-class GradVac(Weighting):
+class GradVac(BatchedWeighting):
     r"""Gradient Vaccine: align every objective gradient towards an EMA target cosine.
 
     Wang, Tsvetkov, Firat & Cao 2021, "Gradient Vaccine: Investigating and Improving Multi-task
@@ -47,43 +48,49 @@ class GradVac(Weighting):
         self._order = PCGrad(seed)
         self._targets: dict[Problem, ObjectiveTable] = {}
 
-    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
-        num_objectives = gramian.shape[0]
-        if context is not None and context.problem is None:
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        num_objectives = gramians.shape[-1]
+        if any(context is not None and context.problem is None for context in contexts):
             raise ValueError(
                 "gradvac keeps targets per bucket and needs stable bucket keys: register the "
                 "hook with bucketmoo_hooks.install_bucket_moo(model, state)"
             )
-        problem = None if context is None else context.problem
-        objectives = tuple(range(num_objectives)) if context is None else context.objectives
-        g, _ = normalise_by_trace(gramian)
-        table = self._targets.setdefault(problem, ObjectiveTable.empty(ndim=2))
-        index = table.index(objectives, g.device, fill=0.0)
-        targets = table.values
-        target = targets[index][:, index]
+        tables, keys = [], []
+        for context in contexts:
+            problem = None if context is None else context.problem
+            table = self._targets.get(problem)
+            if table is None:
+                table = self._targets[problem] = ObjectiveTable.empty(ndim=2)
+            tables.append(table)
+            keys.append(tuple(range(num_objectives)) if context is None else context.objectives)
+        g, _ = normalise_by_trace(gramians)
+        lookup = Lookup.read(tables, keys, g.device, fill=0.0)
+        target = lookup.values.view(g.shape)
 
-        ranks = self._order.visiting_ranks(num_objectives, context, g.device)
-        coefficients = torch.eye(num_objectives, dtype=g.dtype, device=g.device)
-        norms_j_squared = g.diagonal()
+        ranks = self._order.batch_visiting_ranks(num_objectives, contexts, g.device).view(g.shape)
+        coefficients = torch.eye(num_objectives, dtype=g.dtype, device=g.device).expand_as(g)
+        norms_j_squared = diagonal(g)
         for position in range(num_objectives - 1):
-            visited = (ranks == position).to(g.dtype)  # visited[i, j]: i visits j now
+            visited = (ranks == position).to(g.dtype)  # visited[s, i, j]: i visits j now
             products = coefficients @ g  # ⟨g_i', ḡ_k⟩
-            inner = (products * visited).sum(dim=1)
-            norm_i = (products * coefficients).sum(dim=1).clamp_min(0.0).sqrt()
-            norm_j = (visited @ norms_j_squared).clamp_min(0.0).sqrt()
+            inner = (products * visited).sum(dim=-1)
+            norm_i = (products * coefficients).sum(dim=-1).clamp_min(0.0).sqrt()
+            norm_j = matvec(visited, norms_j_squared).clamp_min(0.0).sqrt()
             scale = norm_i * norm_j
             nonzero = scale > 0
             cosine = torch.where(nonzero, inner / scale.clamp_min(1e-300), 0.0).clamp(-1.0, 1.0)
-            goal = (target * visited).sum(dim=1)
+            goal = (target * visited).sum(dim=-1)
             room = (1 - goal * goal).clamp_min(1e-12).sqrt()
             step = norm_i * (goal * (1 - cosine * cosine).sqrt() - cosine * room)
             step = step / (norm_j.clamp_min(1e-300) * room)
             step = torch.where(nonzero & (cosine < goal), step, 0.0)
-            coefficients = coefficients + step[:, None] * visited
+            coefficients = coefficients + step.unsqueeze(-1) * visited
             moved = (1 - self.beta) * goal + self.beta * cosine
-            target = torch.where(visited.bool() & nonzero[:, None], moved[:, None], target)
-        targets[index[:, None], index[None, :]] = target
-        return coefficients.mean(dim=0).to(gramian.dtype)
+            target = torch.where(
+                visited.bool() & nonzero.unsqueeze(-1), moved.unsqueeze(-1), target
+            )
+        lookup.write(target)
+        return coefficients.mean(dim=-2).to(gramians.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"targets": tables_state(self._targets, "cosines")}

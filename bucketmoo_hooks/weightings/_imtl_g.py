@@ -1,15 +1,17 @@
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from ._base import Weighting, WeightingContext
-from ._solvers import normalise_by_trace, significant_eigh, uniform_if_zero
+from ._base import BatchedWeighting, WeightingContext
+from ._solvers import diagonal, matvec, normalise_by_trace, significant_eigh, uniform_if_zero
 
 # |1ᵀv| below this (trace-normalised units, where identical gradients give 1ᵀv = √L) means no
 # combination with equal projections sums to one: the weights are then zero.
 _DEGENERATE_SUM = 1e-10
 
 
-class IMTLG(Weighting):
+class IMTLG(BatchedWeighting):
     r"""Impartial multi-task learning, gradient part: equal projections on every unit gradient.
 
     Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang 2021, "Towards Impartial Multi-task Learning"
@@ -37,13 +39,13 @@ class IMTLG(Weighting):
     name = "imtl_g"
     description = "Update with equal projections on all unit gradients (Liu 2021, IMTL-G)."
 
-    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
-        g, nonzero = normalise_by_trace(gramian)
-        eigenvalues, eigenvectors, kept = significant_eigh(g, gramian.dtype)
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        g, nonzero = normalise_by_trace(gramians)
+        eigenvalues, eigenvectors, kept = significant_eigh(g, gramians.dtype)
         inverse = torch.where(kept, 1.0 / torch.where(kept, eigenvalues, 1.0), 0.0)
-        norms = g.diagonal().clamp_min(0.0).sqrt()
-        v = eigenvectors @ (inverse * (eigenvectors.T @ norms))
-        total = v.sum()
+        norms = diagonal(g).clamp_min(0.0).sqrt()
+        v = matvec(eigenvectors, inverse * matvec(eigenvectors.mT, norms))
+        total = v.sum(dim=-1, keepdim=True)
         degenerate = total.abs() <= _DEGENERATE_SUM
         weights = torch.where(degenerate, 0.0, v / torch.where(degenerate, 1.0, total))
-        return uniform_if_zero(weights, nonzero).to(gramian.dtype)
+        return uniform_if_zero(weights, nonzero).to(gramians.dtype)

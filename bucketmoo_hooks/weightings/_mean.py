@@ -1,10 +1,12 @@
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from ._base import Weighting, WeightingContext
+from ._base import BatchedWeighting, WeightingContext
 
 
-class Mean(Weighting):
+class Mean(BatchedWeighting):
     r"""Equal weights :math:`w = \mathbf{1}/L`: the objective gradients are averaged.
 
     With equal language groups this is exactly DDP's average (``allreduce_hook``), so it is the
@@ -14,8 +16,8 @@ class Mean(Weighting):
     name = "mean"
     description = "Average of the objective gradients (DDP's average when groups are equal)."
 
-    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
-        num_objectives = gramian.shape[0]
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        num_objectives = gramians.shape[-1]
         return torch.full(
-            (num_objectives,), 1.0 / num_objectives, dtype=gramian.dtype, device=gramian.device
+            gramians.shape[:-1], 1.0 / num_objectives, dtype=gramians.dtype, device=gramians.device
         )

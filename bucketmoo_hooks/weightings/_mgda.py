@@ -1,11 +1,12 @@
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .._device_path import cpu_path
-from ._base import Weighting, WeightingContext
-from ._solvers import normalise_by_trace, unit_gramian
+from ._base import BatchedWeighting, WeightingContext
+from ._solvers import diagonal, dot, matvec, normalise_by_trace, unit_gramian
 
 # Added to the trace-normalised Gramian on the support: makes every equality-constrained
 # subproblem strictly convex (duplicated or collinear objectives share their weight equally)
@@ -20,7 +21,7 @@ _NEGATIVE = -1e-12
 _NORMALIZATIONS = ("none", "l2")
 
 
-class MGDA(Weighting):
+class MGDA(BatchedWeighting):
     r"""Multiple-gradient descent: the min-norm point of the convex hull of the objective gradients.
 
     .. math:: w^\star = \operatorname*{argmin}_{w \in \Delta_L} w^\top G w, \qquad
@@ -81,16 +82,16 @@ class MGDA(Weighting):
         self.iterations = iterations
         self.normalization = normalization
 
-    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
-        num_objectives = gramian.shape[0]
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        num_objectives = gramians.shape[-1]
         iterations = 2 * num_objectives if self.iterations is None else self.iterations
         if self.normalization == "none":
-            return min_norm_weights(gramian, iterations).to(gramian.dtype)
-        unit, inverse = unit_gramian(normalise_by_trace(gramian)[0])
+            return min_norm_weights(gramians, iterations).to(gramians.dtype)
+        unit, inverse = unit_gramian(normalise_by_trace(gramians)[0])
         unit_weights = min_norm_weights(unit, iterations)
         # Trace-normalised norms are ≤ 1, so the rescaled weights sum to ≥ 1: no division by 0.
         weights = torch.where(inverse > 0, unit_weights * inverse, unit_weights)
-        return (weights / weights.sum()).to(gramian.dtype)
+        return (weights / weights.sum(dim=-1, keepdim=True)).to(gramians.dtype)
 
     def __repr__(self) -> str:
         # The default is left out so that the repr of existing configurations does not change.
@@ -100,13 +101,15 @@ class MGDA(Weighting):
 
 
 def min_norm_weights(gramian: Tensor, iterations: int) -> Tensor:
-    """``argmin_{w∈Δ} wᵀGw`` in float64; see :class:`MGDA` for the method."""
-    num_objectives = gramian.shape[0]
+    """``argmin_{w∈Δ} wᵀGw`` in float64 for each Gramian of a batch ``[..., L, L]``; see
+    :class:`MGDA` for the method."""
+    num_objectives = gramian.shape[-1]
     g = gramian.to(torch.float64)
     # Weights do not change when G is scaled: normalise so the tolerances are relative.
-    g = g / g.diagonal().sum().clamp_min(torch.finfo(torch.float64).tiny)
+    trace = diagonal(g).sum(dim=-1)[..., None, None]
+    g = g / trace.clamp_min(torch.finfo(torch.float64).tiny)
     if num_objectives == 1:
-        return torch.ones(1, dtype=torch.float64, device=g.device)
+        return torch.ones(g.shape[:-1], dtype=torch.float64, device=g.device)
     if num_objectives == 2:
         return _two_objectives(g)
     # Once an iteration neither drops nor adds an objective, every later one recomputes the same
@@ -116,48 +119,49 @@ def min_norm_weights(gramian: Tensor, iterations: int) -> Tensor:
 
 
 def _two_objectives(g: Tensor) -> Tensor:
-    distance = g[0, 0] + g[1, 1] - 2 * g[0, 1]  # ‖ḡ₀ − ḡ₁‖² (normalised)
-    gamma = ((g[1, 1] - g[0, 1]) / distance.clamp_min(torch.finfo(g.dtype).tiny)).clamp(0, 1)
+    g00, g01, g11 = g[..., 0, 0], g[..., 0, 1], g[..., 1, 1]
+    distance = g00 + g11 - 2 * g01  # ‖ḡ₀ − ḡ₁‖² (normalised)
+    gamma = ((g11 - g01) / distance.clamp_min(torch.finfo(g.dtype).tiny)).clamp(0, 1)
     gamma = torch.where(distance > 1e-12, gamma, 0.5)
-    return torch.stack([gamma, 1 - gamma])
+    return torch.stack([gamma, 1 - gamma], dim=-1)
 
 
 def _active_set(g: Tensor, iterations: int, stop_at_fixed_point: bool) -> Tensor:
-    num_objectives = g.shape[0]
+    num_objectives = g.shape[-1]
     index = torch.arange(num_objectives, device=g.device)
     eye = torch.eye(num_objectives, dtype=g.dtype, device=g.device)
     regularised = g + _RIDGE * eye
-    support = torch.ones(num_objectives, dtype=torch.bool, device=g.device)
-    weights = torch.full((num_objectives,), 1.0 / num_objectives, dtype=g.dtype, device=g.device)
+    support = torch.ones(g.shape[:-1], dtype=torch.bool, device=g.device)
+    weights = torch.full(g.shape[:-1], 1.0 / num_objectives, dtype=g.dtype, device=g.device)
     for _ in range(iterations):
         s = support.to(g.dtype)
         # Min-norm point of the affine hull of the support: x = G_SS⁻¹ 1, normalised to sum 1.
         # Inactive rows are identity rows with a zero right-hand side, so x vanishes off S.
-        system = torch.where(support[:, None] & support[None, :], regularised, eye)
+        system = torch.where(support.unsqueeze(-1) & support.unsqueeze(-2), regularised, eye)
         x = torch.linalg.solve_ex(system, s)[0] * s
-        candidate = x / x.sum()
+        candidate = x / x.sum(dim=-1, keepdim=True)
         negative = candidate < _NEGATIVE
-        infeasible = negative.any()
+        infeasible = negative.any(dim=-1, keepdim=True)
 
         # Infeasible: walk from the current weights towards the candidate until the first
         # weight reaches zero, and drop every weight that did.
         ratio = torch.where(negative, weights / (weights - candidate), math.inf)
-        step = ratio.min().clamp(max=1.0)
+        step = ratio.amin(dim=-1, keepdim=True).clamp(max=1.0)
         moved = weights + step * (candidate - weights)
         kept = support & (ratio > step) & (moved > 0)
         moved = torch.where(kept, moved, 0.0)
-        moved = moved / moved.sum()
+        moved = moved / moved.sum(dim=-1, keepdim=True)
 
         # Feasible: optimal unless some inactive objective j has (Gw)_j < wᵀGw; add the worst.
         feasible = candidate.clamp_min(0.0)
-        gradient = g @ feasible
-        value = feasible @ gradient
-        outside = torch.where(support, math.inf, gradient)
-        enters = (index == outside.argmin()) & (outside.min() < value - _ENTER_TOLERANCE)
+        gradient = matvec(g, feasible)
+        value = dot(feasible, gradient)
+        outside = torch.where(support, math.inf, gradient).min(dim=-1, keepdim=True)
+        enters = (index == outside.indices) & (outside.values < value - _ENTER_TOLERANCE)
 
         weights = torch.where(infeasible, moved, feasible)
         support = torch.where(infeasible, kept, support | enters)
-        if stop_at_fixed_point and not (infeasible | enters.any()):
+        if stop_at_fixed_point and not (infeasible.any() | enters.any()):
             break
     return weights
 

@@ -1,23 +1,28 @@
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._device_path import cpu_path
-from ._base import Weighting, WeightingContext
+from ._base import BatchedWeighting, WeightingContext
 from ._solvers import (
     check_iterations,
+    diagonal,
+    dot,
+    matvec,
     noise_level,
     normalise_by_trace,
     positive_definite_ridge,
+    quadratic,
     unit_gramian,
 )
-from ._tables import ObjectiveTable, Problem, load_tables, tables_state
+from ._tables import Lookup, ObjectiveTable, Problem, load_tables, tables_state
 
 _NORMALIZATIONS = ("sum", "none")
 
 
-class NashMTL(Weighting):
+class NashMTL(BatchedWeighting):
     r"""Nash-MTL: the Nash bargaining solution between the objectives.
 
     Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya 2022, "Multi-Task Learning as a
@@ -71,30 +76,34 @@ class NashMTL(Weighting):
         self.normalization = normalization
         self._starts: dict[Problem, ObjectiveTable] = {}
 
-    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
-        num_objectives = gramian.shape[0]
-        c, inverse, nonzero = unit_problem(gramian)
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        num_objectives = gramians.shape[-1]
+        c, inverse, nonzero = unit_problem(gramians)
         iterations = 2 * num_objectives + 16 if self.iterations is None else self.iterations
-        table = None if context is None or context.problem is None else self._table(context)
-        stop = cpu_path(c.device)
-        if table is None:
-            beta = bargain(c, torch.ones_like(inverse), iterations, stop)
-        else:
-            index = table.index(context.objectives, c.device, fill=1.0)
-            beta = bargain(c, table.values[index], iterations, stop)
-            table.values[index] = beta
+        tables, keys = [], []
+        for context in contexts:
+            problem = None if context is None else context.problem
+            table = None if problem is None else self._starts.get(problem)
+            if table is None:
+                # A problem without a key starts cold, from a table of its own that is dropped.
+                table = ObjectiveTable.empty(ndim=1)
+                if problem is not None:
+                    self._starts[problem] = table
+            tables.append(table)
+            keys.append(tuple(range(num_objectives)) if context is None else context.objectives)
+        starts = Lookup.read(tables, keys, c.device, fill=1.0)
+        beta = bargain(c, starts.values.view(inverse.shape), iterations, cpu_path(c.device))
+        starts.write(beta)
 
         alpha = beta * inverse  # in trace-normalised units: 1/‖ḡ_i‖ relative to √tr G
         if self.normalization == "sum":
-            weights = alpha / alpha.sum().clamp_min(torch.finfo(torch.float64).tiny)
+            total = alpha.sum(dim=-1, keepdim=True)
+            weights = alpha / total.clamp_min(torch.finfo(torch.float64).tiny)
             weights = torch.where(nonzero, weights, 1.0 / num_objectives)
         else:
-            trace = gramian.to(torch.float64).diagonal().sum()
+            trace = diagonal(gramians.to(torch.float64)).sum(dim=-1, keepdim=True)
             weights = alpha / torch.where(nonzero, trace, 1.0).sqrt()
-        return weights.to(gramian.dtype)
-
-    def _table(self, context: WeightingContext) -> ObjectiveTable:
-        return self._starts.setdefault(context.problem, ObjectiveTable.empty(ndim=1))
+        return weights.to(gramians.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"starts": tables_state(self._starts, "beta")}
@@ -110,14 +119,14 @@ class NashMTL(Weighting):
 
 def unit_problem(gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``C`` (the unit-gradient Gramian, positive definite), ``1/‖ḡ_i‖`` relative to ``√tr G`` (0
-    for a zero gradient), and whether ``G ≠ 0``; float64."""
-    num_objectives = gramian.shape[0]
+    for a zero gradient), and whether ``G ≠ 0``; float64, for a batch ``[..., L, L]``."""
+    num_objectives = gramian.shape[-1]
     g, nonzero = normalise_by_trace(gramian)
     unit, inverse = unit_gramian(g)
     live = inverse > 0
     eye = torch.eye(num_objectives, dtype=g.dtype, device=g.device)
     # Objectives with a zero gradient get the row of an uncoupled objective (β_i = 1).
-    c = torch.where(live[:, None] & live[None, :], unit, eye)
+    c = torch.where(live.unsqueeze(-1) & live.unsqueeze(-2), unit, eye)
     c = c + positive_definite_ridge(c, noise_level(gramian.dtype, num_objectives)) * eye
     return c, inverse, nonzero
 
@@ -129,17 +138,18 @@ def bargain(c: Tensor, start: Tensor, iterations: int, stop_at_fixed_point: bool
     scaling ``t* = √(L / βᵀCβ)`` of ``f(tβ)``. Fixed work and no host synchronisation, except the
     optional stop at an exact fixed point (taken on the CPU only, where it costs nothing).
     """
-    num_objectives = c.shape[0]
-    beta = start * (num_objectives / (start @ c @ start)).sqrt()
+    num_objectives = c.shape[-1]
+    beta = start * (num_objectives / quadratic(c, start)).sqrt()
     for _ in range(iterations):
-        gradient = c @ beta - 1.0 / beta
+        gradient = matvec(c, beta) - 1.0 / beta
         hessian = c + torch.diag_embed(1.0 / (beta * beta))
         step = torch.linalg.solve_ex(hessian, gradient)[0]
-        decrement = (gradient @ step).clamp_min(0.0).sqrt()
+        decrement = dot(gradient, step).clamp_min(0.0).sqrt()
         # 1/(1 + λ) keeps β > 0 in exact arithmetic; the cap keeps it there under round-off.
-        damping = torch.minimum(1.0 / (1.0 + decrement), 0.9 / (step / beta).max().clamp_min(0.0))
+        largest = (step / beta).amax(dim=-1, keepdim=True).clamp_min(0.0)
+        damping = torch.minimum(1.0 / (1.0 + decrement), 0.9 / largest)
         new = beta - damping * step
-        new = new * (num_objectives / (new @ c @ new)).sqrt()
+        new = new * (num_objectives / quadratic(c, new)).sqrt()
         if stop_at_fixed_point and torch.equal(new, beta):
             break
         beta = new

@@ -1,14 +1,17 @@
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from ._base import Weighting, WeightingContext
-from ._solvers import normalise_by_trace
+from .._device_path import to_device
+from ._base import BatchedWeighting, WeightingContext
+from ._solvers import diagonal, normalise_by_trace
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
-class PCGrad(Weighting):
+class PCGrad(BatchedWeighting):
     r"""PCGrad: projects conflicting gradients ("gradient surgery"), as weights on the gradients.
 
     Yu, Kumar, Gupta, Levine, Hausman & Finn 2020, "Gradient Surgery for Multi-Task Learning"
@@ -59,42 +62,56 @@ class PCGrad(Weighting):
     ) -> Tensor:
         """``R[i, j]``: the position at which objective ``i`` visits objective ``j`` (``R[i, i]`` is
         ``L − 1``, never visited). ``R[i].argsort()`` is objective ``i``'s order."""
-        if context is None:
-            base = _mix(self.seed, 0, 0)
-        else:
-            segment = getattr(context, "segment", None)
-            parts = (context.step, context.bucket) + (() if segment is None else (segment,))
-            base = _mix(self.seed, *parts)
-        counter = torch.arange(num_objectives * num_objectives, device=device, dtype=torch.int64)
-        keys = _hash32(_hash32(counter ^ (base & _MASK32)) ^ (base >> 32))
-        keys = keys.reshape(num_objectives, num_objectives)
-        # The hash is a bijection on 32-bit integers, so keys are distinct; the diagonal goes last.
-        keys = keys.fill_diagonal_(1 << 40)
-        return (keys[:, None, :] < keys[:, :, None]).sum(dim=2)
+        return self.batch_visiting_ranks(num_objectives, [context], torch.device(device))[0]
 
-    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
-        num_objectives = gramian.shape[0]
-        g, _ = normalise_by_trace(gramian)
-        ranks = self.visiting_ranks(num_objectives, context, g.device)
+    def batch_visiting_ranks(
+        self,
+        num_objectives: int,
+        contexts: Sequence[WeightingContext | None],
+        device: torch.device,
+    ) -> Tensor:
+        """:meth:`visiting_ranks` of every context, ``[S, L, L]``, in one set of device ops (the
+        seeds are mixed on the host and copied once)."""
+        halves = []
+        for context in contexts:
+            if context is None:
+                base = _mix(self.seed, 0, 0)
+            else:
+                segment = getattr(context, "segment", None)
+                parts = (context.step, context.bucket) + (() if segment is None else (segment,))
+                base = _mix(self.seed, *parts)
+            halves.append((base & _MASK32, base >> 32))
+        low, high = to_device(torch.tensor(halves, dtype=torch.int64), device).unbind(dim=1)
+        counter = torch.arange(num_objectives * num_objectives, device=device, dtype=torch.int64)
+        keys = _hash32(_hash32(counter ^ low[:, None]) ^ high[:, None])
+        keys = keys.reshape(len(contexts), num_objectives, num_objectives)
+        # The hash is a bijection on 32-bit integers, so keys are distinct; the diagonal goes last.
+        diagonal(keys).fill_(1 << 40)
+        return (keys.unsqueeze(-2) < keys.unsqueeze(-1)).sum(dim=-1)
+
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        num_objectives = gramians.shape[-1]
+        g, _ = normalise_by_trace(gramians)
+        ranks = self.batch_visiting_ranks(num_objectives, contexts, g.device).view(g.shape)
         positions = torch.arange(num_objectives - 1, device=g.device)
-        # visited[t, i] is the one-hot of the objective j that objective i visits at step t.
-        visited = (ranks[None, :, :] == positions[:, None, None]).to(g.dtype)
-        squared_norms = visited @ g.diagonal()  # ‖ḡ_j‖², [steps, L]
+        # visited[t, ..., i] is the one-hot of the objective j that objective i visits at step t.
+        visited = (ranks == positions.view(-1, *(1,) * ranks.dim())).to(g.dtype)
+        squared_norms = (visited * diagonal(g).unsqueeze(-2)).sum(dim=-1)  # ‖ḡ_j‖², [steps, S, L]
         inverse_norms = torch.where(
             squared_norms > 0, 1.0 / squared_norms.clamp_min(1e-300), 0.0
         )  # a zero gradient is never projected off
-        coefficients = torch.eye(num_objectives, dtype=g.dtype, device=g.device)
+        coefficients = torch.eye(num_objectives, dtype=g.dtype, device=g.device).expand_as(g)
         for step_visited, norm_j, inverse_j in zip(
             visited, squared_norms, inverse_norms, strict=True
         ):
             products = coefficients @ g  # (C G)_ik = ⟨g_i', ḡ_k⟩
-            inner = (products * step_visited).sum(dim=1)
-            norm_i = (products * coefficients).sum(dim=1).clamp_min(0.0)
+            inner = (products * step_visited).sum(dim=-1)
+            norm_i = (products * coefficients).sum(dim=-1).clamp_min(0.0)
             inner = torch.maximum(inner, -torch.sqrt(norm_i * norm_j)).clamp(max=0.0)
             coefficients = torch.addcmul(
-                coefficients, (inner * inverse_j)[:, None], step_visited, value=-1.0
+                coefficients, (inner * inverse_j).unsqueeze(-1), step_visited, value=-1.0
             )
-        return coefficients.mean(dim=0).to(gramian.dtype)
+        return coefficients.mean(dim=-2).to(gramians.dtype)
 
     def __repr__(self) -> str:
         return f"PCGrad(seed={self.seed})"

@@ -2,8 +2,11 @@
 Jacobi eigensolver, and a primal active-set solver for lower-bounded QPs on the Gramian.
 
 Everything here runs in float64 on the input's device with a fixed amount of work and no host
-synchronisation: no ``.item()``, no Python branching on device values, no host-checked
-``torch.linalg`` calls (only ``solve_ex``), no index tensors copied from the host. The one
+synchronisation, on a batch of problems at once: a Gramian is ``[..., L, L]`` (any leading batch
+dimensions, e.g. the ``S`` segments of a bucket), a vector ``[..., L]``, and a per-problem scalar
+``[..., 1]``, so one bucket's solve issues the same ops whatever its number of problems. Also:
+no ``.item()``, no Python branching on device values, no host-checked ``torch.linalg`` calls
+(only ``solve_ex``), no index tensors copied from the host. The one
 exception, shared with :func:`~bucketmoo_hooks.weightings.min_norm_weights`, is the optional early
 stop at an exact fixed point, which is taken only on the CPU where reading a flag costs nothing.
 """
@@ -18,12 +21,16 @@ from .._device_path import cpu_path
 __all__ = [
     "check_iterations",
     "check_reg_eps",
+    "diagonal",
+    "dot",
     "dual_cone_weights",
     "jacobi_eigh",
     "lower_bounded_qp",
+    "matvec",
     "noise_level",
     "normalise_by_trace",
     "positive_definite_ridge",
+    "quadratic",
     "regularise",
     "significant_eigh",
     "uniform_if_zero",
@@ -57,21 +64,42 @@ def check_reg_eps(reg_eps: object) -> float:
     return float(reg_eps)
 
 
+def matvec(matrix: Tensor, vector: Tensor) -> Tensor:
+    """``M v`` for batches ``[..., L, L]`` and ``[..., L]`` (``@`` would take ``v`` as a matrix)."""
+    return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
+
+
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    """``aᵀb`` for batches ``[..., L]``, as ``[..., 1]`` (one batched product: one kernel)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).squeeze(-1)
+
+
+def quadratic(matrix: Tensor, vector: Tensor) -> Tensor:
+    """``vᵀ M v`` for batches ``[..., L, L]`` and ``[..., L]``, as ``[..., 1]``."""
+    return dot(vector, matvec(matrix, vector))
+
+
+def diagonal(matrix: Tensor) -> Tensor:
+    """The diagonals ``[..., L]`` of a batch ``[..., L, L]``."""
+    return matrix.diagonal(dim1=-2, dim2=-1)
+
+
 def normalise_by_trace(gramian: Tensor) -> tuple[Tensor, Tensor]:
-    """``(G / tr G, tr G > 0)`` in float64. A zero Gramian stays zero (never NaN)."""
+    """``(G / tr G, tr G > 0)`` in float64, the flag ``[..., 1]``. A zero Gramian stays zero (never
+    NaN)."""
     g = gramian.to(torch.float64)
-    trace = g.diagonal().sum()
+    trace = diagonal(g).sum(dim=-1, keepdim=True)
     nonzero = trace > 0
-    return g / torch.where(nonzero, trace, 1.0), nonzero
+    return g / torch.where(nonzero, trace, 1.0).unsqueeze(-1), nonzero
 
 
 def unit_gramian(g: Tensor) -> tuple[Tensor, Tensor]:
     """The Gramian of the unit gradients ``ḡ_i / ‖ḡ_i‖`` and the ``1 / ‖ḡ_i‖``, for a
     trace-normalised ``g`` (float64). A zero gradient gets a zero row and column, and 0 as inverse.
     """
-    norms = g.diagonal().clamp_min(0.0).sqrt()
+    norms = diagonal(g).clamp_min(0.0).sqrt()
     inverse = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
-    return g * inverse[:, None] * inverse[None, :], inverse
+    return g * inverse.unsqueeze(-1) * inverse.unsqueeze(-2), inverse
 
 
 def noise_level(dtype: torch.dtype, num_objectives: int) -> float:
@@ -98,7 +126,7 @@ def regularise(g: Tensor, ridge: float) -> Tensor:
     positive definite; the 1e-30 floor keeps zero gradients' rows non-singular. It makes every
     subproblem strictly convex, so duplicated or collinear objectives share their weight equally.
     """
-    return g + torch.diag_embed(ridge * g.diagonal().clamp_min(0.0) + 1e-30)
+    return g + torch.diag_embed(ridge * diagonal(g).clamp_min(0.0) + 1e-30)
 
 
 def positive_definite_ridge(g: Tensor, floor: float, rungs: int = 12) -> Tensor:
@@ -108,21 +136,21 @@ def positive_definite_ridge(g: Tensor, floor: float, rungs: int = 12) -> Tensor:
     ``floor`` (e.g. :func:`noise_level`) covers the storage round-off of the input's dtype, but a
     Gramian accumulated in lower precision than it is stored (a float32 Gramian cast to float64,
     a long fp32 reduction) can have negative eigenvalues larger than that; the ladder finds the
-    ridge that covers them. All rungs are factorised in one batched ``cholesky_ex`` and the first
-    success is picked on the device: no host synchronisation. If every rung fails (the input is
-    not a Gramian), the largest ridge is returned.
+    ridge that covers them. All rungs of all problems are factorised in one batched ``cholesky_ex``
+    and the first success is picked on the device: no host synchronisation. If every rung fails
+    (the input is not a Gramian), the largest ridge is returned. Shape ``[..., 1, 1]``.
     """
     eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
     ridges = floor * 4.0 ** torch.arange(rungs, dtype=g.dtype, device=g.device)
-    succeeded = torch.linalg.cholesky_ex(g + ridges[:, None, None] * eye).info == 0
-    first = torch.where(succeeded.any(), succeeded.int().argmax(), rungs - 1)
-    # gather, not ridges[first]: indexing with a 0-d tensor reads the index on the host.
-    return 4.0 * ridges.gather(0, first.reshape(1)).squeeze(0)
+    succeeded = torch.linalg.cholesky_ex(g.unsqueeze(-3) + ridges[:, None, None] * eye).info == 0
+    first = torch.where(succeeded.any(dim=-1), succeeded.int().argmax(dim=-1), rungs - 1)
+    # take, not ridges[first]: indexing with a 0-d tensor reads the index on the host.
+    return 4.0 * ridges.take(first)[..., None, None]
 
 
 def uniform_if_zero(weights: Tensor, nonzero: Tensor) -> Tensor:
     """Uniform weights ``1/L`` where the Gramian is all zero (every gradient is 0, so is ``d``)."""
-    return torch.where(nonzero, weights, 1.0 / weights.shape[-1])
+    return torch.where(nonzero, weights, 1.0 / weights.shape[-1])  # nonzero: [..., 1]
 
 
 # -- symmetric eigen-decomposition ---------------------------------------------------------------
@@ -195,13 +223,14 @@ def jacobi_eigh(matrix: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tens
     up to 32) to reach ``‖A − V diag(λ) Vᵀ‖ ≤ 1e-14 ‖A‖``, ``‖VᵀV − I‖ ≤ 1e-13`` and eigenvalue
     errors ≤ 2e-14 ``λ_max``.
 
-    Returns the eigenvalues (unsorted) and the eigenvectors as columns of ``V``.
+    Returns the eigenvalues (unsorted) and the eigenvectors as columns of ``V``, for each matrix
+    of a batch ``[..., L, L]``.
     """
-    num = matrix.shape[0]
+    num = matrix.shape[-1]
     a = matrix.to(torch.float64)
-    v = torch.eye(num, dtype=torch.float64, device=a.device)
+    v = torch.eye(num, dtype=torch.float64, device=a.device).expand_as(a)
     if num == 1:
-        return a.diagonal().clone(), v
+        return diagonal(a).clone(), v
     schedule = list(zip(*_round_robin(num, a.device), strict=True))
     for _ in range(default_sweeps(num) if sweeps is None else sweeps):
         for difference, partner, signed in schedule:
@@ -213,14 +242,14 @@ def jacobi_eigh(matrix: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tens
             # A_lo,hi + A_hi,lo is symmetric although round-off leaves A slightly asymmetric
             # (this matters for repeated eigenvalues, where a tiny off-diagonal entry still
             # calls for a large angle).
-            delta = difference @ a.diagonal()
-            across = ((a + a.T) @ partner).diagonal()
+            delta = matvec(difference, diagonal(a))
+            across = diagonal((a + a.mT) @ partner)
             half = 0.5 * torch.atan(across / delta).nan_to_num(nan=0.0)
             cosine, sine = torch.cos(half), torch.sin(half)
-            rotation = torch.addcmul(torch.diag_embed(cosine), sine[:, None], signed)
-            a = rotation.T @ a @ rotation
+            rotation = torch.addcmul(torch.diag_embed(cosine), sine.unsqueeze(-1), signed)
+            a = rotation.mT @ a @ rotation
             v = v @ rotation
-    return a.diagonal().clone(), v
+    return diagonal(a).clone(), v
 
 
 # -- lower-bounded QP ----------------------------------------------------------------------------
@@ -229,11 +258,11 @@ def jacobi_eigh(matrix: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tens
 def lower_bounded_qp(
     gramian: Tensor, lower: Tensor, iterations: int, stop_at_fixed_point: bool
 ) -> Tensor:
-    r"""``argmin_v vᵀ G v`` subject to ``v ≥ u``, for a batch of lower bounds ``u`` (``[B, L]``).
+    r"""``argmin_v vᵀ G v`` subject to ``v ≥ u``, for a batch of lower bounds ``u`` ``[..., B, L]``.
 
-    ``G`` is PSD float64 ``[L, L]`` (already regularised by the caller); ``u ≥ 0``. This is the dual
-    of projecting ``Jᵀu`` onto the dual cone of the rows of ``J`` (Quinton & Rey 2024, Prop. 1): the
-    projection is ``Jᵀv``.
+    ``G`` is PSD float64 ``[..., L, L]`` (already regularised by the caller); ``u ≥ 0``. This is
+    the dual of projecting ``Jᵀu`` onto the dual cone of the rows of ``J`` (Quinton & Rey 2024,
+    Prop. 1): the projection is ``Jᵀv``.
 
     Primal active-set method, all problems of the batch at once: start at ``v = u`` with every
     bound active; each iteration solves the equality-constrained problem with the active
@@ -246,25 +275,27 @@ def lower_bounded_qp(
     most ``L + 1``). KKT at the solution: ``v ≥ u``, ``Gv ≥ 0``, and ``(Gv)_i = 0`` wherever
     ``v_i > u_i``.
     """
-    batch, num = lower.shape
+    num = lower.shape[-1]
+    lower = lower.expand(*gramian.shape[:-2], *lower.shape[-2:])
     eye = torch.eye(num, dtype=gramian.dtype, device=gramian.device)
     index = torch.arange(num, device=gramian.device)
-    norms = gramian.diagonal().clamp_min(0.0).sqrt()
-    free = torch.zeros(batch, num, dtype=torch.bool, device=gramian.device)
+    norms = diagonal(gramian).clamp_min(0.0).sqrt().unsqueeze(-2)  # [..., 1, L]
+    free = torch.zeros(lower.shape, dtype=torch.bool, device=gramian.device)
     v = lower.clone()
+    square = gramian.unsqueeze(-3)  # [..., 1, L, L]: one per problem, shared by its bounds
     for _ in range(iterations):
         # G_FF on the free block; the rows (and columns) of active variables are identity rows
         # with the bound as right-hand side, the active part of free rows moves to the right.
-        system = torch.where(free[:, :, None] & free[:, None, :], gramian, eye)
+        system = torch.where(free.unsqueeze(-1) & free.unsqueeze(-2), square, eye)
         rhs = torch.where(free, -(torch.where(free, 0.0, lower) @ gramian), lower)
         x = torch.linalg.solve_ex(system, rhs)[0]
         x = torch.where(free, x, lower)
 
         below = free & (x < lower - _FEASIBILITY)
-        infeasible = below.any(dim=1, keepdim=True)
+        infeasible = below.any(dim=-1, keepdim=True)
         # Infeasible: walk from v towards x until the first free variable reaches its bound.
         ratio = torch.where(below, (v - lower) / (v - x), math.inf)
-        step = ratio.min(dim=1, keepdim=True).values.clamp(max=1.0)
+        step = ratio.amin(dim=-1, keepdim=True).clamp(max=1.0)
         moved = torch.maximum(v + step * (x - v), lower)
         hits = below & (ratio <= step)
         moved = torch.where(hits, lower, moved)
@@ -272,10 +303,10 @@ def lower_bounded_qp(
         # Feasible: optimal unless an active variable has a negative multiplier (Gx)_i; the most
         # negative relative to its scale is released.
         feasible = torch.maximum(x, lower)
-        scale = norms * (feasible.abs() @ norms)[:, None]
+        scale = norms * (feasible.abs() @ norms.mT)
         relative = (feasible @ gramian) / torch.where(scale > 0, scale, 1.0)
         multiplier = torch.where(free, math.inf, relative)
-        smallest = multiplier.min(dim=1, keepdim=True)
+        smallest = multiplier.min(dim=-1, keepdim=True)
         releases = (index == smallest.indices) & (smallest.values < -_OPTIMALITY)
 
         v = torch.where(infeasible, moved, feasible)
@@ -290,12 +321,12 @@ def dual_cone_weights(
 ) -> Tensor:
     """Weights ``v`` with ``Jᵀv = π(Jᵀu)``, the projection onto the dual cone of the rows of ``J``.
 
-    ``lower`` holds the vectors ``u`` (``[B, L]``, float64, ``≥ 0``). Solves
-    :func:`lower_bounded_qp` on ``G / tr G + reg_eps·I`` (torchjd's ``reg_eps``), plus the
-    :func:`regularise` ridge at the Gramian dtype's :func:`noise_level`. Default iterations:
-    ``2L``. Returns ``v`` (``[B, L]`` float64).
+    ``lower`` holds the vectors ``u`` (``[B, L]``, float64, ``≥ 0``), the same for every Gramian
+    of the batch ``[..., L, L]``. Solves :func:`lower_bounded_qp` on ``G / tr G + reg_eps·I``
+    (torchjd's ``reg_eps``), plus the :func:`regularise` ridge at the Gramian dtype's
+    :func:`noise_level`. Default iterations: ``2L``. Returns ``v`` (``[..., B, L]`` float64).
     """
-    num_objectives = gramian.shape[0]
+    num_objectives = gramian.shape[-1]
     g, _ = normalise_by_trace(gramian)
     g = regularise(g, noise_level(gramian.dtype, num_objectives))
     g = g + reg_eps * torch.eye(num_objectives, dtype=g.dtype, device=g.device)
@@ -308,5 +339,6 @@ def significant_eigh(g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Ten
     the mask of eigenvalues above the round-off level of the input ``dtype`` (:func:`noise_level`).
     """
     eigenvalues, eigenvectors = jacobi_eigh(g)
-    kept = eigenvalues > noise_level(dtype, g.shape[0]) * eigenvalues.max()
+    largest = eigenvalues.amax(dim=-1, keepdim=True)
+    kept = eigenvalues > noise_level(dtype, g.shape[-1]) * largest
     return eigenvalues, eigenvectors, kept

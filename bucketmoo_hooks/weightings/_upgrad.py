@@ -1,11 +1,13 @@
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from ._base import Weighting, WeightingContext
+from ._base import BatchedWeighting, WeightingContext
 from ._solvers import check_iterations, check_reg_eps, dual_cone_weights
 
 
-class UPGrad(Weighting):
+class UPGrad(BatchedWeighting):
     r"""UPGrad: the mean of the gradients, each projected onto the dual cone of all of them.
 
     Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization" (arXiv 2406.16232),
@@ -46,11 +48,11 @@ class UPGrad(Weighting):
         self.reg_eps = check_reg_eps(reg_eps)
         self.iterations = check_iterations(iterations)
 
-    def forward(self, gramian: Tensor, context: WeightingContext | None) -> Tensor:
-        num_objectives = gramian.shape[0]
-        eye = torch.eye(num_objectives, dtype=torch.float64, device=gramian.device)
-        v = dual_cone_weights(gramian, eye / num_objectives, self.reg_eps, self.iterations)
-        return v.sum(dim=0).to(gramian.dtype)
+    def solve_batch(self, gramians: Tensor, contexts: Sequence[WeightingContext | None]) -> Tensor:
+        num_objectives = gramians.shape[-1]
+        eye = torch.eye(num_objectives, dtype=torch.float64, device=gramians.device)
+        v = dual_cone_weights(gramians, eye / num_objectives, self.reg_eps, self.iterations)
+        return v.sum(dim=-2).to(gramians.dtype)
 
     def __repr__(self) -> str:
         return f"UPGrad(reg_eps={self.reg_eps}, iterations={self.iterations})"

@@ -6,7 +6,13 @@ stops cleanly."""
 import pytest
 import torch
 from _distributed import run_distributed, shared_spawn
-from _overlap_workers import hook_body_times, overlap_on_and_off, worker_error, worker_shutdown
+from _overlap_workers import (
+    early_exchange,
+    hook_body_times,
+    overlap_on_and_off,
+    worker_error,
+    worker_shutdown,
+)
 
 pytestmark = pytest.mark.slow  # every test reads a launch of processes
 
@@ -14,6 +20,7 @@ GRANULARITIES = ["bucket", "parameter", "global"]
 ON_AND_OFF = {g: shared_spawn(3).add(overlap_on_and_off, g) for g in GRANULARITIES}
 DELAY = 0.2
 BODY_TIMES = shared_spawn(2).add(hook_body_times, DELAY)
+EARLY = shared_spawn(2).add(early_exchange, 2 * DELAY)
 ERROR_CASES = [("bucket", 1), ("global", -1)]
 WORKER_ERRORS = {case: shared_spawn(2).add(worker_error, *case) for case in ERROR_CASES}
 
@@ -43,6 +50,26 @@ def test_hook_returns_before_the_bucket_is_reduced() -> None:
         assert len(times["True"]) == len(times["False"]) > 2
         assert max(times["True"]) < delay / 2, times["True"]
         assert min(times["False"]) >= delay, times["False"]
+
+
+def test_objective_exchange_starts_before_backward() -> None:
+    """Rank 1 reaches backward 0.4 s after rank 0. From the second step on, rank 0's bucket 0
+    finds the exchange done (started at the forward), where at bucket 0 it waits for rank 1.
+    (The first step, which exchanges at bucket 0 in every setup, is left out: rank 0's own
+    first-step costs shorten its wait by an amount that depends on the machine's load.)"""
+    delay = 2 * DELAY
+    fast = EARLY.results()[0]["waited"]
+    for setup in ("installed", "set_objective"):
+        assert max(fast[setup][1:]) < delay / 4, (setup, fast[setup])
+    assert min(fast["plain"][1:]) > delay / 2, fast["plain"]
+
+
+def test_early_exchange_keeps_its_checks_on_every_rank() -> None:
+    for result in EARLY.results():
+        late, steps = result["errors"]["late"], result["errors"]["steps"]
+        assert late.startswith("step 3: ") and "ranks [0, 1] called state.set_objective" in late
+        assert "during step 2 after its first forward with gradients enabled" in late
+        assert steps.startswith("step 2: ") and "ranks are at different steps" in steps
 
 
 @pytest.mark.parametrize(("granularity", "bad"), ERROR_CASES)

@@ -148,3 +148,58 @@ def worker_shutdown(rank: int, world_size: int) -> dict[str, Any]:
         time.sleep(0.01)
     seen["collected"] = len(overlap_threads())
     return seen
+
+
+def early_exchange(rank: int, world_size: int, delay: float) -> dict[str, Any]:
+    """The step's objective exchange starts before backward: rank 1 reaches backward ``delay``
+    seconds after rank 0; how long rank 0's bucket 0 waited for the exchange, per step.
+
+    ``installed``: registered by ``install_bucket_moo`` (the forward pre-hook starts it);
+    ``set_objective``: likewise, with ``set_objective`` called every step, after the forward
+    (the same objective each time: allowed); ``plain``: ``register_comm_hook`` without the
+    installer, so the exchange runs at bucket 0 and rank 0 waits for rank 1. Then the checks
+    still raise on every rank: a rank that changed its objective after the exchange started
+    (reported at the next step), and ranks at different steps.
+    """
+    waited: dict[str, list[float]] = {}
+    for setup in ("installed", "set_objective", "plain"):
+        model = make_model((31, 17), torch.float32)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.001)
+        state = BucketMOOState(["en", "de"][:world_size])
+        if setup == "plain":
+            ddp.register_comm_hook(state, bucket_moo_hook)
+        else:
+            install_bucket_moo(ddp, state)
+        waited[setup] = []
+        for step in range(4):
+            x, target = batch(rank, step, 0, torch.float32)
+            loss = nn.functional.mse_loss(ddp(x), target)
+            if setup == "set_objective":
+                state.set_objective(("en", "de")[rank])
+            if rank == 1:
+                time.sleep(delay)
+            loss.backward()
+            waited[setup].append(state._steps.waited_s)
+    errors: dict[str, str] = {}
+    for case in ("late", "steps"):
+        model = make_model((31, 17), torch.float32)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.001)
+        state = BucketMOOState()
+        install_bucket_moo(ddp, state)
+        for step in range(4):
+            if case == "late" and step == 2:
+                state.set_objective("first")  # before the forward: this step's objective
+            elif case == "steps" and step == 2 and rank == 1:
+                state.iter += 1
+            x, target = batch(rank, step, 0, torch.float32)
+            loss = nn.functional.mse_loss(ddp(x), target)
+            if case == "late" and step == 2:
+                state.set_objective("second")  # after the forward: the exchange has started
+            try:
+                loss.backward()
+            except RuntimeError as error:
+                errors[case] = f"step {step}: {error}"
+                break
+        del ddp  # as worker_error: free the interrupted reducer while the group lives
+        gc.collect()
+    return {"waited": waited, "errors": errors}

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from _distributed import run_distributed
+from _gpu_workers import GPU_ONLY
 from _kernel_checks import (
     LocalComm,
     Segments,
@@ -36,10 +37,7 @@ from bucketmoo_hooks._ledger import BucketTraffic
 from bucketmoo_hooks._linalg import combine_segments, objective_shards
 from bucketmoo_hooks.weightings import MGDA, WeightingContext, get_weighting, weighting_names
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = GPU_ONLY
 needs_cupy = pytest.mark.skipif(
     importlib.util.find_spec("cupy") is None, reason="needs CuPy (pip install '.[cuda]')"
 )

@@ -111,6 +111,20 @@ def test_weightings_read_nothing_on_the_host(name: str, num: int, dtype: torch.d
         torch.testing.assert_close(weights, plain(gramian, context), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", weighting_names())
+def test_batched_solves_read_nothing_on_the_host(name: str) -> None:
+    """A bucket's segments solved as one batch (``granularity="parameter"``), stateful ones
+    through their one gather and scatter of state, twice (the second warm-started)."""
+    batch = torch.stack(gramians(4, torch.float32))
+    contexts = [WeightingContext(7, 1, (5, 6, 7, 8), s, (s,)) for s in range(len(batch))]
+    forced, plain = get_weighting(name), get_weighting(name)
+    for _ in range(2):
+        with force_device_path(), NoHostReads():
+            weights = forced.solve(batch, contexts)
+        assert weights.shape == (len(batch), 4) and torch.isfinite(weights).all()
+        torch.testing.assert_close(weights, plain.solve(batch, contexts), rtol=1e-9, atol=1e-9)
+
+
 def test_diagnostics_record_path_reads_nothing_on_the_host() -> None:
     """``record`` per bucket and ``end_step`` per step, as the hook calls them; only every
     ``log_every``-th step pulls to the host."""
