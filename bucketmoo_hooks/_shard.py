@@ -10,6 +10,7 @@ bytes are those of the all-reduce (or reduce-scatter) replaced, plus ``L²`` fp3
 problem (and ``L`` per parameter where objectives may be absent).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,12 +54,18 @@ def exchange_shards(
     averaging: Tensor,
     parameters: list[Segment],
     request: Request,
+    gather: "Gather | None" = None,
 ) -> "ShardExchange":
     """Steps 2–4 on this rank's received slice ``S_j ∈ ℝ^{R×c}``: group averages, partial
     Gramians (the fused kernels' or torch's, by ``request.kernels``), their all-reduce with the
     presence counts. ``parameters``: every parameter's segment of the slice; with
     ``request.per_parameter`` each is a problem of its own, else the slice is one problem.
-    ``gradient``: what :meth:`ShardExchange.deliver` writes."""
+    ``gradient``: what :meth:`ShardExchange.deliver` writes, with ``gather`` (default
+    :meth:`Collectives.gather_into`) for an all-reduce.
+
+    ``S_j`` may be any rows whose combination ``M S_j`` is ``A_j`` (the hierarchical protocol:
+    node sums already averaged, and a 0/1 ``M``); the presence counts then count rows, not
+    ranks, which is all their use (``> 0``) needs."""
     problems = parameters if request.per_parameter else [(0, shards.shape[1])]
     fused = fused_kernels(
         request.kernels, shards, averaging, parameters if request.per_parameter else None
@@ -79,8 +86,22 @@ def exchange_shards(
     else:
         comm.all_reduce_unit(gramians).wait()
     return ShardExchange(
-        comm, gradient, shards, averaging, objectives, fused, problems, parameters, gramians, counts
+        comm,
+        gradient,
+        shards,
+        averaging,
+        objectives,
+        fused,
+        problems,
+        parameters,
+        gramians,
+        counts,
+        gather or comm.gather_into,
     )
+
+
+#: Step 7 of an all-reduce: ``(buffer, combined slice) → future of the reduced buffer``.
+Gather = Callable[[Tensor, Tensor], torch.futures.Future[Tensor]]
 
 
 @dataclass(eq=False, slots=True)
@@ -98,6 +119,7 @@ class ShardExchange(Exchange):
     parameters: list[Segment]  # every parameter's segment of the slice ((0, 0): outside)
     gramians: Tensor
     counts: Tensor | None
+    gather: Gather  # step 7
 
     def solves(self, weighting: Weighting) -> bool:
         return self.fused is not None and self.fused.solves(weighting)
@@ -140,7 +162,7 @@ class ShardExchange(Exchange):
     def deliver(self, combined: Tensor) -> torch.futures.Future[Tensor] | None:
         output = self.gradient.output
         if output is None:  # step 7
-            return self.comm.gather_into(self.gradient.flat, combined)
+            return self.gather(self.gradient.flat, combined)
         output.copy_(combined)
         return None
 

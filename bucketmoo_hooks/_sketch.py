@@ -269,7 +269,7 @@ class SketchProtocol(ExchangeProtocol):
         if is_helper(comm.group, OVERLAP):
             # DDP's CPU buckets on the overlap worker: Y on a group of its own (the worker's
             # only), so that it does not wait for the earlier buckets' all-reduces.
-            small = Collectives(helper_group(comm.group, SKETCH), comm.traffic)
+            small = comm.over(helper_group(comm.group, SKETCH))
         gramians, counts = _exchange_sketches(
             comm, small, own, presence, averaging, column, members, segments
         )

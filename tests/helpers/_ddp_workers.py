@@ -56,6 +56,8 @@ class Scenario:
     diagnostics_every: int = 0
     protocol: str = "shard"
     sketch_size: int | None = None
+    #: Simulated nodes of this many consecutive ranks (the hierarchical protocol, the ledger).
+    ranks_per_node: int | None = None
 
 
 def make_model(hidden: tuple[int, ...], dtype: torch.dtype) -> nn.Module:
@@ -103,6 +105,7 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         diagnostics=Diagnostics(scenario.diagnostics_every) if scenario.diagnostics_every else None,
         protocol=scenario.protocol,
         sketch_size=scenario.sketch_size,
+        ranks_per_node=scenario.ranks_per_node,
     )
     position = {id(p): i for i, p in enumerate(model.parameters())}
     state._runtime.parameter_index = position  # as install_bucket_moo does: stable problem keys
@@ -159,7 +162,12 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         ledger.append(
             {
                 "buckets": [
-                    {"numel": t.numel, "element_size": t.element_size, "sent": dict(t.sent)}
+                    {
+                        "numel": t.numel,
+                        "element_size": t.element_size,
+                        "sent": dict(t.sent),
+                        "links": dict(t.links),
+                    }
                     for t in state.ledger.last_step
                 ],
                 "overhead": dict(state.ledger.step_overhead),

@@ -1,0 +1,202 @@
+r"""The hierarchical protocol (``protocol="hierarchical"``, docs/protocols.md): the shard
+protocol's exact result, exchanged so that what crosses the network is what a ring sends.
+
+``N`` nodes of ``G`` ranks (``ranks_per_node``), rank ``j = kG + i`` of the group the node
+``k``'s local index ``i``. As in the shard protocol the bucket is padded to ``R`` chunks of
+``c = ⌈n/R⌉`` and rank ``j`` ends with ``A_j = M S_j ∈ ℝ^{L×c}``, the objective averages of
+chunk ``j`` (``M``: :meth:`ObjectiveMap.averaging_matrix`, row ``ℓ`` is ``1/m_ℓ`` on the ranks of
+objective ``ℓ``):
+
+1. Within the node, an all-to-all: rank ``(k, i)`` receives chunks ``i, G+i, …, (N−1)G+i`` of
+   every local rank's bucket, ``[G, N, c]``.
+2. It sums them by objective, ``P_k = M_k S ∈ ℝ^{L_k×N×c}``: ``M_k`` is ``M`` on the columns of
+   node ``k``'s ranks and on the ``L_k`` objectives with ranks there (already divided by the
+   global ``m_ℓ``); in fp32, rounded once to the bucket's dtype for the wire.
+3. Across nodes, among the ``N`` ranks with local index ``i``, an all-to-all with split sizes:
+   rank ``(k', i)`` receives ``P_k``'s rows for its chunk from every node ``k``, ``S' ∈
+   ℝ^{(Σ_k L_k)×c}``, and ``A_j = M' S'`` where ``M'`` (0/1) adds the rows of the same objective.
+4. The shard protocol's steps 3–6 on ``(S', M')`` (:func:`._shard.exchange_shards`): partial
+   Gramians, their all-reduce over all ranks, weights, the combined chunk ``d_j = wᵀA_j``.
+5. An all-reduce (DDP): all-gather ``d_j`` across nodes, then within the node. A reduce-scatter
+   (FSDP): chunk ``j`` of the input is rank ``j``'s shard, so ``d_j`` is its output.
+
+Bytes per rank (``b`` per element, besides the shard protocol's Gramian all-reduce): across
+nodes ``(L_k + 1)·c·(N−1)·b`` (steps 3 and 5; the flat protocol sends ``2·G·c·(N−1)·b``), within
+the node ``2·(G−1)·N·c·b`` (steps 1 and 5). One node (``G = R``) or one rank per node (``G = 1``):
+the two levels collapse into one and the exchange is the shard protocol's.
+"""
+
+import functools
+import operator
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._collectives import Collectives
+from ._groups import node_groups, node_layout_error
+from ._linalg import objective_shards, row_segments
+from ._protocol import ExchangeProtocol, Gradient, Request
+from ._runtime import Workspace
+from ._shard import (
+    ShardExchange,
+    ShardProtocol,
+    exchange_shards,
+    shard_length,
+    shard_segments,
+)
+
+_LAYOUTS = 64  # averaging matrices whose layout is kept
+
+
+@dataclass(frozen=True, slots=True)
+class _NodeLayout:
+    """Which objectives each node's ranks train, for one averaging matrix ``M``."""
+
+    present: tuple[tuple[int, ...], ...]  # per node k: the L_k objectives with ranks there
+    node_averaging: Tensor  # M_k of this rank's node: [L_k, G]
+    merge: Tensor  # M': [L, Σ_k L_k], 0/1, the received rows into objectives
+
+
+class HierarchicalProtocol(ExchangeProtocol):
+    """Two-level all-to-all, Gramian all-reduce, two-level all-gather: exact, and across nodes
+    the bytes of a ring all-reduce when every node trains one objective."""
+
+    name = "hierarchical"
+
+    def __init__(self, ranks_per_node: int) -> None:
+        self.ranks_per_node = ranks_per_node
+        # Per averaging matrix (the runtime keeps one per objective map), by identity: read on
+        # the host once, not at every bucket.
+        self._layouts: dict[int, tuple[weakref.ref[Tensor], _NodeLayout]] = {}
+
+    def exchange(
+        self, comm: Collectives, gradient: Gradient, averaging: Tensor, request: Request
+    ) -> ShardExchange:
+        size, world_size = self.ranks_per_node, comm.world_size
+        if world_size % size:  # registered with register_comm_hook, unchecked
+            raise ValueError(node_layout_error(size, list(range(world_size))))
+        if size in (1, world_size):  # one level: the flat exchange is this exchange
+            return ShardProtocol().exchange(comm, gradient, averaging, request)
+        nodes, rank = world_size // size, comm.group.rank()
+        within, across = (comm.over(g) for g in node_groups(comm.group, size))
+        layout = self._layout(averaging, size, rank // size)
+        flat = gradient.flat
+        shard = shard_length(flat.numel(), world_size)
+        workspace = request.workspace if flat.device.type == "cpu" else None
+        # Step 1: chunk j = kG + i of the bucket is row i's k-th slot, [G, N, c].
+        local = node_major(flat, take(workspace, "input", flat, (size, nodes, shard)))
+        received = take(workspace, "received", flat, (size, nodes, shard))
+        within.all_to_all(received, local).wait()
+        # Step 2: node sums by objective, node by node of destination, [N, L_k, c].
+        sums = objective_shards(received.view(size, -1), layout.node_averaging)
+        rows = flat.new_empty(nodes, sums.shape[0], shard)
+        rows.copy_(sums.view(-1, nodes, shard).transpose(0, 1))
+        # Step 3: node k's rows for chunk (k', i) to rank (k', i).
+        splits = [len(p) * shard for p in layout.present]
+        merged = flat.new_empty(sum(splits))
+        across.all_to_all(merged, rows.view(-1), splits).wait()
+        if gradient.rows:
+            parameters = row_segments(gradient.sizes)
+        else:
+            parameters = shard_segments(gradient.sizes, rank, shard)
+        gather = functools.partial(gather_nodes, within, across)
+        return exchange_shards(
+            comm, gradient, merged.view(-1, shard), layout.merge, parameters, request, gather
+        )
+
+    def _layout(self, averaging: Tensor, size: int, node: int) -> _NodeLayout:
+        known = self._layouts.get(id(averaging))
+        if known is not None and known[0]() is averaging:
+            return known[1]
+        if len(self._layouts) >= _LAYOUTS:
+            self._layouts.clear()
+        on_node = averaging.cpu().view(averaging.shape[0], -1, size) != 0  # [L, N, G]
+        present = tuple(
+            tuple(on_node[:, k].any(dim=1).nonzero().flatten().tolist())
+            for k in range(on_node.shape[1])
+        )
+        columns = [objective for p in present for objective in p]
+        merge = torch.zeros(averaging.shape[0], len(columns), dtype=averaging.dtype)
+        merge[columns, torch.arange(len(columns))] = 1
+        node_averaging = averaging[list(present[node]), node * size : (node + 1) * size]
+        layout = _NodeLayout(present, node_averaging, merge.to(averaging.device))
+        self._layouts[id(averaging)] = (weakref.ref(averaging), layout)
+        return layout
+
+
+def take(workspace: Workspace | None, slot: str, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A buffer of ``shape`` in ``like``'s dtype and device: from ``workspace`` if any."""
+    if workspace is None:
+        return like.new_empty(shape)
+    numel = functools.reduce(int.__mul__, shape, 1)
+    return workspace.take(slot, numel, like.dtype).view(shape)
+
+
+def node_major(flat: Tensor, out: Tensor) -> Tensor:
+    """``flat`` zero-padded to ``R·c`` and laid out node-major for step 1's all-to-all:
+    ``out[i, k]`` (``out``: ``[G, N, c]``) is chunk ``kG + i``. Returns ``out``."""
+    size, nodes, shard = out.shape
+    chunks = out.transpose(0, 1)  # [N, G, c]: chunk order
+    whole, rest = divmod(flat.numel(), size * shard)  # whole nodes' chunks, then the tail
+    chunks[:whole].copy_(flat[: whole * size * shard].view(whole, size, shard))
+    if whole < nodes:
+        tail = flat[whole * size * shard :]
+        full, part = divmod(rest, shard)
+        chunks[whole, :full].copy_(tail[: full * shard].view(full, shard))
+        chunks[whole, full, :part].copy_(tail[full * shard :])
+        chunks[whole, full, part:].zero_()
+        chunks[whole, full + 1 :].zero_()
+        chunks[whole + 1 :].zero_()
+    return out
+
+
+def gather_nodes(
+    within: Collectives, across: Collectives, buffer: Tensor, update: Tensor
+) -> torch.futures.Future[Tensor]:
+    """Step 5 of an all-reduce: every rank's combined chunk ``update`` into ``buffer`` (the
+    padding past its end dropped), across nodes first (``c·(N−1)`` elements cross the network),
+    then within the node; the future resolves to ``buffer``."""
+    nodes, size, shard = across.world_size, within.world_size, update.numel()
+    column = update.new_empty(nodes * shard)  # chunks i, G+i, …: this local index's
+    across.all_gather(column, update).wait()
+    gathered = update.new_empty(size, nodes, shard)
+    future = within.all_gather(gathered.view(-1), column).get_future()
+
+    def place(_: torch.futures.Future) -> Tensor:
+        if gathered.is_cuda:  # read on the callback's stream: keep the block until then
+            gathered.record_stream(torch.cuda.current_stream(gathered.device))
+        chunks = gathered.transpose(0, 1)  # [N, G, c]: chunk order
+        if buffer.numel() == gathered.numel():
+            buffer.view(nodes, size, shard).copy_(chunks)
+            return buffer
+        return buffer.copy_(chunks.reshape(-1)[: buffer.numel()])
+
+    return future.then(place)
+
+
+def check_ranks_per_node(ranks_per_node: object) -> int | None:
+    """``ranks_per_node`` as the state keeps it: a positive int, or ``None`` (unknown) when not
+    given and torchrun's ``LOCAL_WORLD_SIZE`` is not set."""
+    if ranks_per_node is None:
+        value = os.environ.get("LOCAL_WORLD_SIZE")
+        if value is None:
+            return None
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(
+                f"ranks_per_node defaults to the environment's LOCAL_WORLD_SIZE, which is "
+                f"{value!r}, not a positive int; pass ranks_per_node="
+            )
+        return int(value)
+    if not isinstance(ranks_per_node, bool) and hasattr(ranks_per_node, "__index__"):
+        ranks_per_node = operator.index(ranks_per_node)  # numpy integers too
+    if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int):
+        raise TypeError(
+            f"ranks_per_node must be an int (ranks on each node) or None, got "
+            f"{type(ranks_per_node).__name__} {ranks_per_node!r}"
+        )
+    if ranks_per_node < 1:
+        raise ValueError(f"ranks_per_node must be at least 1, got {ranks_per_node}")
+    return ranks_per_node
