@@ -27,7 +27,6 @@ the two levels collapse into one and the exchange is the shard protocol's.
 """
 
 import functools
-import operator
 import os
 import weakref
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from torch import Tensor
 from ._collectives import Collectives
 from ._groups import node_groups, node_layout_error
 from ._linalg import objective_shards, row_segments
-from ._protocol import ExchangeProtocol, Gradient, Request
+from ._protocol import ExchangeProtocol, Gradient, Request, checked_int
 from ._runtime import Workspace
 from ._shard import (
     ShardExchange,
@@ -190,13 +189,7 @@ def check_ranks_per_node(ranks_per_node: object) -> int | None:
                 f"{value!r}, not a positive int; pass ranks_per_node="
             )
         return int(value)
-    if not isinstance(ranks_per_node, bool) and hasattr(ranks_per_node, "__index__"):
-        ranks_per_node = operator.index(ranks_per_node)  # numpy integers too
-    if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int):
-        raise TypeError(
-            f"ranks_per_node must be an int (ranks on each node) or None, got "
-            f"{type(ranks_per_node).__name__} {ranks_per_node!r}"
-        )
+    ranks_per_node = checked_int(ranks_per_node, "ranks_per_node", "ranks on each node, or None")
     if ranks_per_node < 1:
         raise ValueError(f"ranks_per_node must be at least 1, got {ranks_per_node}")
     return ranks_per_node

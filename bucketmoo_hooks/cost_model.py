@@ -501,11 +501,16 @@ def table(
     cluster: Cluster | None = None,
     bucket_cap_mb: float = 25.0,
     sketch_size: int = DEFAULT_SKETCH_SIZE,
+    across_nodes: bool = False,
 ) -> str:
     """Markdown: DDP and FSDP, per world size, predicted bytes and time and their ratios (the
-    sketch protocol's at ``sketch_size``)."""
+    sketch protocol's at ``sketch_size``); with ``across_nodes``, what leaves each node and the
+    time of every exchange protocol, the hierarchical one with node-aligned languages and with
+    ``G`` on every node (:func:`_node_table`)."""
     cluster = cluster or Cluster()
     buckets = ddp_buckets(parameters, bucket_cap_mb, element_size=2)
+    if across_nodes:
+        return _node_table(buckets, num_objectives, world_sizes, cluster, sketch_size)
     lines = [
         f"{parameters / 1e9:g}B parameters, bf16 gradients, {len(buckets)} buckets of ≤ "
         f"{bucket_cap_mb:g} MiB (FSDP: units of the same sizes), L = {num_objectives}, sketch "
@@ -537,20 +542,17 @@ def table(
     return "\n".join(lines) + "\n"
 
 
-def node_table(
-    parameters: int,
+def _node_table(
+    buckets: list[int],
     num_objectives: int,
     world_sizes: Sequence[int],
-    cluster: Cluster | None = None,
-    bucket_cap_mb: float = 25.0,
-    sketch_size: int = DEFAULT_SKETCH_SIZE,
+    cluster: Cluster,
+    sketch_size: int,
 ) -> str:
     """Markdown: what crosses the network per node and step, and the time against the
     all-reduce, for the all-reduce, the flat shard protocol, the sketch and the hierarchical
     protocol with node-aligned languages (``L_k = 1``) and with ``G`` languages on every node."""
-    cluster = cluster or Cluster()
     g = cluster.gpus_per_node
-    buckets = ddp_buckets(parameters, bucket_cap_mb, element_size=2)
     mixed = min(g, num_objectives)
     lines = [
         f"Across nodes: GiB leaving each node per step, and time × the all-reduce's; hier. 1: "
@@ -595,15 +597,16 @@ def main() -> None:
     parser.add_argument("--sketch-size", type=int, default=DEFAULT_SKETCH_SIZE)
     args = parser.parse_args()
     world_sizes = [int(g) for g in args.gpus.split(",")]
-    for make in (table, node_table):
+    for across_nodes in (False, True):
         print(
-            make(
+            table(
                 int(args.parameters),
                 args.objectives,
                 world_sizes,
                 None,
                 args.bucket_cap_mb,
                 args.sketch_size,
+                across_nodes,
             )
         )
 

@@ -115,13 +115,13 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         "state.ranks_per_node=float",
         lambda: BucketMOOState(ranks_per_node=2.0),
         TypeError,
-        r"ranks_per_node must be an int \(ranks on each node\) or None, got float 2.0",
+        r"ranks_per_node must be an int \(ranks on each node, or None\), got float 2.0",
     ),
     (
         "state.ranks_per_node=bool",
         lambda: BucketMOOState(ranks_per_node=True),
         TypeError,
-        r"ranks_per_node must be an int \(ranks on each node\) or None, got bool True",
+        r"ranks_per_node must be an int \(ranks on each node, or None\), got bool True",
     ),
     (
         "state.LOCAL_WORLD_SIZE",

@@ -199,12 +199,12 @@ def test_hierarchical_cross_node_bytes_and_time(world_size: int) -> None:
 
 
 def test_node_table() -> None:
-    table = cost_model.node_table(10**9, 8, [8, 16, 64, 512])
+    table = cost_model.table(10**9, 8, [8, 16, 64, 512], across_nodes=True)
     assert table.count("\n| ") == 5  # header + 4 rows
     assert all(line.count("|") == 12 for line in table.splitlines()[2:])
     assert "hier. 1 × time" in table and "hier. 8 × time" in table
     with pytest.raises(ValueError, match="12 GPUs are not whole nodes of 8"):
-        cost_model.node_table(10**9, 8, [12])
+        cost_model.table(10**9, 8, [12], across_nodes=True)
 
 
 def test_time_across_nodes_is_one_nic_per_rank() -> None:
