@@ -529,6 +529,10 @@ def test_unsupported_combinations_fail_at_install_time() -> None:
     assert errors["fsdp1_hybrid"].startswith("ValueError: FSDP unit 1 ('0') uses HYBRID_SHARD")
     assert "other_group" not in per_rank[1]
     assert errors["hsdp_1d_mesh"].startswith("ValueError: hsdp_mesh must be the 2-D")
+    assert errors["hsdp_hierarchical"] == (
+        "ValueError: protocol='hierarchical' does not run under HSDP: the protocol runs over the "
+        "replicate group, across nodes already; use protocol='shard' or 'sketch'"
+    )
     # The divide factor changed after install: backward raises on every rank (no hang).
     for rank_errors in per_rank:
         error = rank_errors["scaling_changed"]

@@ -381,6 +381,13 @@ def install_errors(rank: int, world_size: int) -> dict[str, str]:
     errors["hsdp_1d_mesh"] = error_of(
         lambda: install_bucket_moo(fsdp2(), BucketMOOState(), hsdp_mesh=other_mesh)
     )
+    hsdp = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("replicate", "shard"))
+    replicated = make_model((7,), torch.float32)
+    fully_shard(replicated, mesh=hsdp["shard"])
+    hierarchical = BucketMOOState(protocol="hierarchical", ranks_per_node=1)
+    errors["hsdp_hierarchical"] = error_of(
+        lambda: install_bucket_moo(replicated, hierarchical, hsdp_mesh=hsdp)
+    )
     return errors
 
 
