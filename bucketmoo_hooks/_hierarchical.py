@@ -1,24 +1,27 @@
 r"""The hierarchical protocol (``protocol="hierarchical"``, docs/protocols.md): the shard
 protocol's exact result, exchanged so that what crosses the network is what a ring sends.
 
-``N`` nodes of ``G`` ranks (``ranks_per_node``), rank ``j = kG + i`` of the group the node
-``k``'s local index ``i``. As in the shard protocol the bucket is padded to ``R`` chunks of
-``c = ⌈n/R⌉`` and rank ``j`` ends with ``A_j = M S_j ∈ ℝ^{L×c}``, the objective averages of
-chunk ``j`` (``M``: :meth:`ObjectiveMap.averaging_matrix`, row ``ℓ`` is ``1/m_ℓ`` on the ranks of
-objective ``ℓ``):
+``N`` nodes of ``G`` ranks (``ranks_per_node``): rank ``kG + i`` of the group is node ``k``'s
+local index ``i``. As in the shard protocol the bucket is padded to ``R`` chunks of ``c = ⌈n/R⌉``
+and every rank ends with ``A = M S ∈ ℝ^{L×c}``, the objective averages of its chunk (``M``:
+:meth:`ObjectiveMap.averaging_matrix`, row ``ℓ`` is ``1/m_ℓ`` on the ranks of objective ``ℓ``).
+Rank ``(k, i)``'s chunk: ``iN + k`` for an all-reduce (DDP), so that both levels move
+contiguous blocks of the bucket (block ``i``: chunks ``iN … iN + N−1``) and nothing is
+reordered; ``kG + i`` for a reduce-scatter (FSDP: chunk ``r`` of its input is rank ``r``'s
+shard), whose input is reordered into those blocks once.
 
-1. Within the node, an all-to-all: rank ``(k, i)`` receives chunks ``i, G+i, …, (N−1)G+i`` of
-   every local rank's bucket, ``[G, N, c]``.
+1. Within the node, an all-to-all: rank ``(k, i)`` receives block ``i`` of every local rank's
+   bucket, ``[G, N, c]``.
 2. It sums them by objective, ``P_k = M_k S ∈ ℝ^{L_k×N×c}``: ``M_k`` is ``M`` on the columns of
    node ``k``'s ranks and on the ``L_k`` objectives with ranks there (already divided by the
    global ``m_ℓ``); in fp32, rounded once to the bucket's dtype for the wire.
 3. Across nodes, among the ``N`` ranks with local index ``i``, an all-to-all with split sizes:
    rank ``(k', i)`` receives ``P_k``'s rows for its chunk from every node ``k``, ``S' ∈
-   ℝ^{(Σ_k L_k)×c}``, and ``A_j = M' S'`` where ``M'`` (0/1) adds the rows of the same objective.
+   ℝ^{(Σ_k L_k)×c}``, and ``A = M' S'`` where ``M'`` (0/1) adds the rows of the same objective.
 4. The shard protocol's steps 3–6 on ``(S', M')`` (:func:`._shard.exchange_shards`): partial
-   Gramians, their all-reduce over all ranks, weights, the combined chunk ``d_j = wᵀA_j``.
-5. An all-reduce (DDP): all-gather ``d_j`` across nodes, then within the node. A reduce-scatter
-   (FSDP): chunk ``j`` of the input is rank ``j``'s shard, so ``d_j`` is its output.
+   Gramians, their all-reduce over all ranks, weights, the combined chunk ``d = wᵀA``.
+5. An all-reduce: all-gather ``d`` across nodes (block ``i``), then the blocks within the node.
+   A reduce-scatter: ``d`` is the rank's output.
 
 Bytes per rank (``b`` per element, besides the shard protocol's Gramian all-reduce): across
 nodes ``(L_k + 1)·c·(N−1)·b`` (steps 3 and 5; the flat protocol sends ``2·G·c·(N−1)·b``), within
@@ -38,11 +41,12 @@ from ._collectives import Collectives
 from ._groups import node_groups, node_layout_error
 from ._linalg import objective_shards, row_segments
 from ._protocol import ExchangeProtocol, Gradient, Request, checked_int
-from ._runtime import Workspace
 from ._shard import (
     ShardExchange,
     ShardProtocol,
+    bucket_buffer,
     exchange_shards,
+    padded_bucket,
     shard_length,
     shard_segments,
 )
@@ -80,27 +84,34 @@ class HierarchicalProtocol(ExchangeProtocol):
         if size in (1, world_size):  # one level: the flat exchange is this exchange
             return ShardProtocol().exchange(comm, gradient, averaging, request)
         nodes, rank = world_size // size, comm.group.rank()
+        node, local = divmod(rank, size)
         within, across = (comm.over(g) for g in node_groups(comm.group, size))
-        layout = self._layout(averaging, size, rank // size)
-        flat = gradient.flat
+        layout = self._layout(averaging, size, node)
+        flat, workspace = gradient.flat, request.workspace
         shard = shard_length(flat.numel(), world_size)
-        workspace = request.workspace if flat.device.type == "cpu" else None
-        # Step 1: chunk j = kG + i of the bucket is row i's k-th slot, [G, N, c].
-        local = node_major(flat, take(workspace, "input", flat, (size, nodes, shard)))
-        received = take(workspace, "received", flat, (size, nodes, shard))
-        within.all_to_all(received, local).wait()
-        # Step 2: node sums by objective, node by node of destination, [N, L_k, c].
+        if gradient.output is None:  # an all-reduce: rank (k, i) combines chunk iN + k
+            chunk, blocks = local * nodes + node, padded_bucket(flat, world_size, workspace)
+        else:  # a reduce-scatter: chunk kG + i is rank (k, i)'s shard
+            chunk, blocks = rank, bucket_buffer(flat, "input", flat.numel(), workspace)
+            blocks.view(size, nodes, shard).copy_(flat.view(nodes, size, shard).transpose(0, 1))
+        # Step 1: block i of ``blocks`` (the chunks of local index i, node by node) to local i.
+        received = bucket_buffer(flat, "received", blocks.numel(), workspace)
+        within.all_to_all(received, blocks).wait()
+        # Step 2: node sums by objective, [L_k, N·c], laid out node by node: [N, L_k, c].
         sums = objective_shards(received.view(size, -1), layout.node_averaging)
-        rows = flat.new_empty(nodes, sums.shape[0], shard)
-        rows.copy_(sums.view(-1, nodes, shard).transpose(0, 1))
-        # Step 3: node k's rows for chunk (k', i) to rank (k', i).
+        rows = sums.view(-1, nodes, shard).transpose(0, 1)
+        if rows.is_contiguous():  # L_k = 1: in place, when the dtype is the bucket's
+            rows = rows.to(flat.dtype)
+        else:
+            rows = flat.new_empty(rows.shape).copy_(rows)
+        # Step 3: node k's rows of the chunk of (k', i) to rank (k', i).
         splits = [len(p) * shard for p in layout.present]
         merged = flat.new_empty(sum(splits))
         across.all_to_all(merged, rows.view(-1), splits).wait()
         if gradient.rows:
             parameters = row_segments(gradient.sizes)
         else:
-            parameters = shard_segments(gradient.sizes, rank, shard)
+            parameters = shard_segments(gradient.sizes, chunk, shard)
         gather = functools.partial(gather_nodes, within, across)
         return exchange_shards(
             comm, gradient, merged.view(-1, shard), layout.merge, parameters, request, gather
@@ -126,54 +137,16 @@ class HierarchicalProtocol(ExchangeProtocol):
         return layout
 
 
-def take(workspace: Workspace | None, slot: str, like: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """A buffer of ``shape`` in ``like``'s dtype and device: from ``workspace`` if any."""
-    if workspace is None:
-        return like.new_empty(shape)
-    numel = functools.reduce(int.__mul__, shape, 1)
-    return workspace.take(slot, numel, like.dtype).view(shape)
-
-
-def node_major(flat: Tensor, out: Tensor) -> Tensor:
-    """``flat`` zero-padded to ``R·c`` and laid out node-major for step 1's all-to-all:
-    ``out[i, k]`` (``out``: ``[G, N, c]``) is chunk ``kG + i``. Returns ``out``."""
-    size, nodes, shard = out.shape
-    chunks = out.transpose(0, 1)  # [N, G, c]: chunk order
-    whole, rest = divmod(flat.numel(), size * shard)  # whole nodes' chunks, then the tail
-    chunks[:whole].copy_(flat[: whole * size * shard].view(whole, size, shard))
-    if whole < nodes:
-        tail = flat[whole * size * shard :]
-        full, part = divmod(rest, shard)
-        chunks[whole, :full].copy_(tail[: full * shard].view(full, shard))
-        chunks[whole, full, :part].copy_(tail[full * shard :])
-        chunks[whole, full, part:].zero_()
-        chunks[whole, full + 1 :].zero_()
-        chunks[whole + 1 :].zero_()
-    return out
-
-
 def gather_nodes(
     within: Collectives, across: Collectives, buffer: Tensor, update: Tensor
 ) -> torch.futures.Future[Tensor]:
-    """Step 5 of an all-reduce: every rank's combined chunk ``update`` into ``buffer`` (the
-    padding past its end dropped), across nodes first (``c·(N−1)`` elements cross the network),
-    then within the node; the future resolves to ``buffer``."""
-    nodes, size, shard = across.world_size, within.world_size, update.numel()
-    column = update.new_empty(nodes * shard)  # chunks i, G+i, …: this local index's
-    across.all_gather(column, update).wait()
-    gathered = update.new_empty(size, nodes, shard)
-    future = within.all_gather(gathered.view(-1), column).get_future()
-
-    def place(_: torch.futures.Future) -> Tensor:
-        if gathered.is_cuda:  # read on the callback's stream: keep the block until then
-            gathered.record_stream(torch.cuda.current_stream(gathered.device))
-        chunks = gathered.transpose(0, 1)  # [N, G, c]: chunk order
-        if buffer.numel() == gathered.numel():
-            buffer.view(nodes, size, shard).copy_(chunks)
-            return buffer
-        return buffer.copy_(chunks.reshape(-1)[: buffer.numel()])
-
-    return future.then(place)
+    """Step 5 of an all-reduce: every rank's combined chunk ``update`` into ``buffer``. Across
+    nodes first (``c·(N−1)`` elements cross the network): the chunks ``iN … iN + N−1`` of this
+    local index, block ``i`` of the bucket; then the blocks within the node, in order (the
+    padding past ``buffer``'s end dropped); the future resolves to ``buffer``."""
+    block = update.new_empty(across.world_size * update.numel())
+    across.all_gather(block, update).wait()
+    return within.gather_into(buffer, block)
 
 
 def check_ranks_per_node(ranks_per_node: object) -> int | None:

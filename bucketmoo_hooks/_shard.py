@@ -178,25 +178,30 @@ def scatter_shards(comm: Collectives, flat: Tensor, workspace: Workspace | None 
     Row ``r`` of the result is slice ``j`` (this rank's) of rank ``r``'s gradient. With a
     ``workspace`` (CPU ``flat`` only), the result lives in it until the next bucket's exchange.
     """
-    world_size = comm.world_size
-    numel = flat.numel()
-    shard = shard_length(numel, world_size)
-    if workspace is not None and flat.device.type != "cpu":
-        workspace = None
-
-    def empty(slot: str) -> Tensor:
-        if workspace is None:
-            return flat.new_empty(world_size * shard)
-        return workspace.take(slot, world_size * shard, flat.dtype)
-
-    padded = flat
-    if numel != world_size * shard:
-        padded = empty("input")
-        padded[numel:].zero_()
-        padded[:numel].copy_(flat)
-    received = empty("received")
+    padded = padded_bucket(flat, comm.world_size, workspace)
+    received = bucket_buffer(flat, "received", padded.numel(), workspace)
     comm.all_to_all(received, padded).wait()
-    return received.view(world_size, shard)
+    return received.view(comm.world_size, -1)
+
+
+def padded_bucket(flat: Tensor, world_size: int, workspace: Workspace | None = None) -> Tensor:
+    """``flat`` zero-padded to ``R·c`` elements: ``flat`` itself when it has as many."""
+    numel = flat.numel()
+    total = world_size * shard_length(numel, world_size)
+    if numel == total:
+        return flat
+    padded = bucket_buffer(flat, "input", total, workspace)
+    padded[numel:].zero_()
+    padded[:numel].copy_(flat)
+    return padded
+
+
+def bucket_buffer(like: Tensor, slot: str, numel: int, workspace: Workspace | None) -> Tensor:
+    """``numel`` elements of ``like``'s dtype and device: ``workspace``'s buffer ``slot`` for a
+    CPU tensor (its content is whatever the last bucket left), else a fresh one."""
+    if workspace is None or like.device.type != "cpu":
+        return like.new_empty(numel)
+    return workspace.take(slot, numel, like.dtype)
 
 
 def shard_segments(sizes: "list[int] | tuple[int, ...]", rank: int, shard: int) -> list[Segment]:
