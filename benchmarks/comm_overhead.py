@@ -473,6 +473,9 @@ class Config:
     model: str = "gpt"
     sketch_size: int | None = None  # protocol="sketch"'s k; None: the library's default
     ranks_per_node: int | None = None  # protocol="hierarchical"'s nodes; None: LOCAL_WORLD_SIZE
+    #: The library's methods train one language per node of ``ranks_per_node`` ranks (the
+    #: hierarchical protocol's recommended layout) instead of one per rank.
+    node_languages: bool = False
 
 
 def batches(rank: int, config: Config, device: torch.device) -> Iterator[Tensor]:
@@ -499,7 +502,9 @@ def build(
         fully_shard(model)
         if method in FSDP_MOO_METHODS:
             protocol = FSDP_MOO_METHODS[method]
-            state = BucketMOOState(weighting="mgda", **protocol_options(protocol, config))
+            state = BucketMOOState(
+                languages(config, world_size), "mgda", **protocol_options(protocol, config)
+            )
             install_bucket_moo(model, state)
             return model, state
         return model, None
@@ -519,6 +524,7 @@ def build(
         return ddp, None
     weighting, granularity, overlap, protocol = HOOK_METHODS[method]
     state = BucketMOOState(
+        languages(config, world_size),
         weighting=weighting,
         granularity=granularity,
         overlap=overlap,
@@ -529,6 +535,15 @@ def build(
     # rank (benchmarks/protocol_phases.py times the check).
     install_ddp(ddp, state, hook=timed_hook(bucket_moo_hook, times))
     return ddp, state
+
+
+def languages(config: Config, world_size: int) -> list[int] | None:
+    """The library's ``objective_of_rank``: one language per rank (``None``), or per node."""
+    if not config.node_languages:
+        return None
+    if config.ranks_per_node is None:
+        raise SystemExit("--node-languages needs --ranks-per-node")
+    return [rank // config.ranks_per_node for rank in range(world_size)]
 
 
 def protocol_options(protocol: str, config: Config) -> dict[str, Any]:
@@ -669,6 +684,7 @@ def run(args: argparse.Namespace) -> None:
         args.model,
         args.sketch_size,
         args.ranks_per_node,
+        args.node_languages,
     )
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS)
@@ -800,6 +816,7 @@ def launch(
             f"--bucket-cap-mb={args.bucket_cap_mb}",
             *([f"--sketch-size={args.sketch_size}"] if args.sketch_size is not None else []),
             *([f"--ranks-per-node={args.ranks_per_node}"] if args.ranks_per_node else []),
+            *(["--node-languages"] if args.node_languages else []),
             f"--methods={','.join(methods)}",
             f"--out={out}",
         ]
@@ -1093,6 +1110,11 @@ def main() -> None:
             type=int,
             default=None,
             help="simulated nodes of the hierarchical methods; default: LOCAL_WORLD_SIZE",
+        )
+        sub.add_argument(
+            "--node-languages",
+            action="store_true",
+            help="the library's methods train one language per node, not one per rank",
         )
         sub.add_argument(
             "--methods",

@@ -96,7 +96,7 @@ def exchange_shards(
         parameters,
         gramians,
         counts,
-        gather or comm.gather_into,
+        gather,
     )
 
 
@@ -119,7 +119,7 @@ class ShardExchange(Exchange):
     parameters: list[Segment]  # every parameter's segment of the slice ((0, 0): outside)
     gramians: Tensor
     counts: Tensor | None
-    gather: Gather  # step 7
+    gather: "Gather | None"  # step 7; None: Collectives.gather_into
 
     def solves(self, weighting: Weighting) -> bool:
         return self.fused is not None and self.fused.solves(weighting)
@@ -162,7 +162,8 @@ class ShardExchange(Exchange):
     def deliver(self, combined: Tensor) -> torch.futures.Future[Tensor] | None:
         output = self.gradient.output
         if output is None:  # step 7
-            return self.gather(self.gradient.flat, combined)
+            gather = self.gather or self.comm.gather_into
+            return gather(self.gradient.flat, combined)
         output.copy_(combined)
         return None
 
