@@ -1,5 +1,6 @@
 r"""The hierarchical protocol (``protocol="hierarchical"``, docs/protocols.md): the shard
-protocol's exact result, exchanged so that what crosses the network is what a ring sends.
+protocol's exact result, exchanged so that what crosses the network is at most what a ring
+all-reduce sends when every node trains one objective.
 
 ``N`` nodes of ``G`` ranks (``ranks_per_node``): rank ``kG + i`` of the group is node ``k``'s
 local index ``i``. As in the shard protocol the bucket is padded to ``R`` chunks of ``c = ⌈n/R⌉``
@@ -65,7 +66,7 @@ class _NodeLayout:
 
 class HierarchicalProtocol(ExchangeProtocol):
     """Two-level all-to-all, Gramian all-reduce, two-level all-gather: exact, and across nodes
-    the bytes of a ring all-reduce when every node trains one objective."""
+    at most a ring all-reduce's bytes when every node trains one objective."""
 
     name = "hierarchical"
 
