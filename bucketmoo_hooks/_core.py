@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._absent import solve_weights
 from ._collectives import Collectives
+from ._groups import node_layout_error
 from ._hierarchical import HierarchicalProtocol
 from ._nonfinite import raise_if_nonfinite
 from ._objectives import ObjectiveMap, objective_key
@@ -48,7 +49,8 @@ def protocol_of(state: "BucketMOOState") -> ExchangeProtocol:
             assert state.sketch_size is not None
             runtime.protocol = SketchProtocol(state.sketch_size)
         elif state.protocol == "hierarchical":
-            assert state.ranks_per_node is not None  # checked at registration
+            if state.ranks_per_node is None:  # register_comm_hook: no registration checked it
+                raise ValueError(node_layout_error(None, []))
             runtime.protocol = HierarchicalProtocol(state.ranks_per_node)
         else:
             runtime.protocol = PROTOCOLS[state.protocol]()

@@ -25,6 +25,7 @@ from bucketmoo_hooks import (
     objective_key,
     reference,
 )
+from bucketmoo_hooks._core import protocol_of
 from bucketmoo_hooks.data import load_udhr, udhr_split
 from bucketmoo_hooks.weightings import (
     MGDA,
@@ -129,6 +130,15 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         ValueError,
         r"ranks_per_node defaults to the environment's LOCAL_WORLD_SIZE, which is 'eight', not "
         r"a positive int; pass ranks_per_node=",
+    ),
+    (
+        # Through register_comm_hook nothing checks at registration: the first bucket does.
+        "hook: hierarchical without nodes",
+        lambda: with_environment(
+            {}, lambda: protocol_of(BucketMOOState(["en"], protocol="hierarchical"))
+        ),
+        ValueError,
+        r"protocol='hierarchical' needs ranks_per_node",
     ),
     (
         "state.sketch_size<16",
