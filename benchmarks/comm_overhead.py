@@ -86,6 +86,8 @@ from bucketmoo_hooks.weightings import MGDA
 #: Every method, in table order. ``*-blocking`` is the hook with ``overlap=False`` (the hook as it
 #: was before overlap: the exchange blocks backward). ``sketch*``: ``protocol="sketch"``
 #: (``--sketch-size``), MGDA weights from sketched Gramians, then DDP's (FSDP's) own reduction.
+#: ``*hierarchical``: ``protocol="hierarchical"`` on nodes of ``--ranks-per-node`` ranks (default
+#: torchrun's ``LOCAL_WORLD_SIZE``: one node, where it is the shard protocol's exchange).
 METHODS = (
     "allreduce",
     "mean",
@@ -94,6 +96,7 @@ METHODS = (
     "global",
     "sketch",
     "sketch-global",
+    "hierarchical",
     "mean-blocking",
     "mgda-blocking",
     "naive",
@@ -101,6 +104,7 @@ METHODS = (
     "fsdp2",
     "fsdp2-moo",
     "fsdp2-sketch",
+    "fsdp2-hierarchical",
 )
 #: The DDP hook's methods: (weighting, granularity, overlap, protocol).
 HOOK_METHODS = {
@@ -110,11 +114,16 @@ HOOK_METHODS = {
     "global": ("mgda", "global", True, "shard"),
     "sketch": ("mgda", "bucket", True, "sketch"),
     "sketch-global": ("mgda", "global", True, "sketch"),
+    "hierarchical": ("mgda", "bucket", True, "hierarchical"),
     "mean-blocking": ("mean", "bucket", False, "shard"),
     "mgda-blocking": ("mgda", "bucket", False, "shard"),
 }
 #: FSDP2 with the library's reduce-scatter: the protocol.
-FSDP_MOO_METHODS = {"fsdp2-moo": "shard", "fsdp2-sketch": "sketch"}
+FSDP_MOO_METHODS = {
+    "fsdp2-moo": "shard",
+    "fsdp2-sketch": "sketch",
+    "fsdp2-hierarchical": "hierarchical",
+}
 #: ``--model``: (layers, d_model) when not given.
 MODEL_DEFAULTS = {"gpt": (8, 512), "mlp": (3, 512)}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -466,6 +475,10 @@ class Config:
     bucket_cap_mb: float
     model: str = "gpt"
     sketch_size: int | None = None  # protocol="sketch"'s k; None: the library's default
+    ranks_per_node: int | None = None  # protocol="hierarchical"'s nodes; None: LOCAL_WORLD_SIZE
+    #: The library's methods train one language per node of ``ranks_per_node`` ranks (the
+    #: hierarchical protocol's recommended layout) instead of one per rank.
+    node_languages: bool = False
 
 
 def batches(rank: int, config: Config, device: torch.device) -> Iterator[Tensor]:
@@ -492,7 +505,9 @@ def build(
         fully_shard(model)
         if method in FSDP_MOO_METHODS:
             protocol = FSDP_MOO_METHODS[method]
-            state = BucketMOOState(weighting="mgda", **protocol_options(protocol, config))
+            state = BucketMOOState(
+                languages(config, world_size), "mgda", **protocol_options(protocol, config)
+            )
             install_bucket_moo(model, state)
             return model, state
         return model, None
@@ -512,6 +527,7 @@ def build(
         return ddp, None
     weighting, granularity, overlap, protocol = HOOK_METHODS[method]
     state = BucketMOOState(
+        languages(config, world_size),
         weighting=weighting,
         granularity=granularity,
         overlap=overlap,
@@ -524,10 +540,21 @@ def build(
     return ddp, state
 
 
+def languages(config: Config, world_size: int) -> list[int] | None:
+    """The library's ``objective_of_rank``: one language per rank (``None``), or per node."""
+    if not config.node_languages:
+        return None
+    if config.ranks_per_node is None:
+        raise SystemExit("--node-languages needs --ranks-per-node")
+    return [rank // config.ranks_per_node for rank in range(world_size)]
+
+
 def protocol_options(protocol: str, config: Config) -> dict[str, Any]:
     """``BucketMOOState``'s protocol arguments."""
     if protocol == "sketch":
         return {"protocol": "sketch", "sketch_size": config.sketch_size}
+    if protocol == "hierarchical":
+        return {"protocol": "hierarchical", "ranks_per_node": config.ranks_per_node}
     return {"protocol": protocol}
 
 
@@ -662,6 +689,8 @@ def run(args: argparse.Namespace) -> None:
         args.bucket_cap_mb,
         args.model,
         args.sketch_size,
+        args.ranks_per_node,
+        args.node_languages,
     )
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS)
@@ -792,6 +821,8 @@ def launch(
             f"--memory-steps={args.memory_steps if memory else 0}",
             f"--bucket-cap-mb={args.bucket_cap_mb}",
             *([f"--sketch-size={args.sketch_size}"] if args.sketch_size is not None else []),
+            *([f"--ranks-per-node={args.ranks_per_node}"] if args.ranks_per_node else []),
+            *(["--node-languages"] if args.node_languages else []),
             f"--methods={','.join(methods)}",
             f"--out={out}",
         ]
@@ -916,7 +947,7 @@ def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         f"R = {summary['world_size']} ({summary['backend']}, {summary['device']}), "
         f"{summary['parameters']:,} parameters; per rank per step, slowest rank's "
         "median step (p10-p90); ratios to allreduce (FSDP2 rows: to fsdp2)",
-        f"{'method':<14}{'MiB sent':>10}{'bytes':>9}{'step ms':>22}{'time':>9}"
+        f"{'method':<19}{'MiB sent':>10}{'bytes':>9}{'step ms':>22}{'time':>9}"
         f"{'hook body ms':>14}{'tail ms':>9}{'peak MiB':>10}",
     ]
     for row in rows:
@@ -924,7 +955,7 @@ def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         spread = f"{step['median']:.0f} ({step['p10']:.0f}-{step['p90']:.0f})"
         peak = "—" if row["transient_mb"] is None else f"{row['transient_mb']:.0f}"
         lines.append(
-            f"{row['method']:<14}{_mb(row['algorithm_bytes']):>10}{ratio(row, 'bytes_ratio'):>9}"
+            f"{row['method']:<19}{_mb(row['algorithm_bytes']):>10}{ratio(row, 'bytes_ratio'):>9}"
             f"{spread:>22}{ratio(row, 'time_ratio'):>9}{row['hook_body_ms']['median']:>14.1f}"
             f"{row['tail_ms']:>9.1f}{peak:>10}"
         )
@@ -1079,6 +1110,17 @@ def main() -> None:
             type=int,
             default=None,
             help="k of the sketch methods (protocol='sketch'); default: the library's (4096)",
+        )
+        sub.add_argument(
+            "--ranks-per-node",
+            type=int,
+            default=None,
+            help="simulated nodes of the hierarchical methods; default: LOCAL_WORLD_SIZE",
+        )
+        sub.add_argument(
+            "--node-languages",
+            action="store_true",
+            help="the library's methods train one language per node, not one per rank",
         )
         sub.add_argument(
             "--methods",

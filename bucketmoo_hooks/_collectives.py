@@ -4,8 +4,14 @@ Bytes are those of the bandwidth-optimal algorithm of each collective (what NCCL
 pairwise algorithms send), from the size ``n·b`` of the tensor the collective is about: the
 all-reduced tensor, the all-to-all's input, the all-gather's output, the reduce-scatter's input.
 One formula per collective: :mod:`.cost_model` and :class:`._ledger.BucketTraffic` use these.
+
+Each collective's bytes are also split by link class, within a node or across nodes, by peer
+pairs (:func:`cross_node_bytes`): the bandwidth-optimal algorithms send each of a rank's ``R−1``
+peers the same share, and ``ranks_per_node`` (torchrun's ``LOCAL_WORLD_SIZE``: consecutive
+global ranks share a node) tells which peers share this rank's node. Unknown (``None``): one node.
 """
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -52,34 +58,68 @@ def nbytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def cross_node_bytes(nbytes: int, world_size: int, peers_on_node: int) -> int:
+    """Of the ``nbytes`` a rank sends in a collective over ``world_size`` ranks, those for the
+    ``R−1−p`` peers off its node (``p = peers_on_node``), each peer getting an equal share."""
+    if world_size <= 1:
+        return 0
+    return nbytes * (world_size - 1 - peers_on_node) // (world_size - 1)
+
+
+@functools.lru_cache(maxsize=256)
+def peers_on_node(group: dist.ProcessGroup, ranks_per_node: int | None) -> int:
+    """How many other ranks of ``group`` share this rank's node: global ranks ``g`` with the
+    same ``g // ranks_per_node``; all of them when ``ranks_per_node`` is ``None`` (unknown)."""
+    ranks = dist.get_process_group_ranks(group)
+    if ranks_per_node is None:
+        return len(ranks) - 1
+    node = dist.get_rank() // ranks_per_node
+    return sum(r // ranks_per_node == node for r in ranks) - 1
+
+
 class Collectives:
     """The collectives of one bucket or unit over ``group``, each counted in its traffic.
 
     With an ``outer`` group (HSDP: the protocol runs over the replicate group on one shard of a
     unit), :meth:`all_reduce_unit` also sums over ``outer``, so that a Gramian covers the whole
-    unit; every other collective runs over ``group`` only.
+    unit; every other collective runs over ``group`` only. ``ranks_per_node`` splits the bytes
+    by link class (:func:`cross_node_bytes`).
     """
 
-    __slots__ = ("group", "outer", "traffic", "world_size")
+    __slots__ = ("group", "outer", "ranks_per_node", "traffic", "world_size")
 
     def __init__(
         self,
         group: dist.ProcessGroup,
         traffic: "BucketTraffic",
         outer: dist.ProcessGroup | None = None,
+        ranks_per_node: int | None = None,
     ) -> None:
         self.group = group
         self.traffic = traffic
         self.outer = outer
+        self.ranks_per_node = ranks_per_node
         self.world_size = group.size()
 
-    def all_to_all(self, output: Tensor, input: Tensor) -> dist.Work:
-        self.traffic.add("all_to_all", all_to_all_bytes(nbytes(input), self.world_size))
-        return dist.all_to_all_single(output, input, group=self.group, async_op=True)
+    def over(self, group: dist.ProcessGroup) -> "Collectives":
+        """The collectives of the same bucket over ``group`` (a subgroup of this one's ranks)."""
+        return Collectives(group, self.traffic, None, self.ranks_per_node)
+
+    def _count(self, collective: str, sent: int, group: dist.ProcessGroup) -> None:
+        peers = peers_on_node(group, self.ranks_per_node)
+        self.traffic.add(collective, sent, cross_node_bytes(sent, group.size(), peers))
+
+    def all_to_all(
+        self, output: Tensor, input: Tensor, output_splits: list[int] | None = None
+    ) -> dist.Work:
+        """Chunk ``r`` of ``input`` to rank ``r``; ``output_splits``: the elements that come
+        from each rank, when they differ (``input``'s chunks are equal)."""
+        self._count("all_to_all", all_to_all_bytes(nbytes(input), self.world_size), self.group)
+        return dist.all_to_all_single(output, input, output_splits, group=self.group, async_op=True)
 
     def all_reduce(self, tensor: Tensor) -> dist.Work:
         """SUM over the group."""
-        self.traffic.add("all_reduce", all_reduce_bytes(nbytes(tensor), self.world_size))
+        self._count("all_reduce", all_reduce_bytes(nbytes(tensor), self.world_size), self.group)
         return dist.all_reduce(tensor, group=self.group, async_op=True)
 
     def all_reduce_unit(self, tensor: Tensor) -> dist.Work:
@@ -93,16 +133,17 @@ class Collectives:
     def all_reduce_outer(self, tensor: Tensor) -> dist.Work:
         """SUM over ``outer`` only (HSDP: a statistic of every shard of the unit)."""
         assert self.outer is not None
-        self.traffic.add("all_reduce", all_reduce_bytes(nbytes(tensor), self.outer.size()))
+        self._count("all_reduce", all_reduce_bytes(nbytes(tensor), self.outer.size()), self.outer)
         return dist.all_reduce(tensor, group=self.outer, async_op=True)
 
     def all_gather(self, output: Tensor, input: Tensor) -> dist.Work:
-        self.traffic.add("all_gather", all_gather_bytes(nbytes(output), self.world_size))
+        self._count("all_gather", all_gather_bytes(nbytes(output), self.world_size), self.group)
         return all_gather_single(output, input, group=self.group, async_op=True)
 
     def reduce_scatter(self, output: Tensor, input: Tensor) -> dist.Work:
         """SUM of every rank's ``input`` (``[R·c]``), chunk ``r`` to rank ``r``."""
-        self.traffic.add("reduce_scatter", reduce_scatter_bytes(nbytes(input), self.world_size))
+        sent = reduce_scatter_bytes(nbytes(input), self.world_size)
+        self._count("reduce_scatter", sent, self.group)
         return reduce_scatter_single(
             output, input, op=ReduceOp.SUM, group=self.group, async_op=True
         )

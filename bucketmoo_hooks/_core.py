@@ -20,6 +20,8 @@ from torch import Tensor
 
 from ._absent import solve_weights
 from ._collectives import Collectives
+from ._groups import node_layout_error
+from ._hierarchical import HierarchicalProtocol
 from ._nonfinite import raise_if_nonfinite
 from ._objectives import ObjectiveMap, objective_key
 from ._protocol import Bucket, Exchange, ExchangeProtocol, Gradient, Request
@@ -33,7 +35,9 @@ if TYPE_CHECKING:
 
 #: ``BucketMOOState(protocol=...)``: the exchange protocols, by name (a new protocol: a sibling of
 #: ``_shard.py`` and one entry here, and its options in :func:`protocol_of`).
-PROTOCOLS: dict[str, type[ExchangeProtocol]] = {p.name: p for p in (ShardProtocol, SketchProtocol)}
+PROTOCOLS: dict[str, type[ExchangeProtocol]] = {
+    p.name: p for p in (ShardProtocol, SketchProtocol, HierarchicalProtocol)
+}
 
 
 def protocol_of(state: "BucketMOOState") -> ExchangeProtocol:
@@ -44,6 +48,10 @@ def protocol_of(state: "BucketMOOState") -> ExchangeProtocol:
         if state.protocol == "sketch":
             assert state.sketch_size is not None
             runtime.protocol = SketchProtocol(state.sketch_size)
+        elif state.protocol == "hierarchical":
+            if state.ranks_per_node is None:  # register_comm_hook: no registration checked it
+                raise ValueError(node_layout_error(None, []))
+            runtime.protocol = HierarchicalProtocol(state.ranks_per_node)
         else:
             runtime.protocol = PROTOCOLS[state.protocol]()
     return runtime.protocol

@@ -110,7 +110,7 @@ def _reduce(
         averaging = state._runtime.averaging(objective_map, job.buffer.device)
         future = _core.reduce(
             state,
-            Collectives(group, job.traffic),
+            Collectives(group, job.traffic, ranks_per_node=state.ranks_per_node),
             job.bucket,
             Gradient(job.buffer, None, job.sizes),
             objective_map,

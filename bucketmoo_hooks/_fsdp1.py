@@ -45,9 +45,8 @@ def _fsdp1_hook(hook_state: _UnitHookState, grad: Tensor, output: Tensor | None 
     objective_map = hook_state.steps.objective_map(state.group, unit)
     for lo, hi in unit.frozen:  # FSDP drops these gradients after the reduction anyway
         grad[lo:hi].zero_()
-    comm = Collectives(
-        hook_state.group, state.ledger.open_bucket(unit.index, grad.numel(), grad.element_size())
-    )
+    traffic = state.ledger.open_bucket(unit.index, grad.numel(), grad.element_size())
+    comm = Collectives(hook_state.group, traffic, ranks_per_node=state.ranks_per_node)
     averaging = state._runtime.averaging(objective_map, grad.device)
     gradient = Gradient(grad, output, unit.segment_sizes)
     future = _core.reduce(state, comm, unit.bucket, gradient, objective_map, averaging)

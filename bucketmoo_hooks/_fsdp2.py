@@ -134,7 +134,7 @@ class BucketMOOReduceScatter(ReduceScatter):
                 f"got {input_tensor.dtype}"
             )
         traffic, objective_map = self._open(input_tensor)
-        comm = Collectives(group, traffic)
+        comm = Collectives(group, traffic, ranks_per_node=self.state.ranks_per_node)
         if self._hybrid is not None:
             # Within a replica every rank trains one objective: a plain sum; the conflict-aware
             # step is the cross-replica all-reduce (``cross_replica``).
@@ -160,7 +160,9 @@ class BucketMOOReduceScatter(ReduceScatter):
         # Without a reduce-scatter (one rank per replica), FSDP calls the hook directly.
         traffic, objective_map = self._pending or self._open(output)
         self._pending = None
-        comm = Collectives(hybrid.replicate_group, traffic, outer=hybrid.shard_group)
+        comm = Collectives(
+            hybrid.replicate_group, traffic, hybrid.shard_group, self.state.ranks_per_node
+        )
         averaging = self.state._runtime.averaging(objective_map, output.device)
         averaging = averaging / hybrid.shard_group.size()
         unit = self._reduced_unit(output.numel())
@@ -303,6 +305,11 @@ def install_fsdp2(
             "needs every unit on the same shard group"
         )
     shard_group = meshes[0].get_group()
+    if hsdp_mesh is not None and state.protocol == "hierarchical":
+        raise ValueError(
+            "protocol='hierarchical' does not run under HSDP: the protocol runs over the "
+            "replicate group, across nodes already; use protocol='shard' or 'sketch'"
+        )
     hybrid = None if hsdp_mesh is None else _hybrid_layout(state, hsdp_mesh, shard_group)
     # HSDP: the state's own group, checked to span the mesh; else the units' shard group.
     register(state, model, None if hybrid else shard_group, cpu_buckets=False)

@@ -44,22 +44,81 @@ def helper_group(group: dist.ProcessGroup, purpose: str) -> dist.ProcessGroup:
     Created at the first call for these ranks in the process, which every rank of ``group`` must
     make alike; later calls return it until the default group is destroyed.
     """
-    ranks = tuple(dist.get_process_group_ranks(group))
-    timeout = group_timeout(group) or dist.default_pg_timeout
+    return _made(purpose, tuple(ranks_of(group)), _timeout(group), dist.Backend.GLOO)
+
+
+def node_groups(
+    group: dist.ProcessGroup, ranks_per_node: int
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """The hierarchical protocol's two levels over ``group`` (its ranks node by node,
+    ``ranks_per_node`` each): this rank's node (group ranks ``kG … kG+G−1``) and its rank's
+    peers with the same local index on every node (``i, G+i, 2G+i, …``), on ``group``'s
+    backend, with its timeout.
+
+    Each rank makes the two groups it belongs to, named from their ranks alone (as
+    :func:`helper_group`'s): no rank has to take part in the groups of others. The copies over
+    the overlap worker's group are groups of their own (used by its thread only).
+    """
+    ranks, size = ranks_of(group), ranks_per_node
+    index = group.rank()
+    node, local = divmod(index, size)
+    copy = "overlap-" if is_helper(group, OVERLAP) else ""
+    timeout, backend = _timeout(group), dist.get_backend(group)
+    within = tuple(ranks[node * size : (node + 1) * size])
+    across = tuple(ranks[local::size])
+    return (
+        _made(f"{copy}node{size}", within, timeout, backend),
+        _made(f"{copy}across{size}", across, timeout, backend),
+    )
+
+
+def node_layout_error(ranks_per_node: int | None, ranks: list[int]) -> str | None:
+    """Why the hierarchical protocol cannot run over a group of global ``ranks`` (in its rank
+    order) with ``ranks_per_node``, or ``None``: it needs whole blocks of ``G`` consecutive
+    group ranks, each on one node (global ranks ``g`` with the same ``g // G``)."""
+    if ranks_per_node is None:
+        return (
+            "protocol='hierarchical' needs ranks_per_node (the ranks on each node; torchrun's "
+            "LOCAL_WORLD_SIZE is its default, and it is not set)"
+        )
+    if len(ranks) % ranks_per_node:
+        return (
+            f"ranks_per_node={ranks_per_node} does not divide the process group's "
+            f"{len(ranks)} ranks; protocol='hierarchical' needs whole nodes"
+        )
+    for start in range(0, len(ranks), ranks_per_node):
+        block = ranks[start : start + ranks_per_node]
+        if len({r // ranks_per_node for r in block}) != 1:
+            return (
+                f"ranks {start}…{start + ranks_per_node - 1} of the process group (global ranks "
+                f"{block}) are not on one node of {ranks_per_node} consecutive global ranks; "
+                "protocol='hierarchical' needs the group's ranks node by node"
+            )
+    return None
+
+
+def _timeout(group: dist.ProcessGroup) -> datetime.timedelta:
+    return group_timeout(group) or dist.default_pg_timeout
+
+
+def _made(
+    purpose: str, ranks: tuple[int, ...], timeout: datetime.timedelta, backend: str
+) -> dist.ProcessGroup:
+    """The group of ``ranks`` for ``purpose``, created by its members at the first call."""
     key = (purpose, ranks, timeout)
     digest = hashlib.sha1(f"{ranks}/{timeout.total_seconds()}".encode(), usedforsecurity=False)
     name = f"bucketmoo-{purpose}-{digest.hexdigest()[:20]}"
     existing = _groups.get(key)
     if existing is not None and c10d._world.pg_names.get(existing) == name:
         return existing
-    # What ``new_group(ranks, timeout, "gloo")`` does, under a name of our own and called by the
+    # What ``new_group(ranks, timeout, backend)`` does, under a name of our own and called by the
     # members only (a private helper: its signature is the one of torch 2.13).
     _, store = c10d._world.pg_map[c10d._get_default_group()]
     made, _ = c10d._new_process_group_helper(
         len(ranks),
         ranks.index(dist.get_rank()),
         list(ranks),
-        dist.Backend.GLOO,
+        backend,
         store,
         name,
         timeout=timeout,
@@ -68,6 +127,10 @@ def helper_group(group: dist.ProcessGroup, purpose: str) -> dist.ProcessGroup:
     c10d._world.pg_group_ranks[made] = {global_rank: i for i, global_rank in enumerate(ranks)}
     _groups[key] = made
     return made
+
+
+def ranks_of(group: dist.ProcessGroup) -> list[int]:
+    return dist.get_process_group_ranks(group)
 
 
 def is_helper(group: dist.ProcessGroup, purpose: str) -> bool:

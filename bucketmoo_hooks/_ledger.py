@@ -4,22 +4,30 @@ from dataclasses import dataclass, field
 
 from ._collectives import all_reduce_bytes, reduce_scatter_bytes
 
+#: The link classes of :attr:`BucketTraffic.links`.
+LINKS = ("intra_node", "cross_node")
+
 
 @dataclass(slots=True)
 class BucketTraffic:
-    """Bytes this rank sent for one bucket, by collective.
+    """Bytes this rank sent for one bucket, by collective and by link class.
 
     ``numel`` and ``element_size`` describe the bucket itself, so that the traffic can be compared
-    with the plain all-reduce of the same bucket (:meth:`allreduce_bytes`).
+    with the plain all-reduce of the same bucket (:meth:`allreduce_bytes`). ``links``: the same
+    bytes by link class, ``"intra_node"`` and ``"cross_node"`` (:mod:`._collectives`).
     """
 
     index: int
     numel: int
     element_size: int
     sent: dict[str, int] = field(default_factory=dict)
+    links: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LINKS, 0))
 
-    def add(self, collective: str, nbytes: int) -> None:
+    def add(self, collective: str, nbytes: int, cross_node: int = 0) -> None:
+        """Count ``nbytes`` sent through ``collective``, ``cross_node`` of them off the node."""
         self.sent[collective] = self.sent.get(collective, 0) + nbytes
+        self.links["intra_node"] += nbytes - cross_node
+        self.links["cross_node"] += cross_node
 
     @property
     def total(self) -> int:
@@ -49,6 +57,8 @@ class CommLedger:
         step_overhead: Bytes of the last completed step that belong to no bucket (the objective
             exchange at the start of the step), by collective.
         totals: Bytes by collective, summed over all completed steps.
+        link_totals: The buckets' bytes by link class (``"intra_node"``, ``"cross_node"``),
+            summed over all completed steps.
         steps: Number of completed steps.
     """
 
@@ -56,6 +66,7 @@ class CommLedger:
         "_current",
         "_current_overhead",
         "last_step",
+        "link_totals",
         "step_overhead",
         "steps",
         "totals",
@@ -69,7 +80,17 @@ class CommLedger:
         self.last_step: list[BucketTraffic] = []
         self.step_overhead: dict[str, int] = {}
         self.totals: dict[str, int] = {}
+        self.link_totals: dict[str, int] = dict.fromkeys(LINKS, 0)
         self.steps = 0
+
+    def __setstate__(self, state: tuple[None, dict[str, object]]) -> None:
+        # Ledgers pickled before the link classes: none counted.
+        self.link_totals = dict.fromkeys(LINKS, 0)
+        for slot, value in state[1].items():
+            setattr(self, slot, value)
+        for traffic in self.last_step:
+            if not hasattr(traffic, "links"):
+                traffic.links = dict.fromkeys(LINKS, 0)
 
     def open_bucket(self, index: int, numel: int, element_size: int) -> BucketTraffic:
         traffic = BucketTraffic(index, numel, element_size)
@@ -84,6 +105,8 @@ class CommLedger:
         for traffic in self._current:
             for collective, nbytes in traffic.sent.items():
                 self.totals[collective] = self.totals.get(collective, 0) + nbytes
+            for link, nbytes in traffic.links.items():
+                self.link_totals[link] += nbytes
         for collective, nbytes in self._current_overhead.items():
             self.totals[collective] = self.totals.get(collective, 0) + nbytes
         self.last_step, self._current = self._current, []
@@ -93,6 +116,15 @@ class CommLedger:
     def last_step_bytes(self) -> int:
         """Everything this rank sent in the last completed step, overhead included."""
         return sum(t.total for t in self.last_step) + sum(self.step_overhead.values())
+
+    def last_step_link_bytes(self) -> dict[str, int]:
+        """The buckets' bytes of the last completed step by link class (the per-step objective
+        exchange, a few bytes per rank, is left out)."""
+        links = dict.fromkeys(LINKS, 0)
+        for traffic in self.last_step:
+            for link, nbytes in traffic.links.items():
+                links[link] += nbytes
+        return links
 
     def last_step_allreduce_bytes(self) -> int:
         """What a ring all-reduce of the same buckets would have sent in the last step."""

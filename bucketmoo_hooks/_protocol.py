@@ -8,6 +8,7 @@ a :class:`Gradient`. ``"shard"`` (:mod:`._shard`) is the paper's exact method; `
 reduction the rank's scaled gradient.
 """
 
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -151,3 +152,13 @@ class ExchangeProtocol(ABC):
         ``averaging`` is ``M ∈ ℝ^{L×R}`` (:meth:`ObjectiveMap.averaging_matrix`), row ``ℓ``
         averaging the ranks of objective ``ℓ``.
         """
+
+
+def checked_int(value: object, name: str, meaning: str) -> int:
+    """A protocol option that must be an int (numpy integers too; not a bool): ``value`` as an
+    int, or ``TypeError`` naming ``name`` and what it means."""
+    if not isinstance(value, bool) and hasattr(value, "__index__"):
+        value = operator.index(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int ({meaning}), got {type(value).__name__} {value!r}")
+    return value

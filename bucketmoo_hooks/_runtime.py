@@ -13,7 +13,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._collectives import nbytes
-from ._groups import HOST, OVERLAP, SKETCH, helper_group, shared_worker
+from ._groups import (
+    HOST,
+    OVERLAP,
+    SKETCH,
+    helper_group,
+    node_groups,
+    node_layout_error,
+    ranks_of,
+    shared_worker,
+)
 from ._objectives import ObjectiveMap
 from ._worker import BucketWorker
 
@@ -175,6 +184,11 @@ def register(
         helper_group(group, OVERLAP)
     if state.protocol == "sketch" and state.overlap and cpu_buckets:
         helper_group(group, SKETCH)
+    if state.protocol == "hierarchical":
+        _check_nodes(state, group)
+        base = helper_group(group, OVERLAP) if state.overlap and cpu_buckets else group
+        if state.ranks_per_node not in (1, group.size()):  # else one level: the flat exchange
+            node_groups(base, state.ranks_per_node)
     state.process_group = group
     runtime.model = weakref.ref(model)
     # The step's objective exchange starts at its first forward, not at its first bucket.
@@ -187,13 +201,26 @@ def _start_exchange(state: "BucketMOOState", module: nn.Module, args: object) ->
     state._steps.start(state)
 
 
+def _check_nodes(state: "BucketMOOState", group: dist.ProcessGroup) -> None:
+    """The hierarchical protocol's nodes: ``ranks_per_node`` the same on every rank (it may come
+    from each node's ``LOCAL_WORLD_SIZE``) and a layout of whole nodes. Raises alike on every
+    rank, before any rank makes the node groups (a rank that raised alone would leave the
+    others waiting in that rendezvous)."""
+    values: list[object] = [None] * group.size()
+    dist.all_gather_object(values, state.ranks_per_node, group=state._runtime.host_group(group))
+    if len(set(values)) != 1:
+        raise ValueError(
+            f"ranks disagree on ranks_per_node (per rank of the process group: {values}); "
+            "protocol='hierarchical' needs nodes of the same size, the same on every rank"
+        )
+    error = node_layout_error(state.ranks_per_node, ranks_of(group))
+    if error is not None:
+        raise ValueError(error)
+
+
 def has_cpu_backend(group: dist.ProcessGroup) -> bool:
     """Whether collectives on CPU tensors run on ``group`` (gloo, or a ``cpu:gloo,...`` group)."""
     return "gloo" in dist.get_backend(group)
-
-
-def ranks_of(group: dist.ProcessGroup) -> list[int]:
-    return dist.get_process_group_ranks(group)
 
 
 def described_group(name: str, group: dist.ProcessGroup) -> str:

@@ -10,6 +10,7 @@ bytes are those of the all-reduce (or reduce-scatter) replaced, plus ``L²`` fp3
 problem (and ``L`` per parameter where objectives may be absent).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,12 +54,18 @@ def exchange_shards(
     averaging: Tensor,
     parameters: list[Segment],
     request: Request,
+    gather: "Gather | None" = None,
 ) -> "ShardExchange":
     """Steps 2–4 on this rank's received slice ``S_j ∈ ℝ^{R×c}``: group averages, partial
     Gramians (the fused kernels' or torch's, by ``request.kernels``), their all-reduce with the
     presence counts. ``parameters``: every parameter's segment of the slice; with
     ``request.per_parameter`` each is a problem of its own, else the slice is one problem.
-    ``gradient``: what :meth:`ShardExchange.deliver` writes."""
+    ``gradient``: what :meth:`ShardExchange.deliver` writes, with ``gather`` (default
+    :meth:`Collectives.gather_into`) for an all-reduce.
+
+    ``S_j`` may be any rows whose combination ``M S_j`` is ``A_j`` (the hierarchical protocol:
+    node sums already averaged, and a 0/1 ``M``); the presence counts then count rows, not
+    ranks, which is all their use (``> 0``) needs."""
     problems = parameters if request.per_parameter else [(0, shards.shape[1])]
     fused = fused_kernels(
         request.kernels, shards, averaging, parameters if request.per_parameter else None
@@ -79,8 +86,22 @@ def exchange_shards(
     else:
         comm.all_reduce_unit(gramians).wait()
     return ShardExchange(
-        comm, gradient, shards, averaging, objectives, fused, problems, parameters, gramians, counts
+        comm,
+        gradient,
+        shards,
+        averaging,
+        objectives,
+        fused,
+        problems,
+        parameters,
+        gramians,
+        counts,
+        gather,
     )
+
+
+#: Step 7 of an all-reduce: ``(buffer, combined slice) → future of the reduced buffer``.
+Gather = Callable[[Tensor, Tensor], torch.futures.Future[Tensor]]
 
 
 @dataclass(eq=False, slots=True)
@@ -98,6 +119,7 @@ class ShardExchange(Exchange):
     parameters: list[Segment]  # every parameter's segment of the slice ((0, 0): outside)
     gramians: Tensor
     counts: Tensor | None
+    gather: "Gather | None"  # step 7; None: Collectives.gather_into
 
     def solves(self, weighting: Weighting) -> bool:
         return self.fused is not None and self.fused.solves(weighting)
@@ -140,7 +162,8 @@ class ShardExchange(Exchange):
     def deliver(self, combined: Tensor) -> torch.futures.Future[Tensor] | None:
         output = self.gradient.output
         if output is None:  # step 7
-            return self.comm.gather_into(self.gradient.flat, combined)
+            gather = self.gather or self.comm.gather_into
+            return gather(self.gradient.flat, combined)
         output.copy_(combined)
         return None
 
@@ -156,25 +179,30 @@ def scatter_shards(comm: Collectives, flat: Tensor, workspace: Workspace | None 
     Row ``r`` of the result is slice ``j`` (this rank's) of rank ``r``'s gradient. With a
     ``workspace`` (CPU ``flat`` only), the result lives in it until the next bucket's exchange.
     """
-    world_size = comm.world_size
-    numel = flat.numel()
-    shard = shard_length(numel, world_size)
-    if workspace is not None and flat.device.type != "cpu":
-        workspace = None
-
-    def empty(slot: str) -> Tensor:
-        if workspace is None:
-            return flat.new_empty(world_size * shard)
-        return workspace.take(slot, world_size * shard, flat.dtype)
-
-    padded = flat
-    if numel != world_size * shard:
-        padded = empty("input")
-        padded[numel:].zero_()
-        padded[:numel].copy_(flat)
-    received = empty("received")
+    padded = padded_bucket(flat, comm.world_size, workspace)
+    received = bucket_buffer(flat, "received", padded.numel(), workspace)
     comm.all_to_all(received, padded).wait()
-    return received.view(world_size, shard)
+    return received.view(comm.world_size, -1)
+
+
+def padded_bucket(flat: Tensor, world_size: int, workspace: Workspace | None = None) -> Tensor:
+    """``flat`` zero-padded to ``R·c`` elements: ``flat`` itself when it has as many."""
+    numel = flat.numel()
+    total = world_size * shard_length(numel, world_size)
+    if numel == total:
+        return flat
+    padded = bucket_buffer(flat, "input", total, workspace)
+    padded[numel:].zero_()
+    padded[:numel].copy_(flat)
+    return padded
+
+
+def bucket_buffer(like: Tensor, slot: str, numel: int, workspace: Workspace | None) -> Tensor:
+    """``numel`` elements of ``like``'s dtype and device: ``workspace``'s buffer ``slot`` for a
+    CPU tensor (its content is whatever the last bucket left), else a fresh one."""
+    if workspace is None or like.device.type != "cpu":
+        return like.new_empty(numel)
+    return workspace.take(slot, numel, like.dtype)
 
 
 def shard_segments(sizes: "list[int] | tuple[int, ...]", rank: int, shard: int) -> list[Segment]:

@@ -41,7 +41,6 @@ unlucky sign product from step to step. It is a CountSketch whose hash is ``i mo
 import functools
 import hashlib
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,7 +53,7 @@ from ._device_path import to_device
 from ._groups import OVERLAP, SKETCH, helper_group, is_helper
 from ._kernels import Backend, fold_kernel, sketch_kernel
 from ._linalg import Segment, objective_shards, partial_gramians, row_segments
-from ._protocol import Exchange, ExchangeProtocol, Gradient, Request
+from ._protocol import Exchange, ExchangeProtocol, Gradient, Request, checked_int
 from ._runtime import Workspace
 from .weightings import Weighting
 
@@ -83,13 +82,9 @@ def check_sketch_size(sketch_size: object, protocol: str) -> int | None:
     if sketch_size is None:
         return DEFAULT_SKETCH_SIZE
     low, high = SKETCH_SIZE_RANGE
-    if not isinstance(sketch_size, bool) and hasattr(sketch_size, "__index__"):
-        sketch_size = operator.index(sketch_size)  # numpy integers too
-    if isinstance(sketch_size, bool) or not isinstance(sketch_size, int):
-        raise TypeError(
-            f"sketch_size must be an int (entries per objective in each problem's sketch), got "
-            f"{type(sketch_size).__name__} {sketch_size!r}"
-        )
+    sketch_size = checked_int(
+        sketch_size, "sketch_size", "entries per objective in each problem's sketch"
+    )
     if not low <= sketch_size <= high:
         raise ValueError(
             f"sketch_size must be in [{low}, {high}] (entries per objective in each problem's "
@@ -269,7 +264,7 @@ class SketchProtocol(ExchangeProtocol):
         if is_helper(comm.group, OVERLAP):
             # DDP's CPU buckets on the overlap worker: Y on a group of its own (the worker's
             # only), so that it does not wait for the earlier buckets' all-reduces.
-            small = Collectives(helper_group(comm.group, SKETCH), comm.traffic)
+            small = comm.over(helper_group(comm.group, SKETCH))
         gramians, counts = _exchange_sketches(
             comm, small, own, presence, averaging, column, members, segments
         )

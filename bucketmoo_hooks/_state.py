@@ -9,6 +9,7 @@ from torch import Tensor
 from ._absent import check_absent
 from ._core import PROTOCOLS
 from ._diagnostics import Diagnostics
+from ._hierarchical import check_ranks_per_node
 from ._kernels import check_kernels
 from ._ledger import CommLedger
 from ._nonfinite import check_nonfinite
@@ -125,8 +126,20 @@ class BucketMOOState:
             topology-optimal collective, plus ``2(R−1)/R·L·k`` fp32 numbers per bucket. Unbiased,
             with a relative error of about ``√(2/k)`` on each Gramian entry; problems of at most
             ``sketch_size`` elements are exact (docs/protocols.md, "The sketch protocol").
+            ``"hierarchical"``: the shard protocol's exact result, exchanged within each node
+            first and then across nodes among the ranks with the same local index, so that a
+            rank sends ``(L_k+1)·c·(N−1)`` elements across nodes (``L_k`` objectives on its
+            node, ``c = ⌈n/R⌉``) where the flat all-to-all sends ``2·G·c·(N−1)``: a ring's
+            bytes when every node trains one objective (docs/protocols.md, "The hierarchical
+            protocol"). Needs ``ranks_per_node``.
         sketch_size: ``k`` for ``protocol="sketch"`` (default 4096, in [16, 2²⁰]); not accepted
-            with ``"shard"``.
+            with another protocol.
+        ranks_per_node: ``G``, the ranks on each node, consecutive in global rank order as
+            torchrun numbers them. ``None`` (default): torchrun's ``LOCAL_WORLD_SIZE`` when it
+            is set, else unknown. The hierarchical protocol runs on it (it must divide the
+            process group's size, whose ranks must come node by node; registration checks, on
+            every rank alike); every protocol uses it to split the ledger's bytes by link class
+            (:attr:`CommLedger.link_totals`; unknown: all within one node).
 
     Attributes:
         iter: Synchronised backward passes completed (advanced on the last bucket of each step).
@@ -150,6 +163,7 @@ class BucketMOOState:
         "overlap",
         "process_group",
         "protocol",
+        "ranks_per_node",
         "sketch_size",
         "weighting",
         # -- progress (iter and the ledger's totals are saved by state_dict) -----------------------
@@ -174,12 +188,14 @@ class BucketMOOState:
         absent: str = "exclude",
         protocol: str = "shard",
         sketch_size: int | None = None,
+        ranks_per_node: int | None = None,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {protocol!r}")
         self.sketch_size = check_sketch_size(sketch_size, protocol)
+        self.ranks_per_node = check_ranks_per_node(ranks_per_node)
         if objective_of_rank is not None:
             if isinstance(objective_of_rank, str | bytes) or not isinstance(
                 objective_of_rank, Sequence
@@ -286,7 +302,9 @@ class BucketMOOState:
             "objective_keys": _keys_of(self.objective_of_rank),
             "protocol": self.protocol,
             "sketch_size": self.sketch_size,
+            "ranks_per_node": self.ranks_per_node,
             "ledger_totals": dict(self.ledger.totals),
+            "ledger_link_totals": dict(self.ledger.link_totals),
             "ledger_steps": self.ledger.steps,
         }
 
@@ -296,14 +314,22 @@ class BucketMOOState:
         Raises:
             TypeError: ``state_dict`` is not a dict, or an entry has the wrong type.
             ValueError: Missing or unknown keys, another version, or a checkpoint saved with a
-                different weighting, granularity or ``objective_of_rank``. The protocol and its
-                ``sketch_size`` may differ: a run can resume under another protocol.
+                different weighting, granularity or ``objective_of_rank``. The protocol, its
+                ``sketch_size`` and ``ranks_per_node`` may differ: a run can resume under
+                another protocol, on other nodes.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         expected = set(self.state_dict())
-        # Checkpoints saved before the sketch protocol existed were of the shard protocol.
-        state_dict = {"protocol": "shard", "sketch_size": None, **state_dict}
+        # Checkpoints saved before the sketch protocol existed were of the shard protocol; those
+        # saved before ranks_per_node, of unknown nodes (their ledger: no link classes).
+        state_dict = {
+            "protocol": "shard",
+            "sketch_size": None,
+            "ranks_per_node": None,
+            "ledger_link_totals": self.ledger.link_totals,
+            **state_dict,
+        }
         if set(state_dict) != expected:
             missing, unknown = expected - set(state_dict), set(state_dict) - expected
             raise ValueError(
@@ -335,9 +361,18 @@ class BucketMOOState:
                 f"got {state_dict['protocol']!r}"
             )
         check_sketch_size(state_dict["sketch_size"], state_dict["protocol"])
+        if state_dict["ranks_per_node"] is not None:
+            check_ranks_per_node(state_dict["ranks_per_node"])
+        links = state_dict["ledger_link_totals"]
+        if not isinstance(links, dict) or set(links) != set(self.ledger.link_totals):
+            raise ValueError(
+                f"state_dict['ledger_link_totals'] must have the keys "
+                f"{sorted(self.ledger.link_totals)}, got {links!r}"
+            )
         self.weighting.load_state_dict(state_dict["weighting_state"])
         self.iter = step
         self.ledger.totals = dict(state_dict["ledger_totals"])
+        self.ledger.link_totals = {link: int(n) for link, n in links.items()}
         self.ledger.steps = int(state_dict["ledger_steps"])
 
     # -- used by the hook ------------------------------------------------------------------------
@@ -363,6 +398,9 @@ class BucketMOOState:
                 self._runtime.every_parameter_used,
                 self.protocol,
                 self.sketch_size,
+                # Only the hierarchical protocol's exchange depends on it (elsewhere it labels
+                # the ledger's bytes, and nodes of different sizes are fine).
+                self.ranks_per_node if self.protocol == "hierarchical" else None,
             )
         )
 
@@ -385,6 +423,7 @@ class BucketMOOState:
         self._runtime = Runtime()
         # States pickled by earlier versions: options they predate, set_objective's value.
         self.absent, self.protocol, self.sketch_size = "exclude", "shard", None
+        self.ranks_per_node = None
         self._steps = StepAgreement()
         if "_objective" in state:
             self._steps.objective = state["_objective"]  # type: ignore[assignment]
@@ -398,5 +437,6 @@ class BucketMOOState:
             f"weighting={self.weighting!r}, granularity={self.granularity!r}, "
             f"protocol={self.protocol!r}, "
             + (f"sketch_size={self.sketch_size}, " if self.sketch_size is not None else "")
+            + (f"ranks_per_node={self.ranks_per_node}, " if self.ranks_per_node is not None else "")
             + f"iter={self.iter})"
         )

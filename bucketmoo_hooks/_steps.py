@@ -139,11 +139,13 @@ class StepAgreement:
         if len(set(configs)) != 1:
             raise ValueError(
                 "ranks disagree on the BucketMOOState configuration (weighting, world size, "
-                "objective_of_rank, granularity, nonfinite, absent, protocol and sketch_size, or "
+                "objective_of_rank, granularity, nonfinite, absent, protocol, sketch_size and "
+                "ranks_per_node, or "
                 "how it was registered: register every rank's model alike); this rank has "
                 f"weighting={state.weighting.config()}, "
                 f"objective_of_rank={state.objective_of_rank!r}, protocol={state.protocol!r}, "
-                f"sketch_size={state.sketch_size!r}; ranks with a different "
+                f"sketch_size={state.sketch_size!r}, ranks_per_node={state.ranks_per_node!r}; "
+                "ranks with a different "
                 f"configuration: {[r for r, c in enumerate(configs) if c != config]}"
             )
         set_on = [r for r, s in enumerate(stamps) if s & 1]

@@ -33,6 +33,14 @@ reduce-scatter (FSDP) of the bucket: ring or tree, never the bisection-bound all
 compute, with the fused fold kernel (csrc/sketch.cu): one pass that reads the gradient and the
 fp32 signs, and one that scales the gradient in place.
 
+The hierarchical protocol (``protocol="hierarchical"``, :mod:`._hierarchical`; methods
+``bucket_moo_hierarchical`` and ``fsdp_moo_hierarchical``) sends the shard protocol's exchange
+in two levels: an all-to-all within the node over NVLink, an all-to-all of the node's ``L_k``
+objective sums across nodes among the ranks with the same local index (one rank per node: each
+rank's own NIC, all of a node's NICs at once), the Gramian all-reduce, and (DDP) the all-gather
+across nodes, then within. ``objectives_per_node`` is ``L_k``: 1 when every node trains one
+language (node-aligned), ``min(G, L)`` when every node holds ``G`` languages.
+
 The collectives of one step run one after the other on the communication stream (DDP issues
 buckets in order), so a step's communication time is their sum; how much of it backward hides
 depends on the compute, which this model leaves out. Run ``python -m bucketmoo_hooks.cost_model``
@@ -64,10 +72,15 @@ METHODS = (
     "fsdp_moo",  # the library's FSDP reduce-scatter
     "bucket_moo_sketch",  # bucket_moo_hook with protocol="sketch" (any granularity)
     "fsdp_moo_sketch",  # the library's FSDP reduce-scatter with protocol="sketch"
+    "bucket_moo_hierarchical",  # bucket_moo_hook with protocol="hierarchical"
+    "fsdp_moo_hierarchical",  # the library's FSDP reduce-scatter with protocol="hierarchical"
 )
-#: The methods of the library: they run the per-step objective exchange.
-LIBRARY_METHODS = ("bucket_moo", "fsdp_moo", "bucket_moo_sketch", "fsdp_moo_sketch")
 SKETCH_METHODS = ("bucket_moo_sketch", "fsdp_moo_sketch")
+HIERARCHICAL_METHODS = ("bucket_moo_hierarchical", "fsdp_moo_hierarchical")
+#: The methods of the library: they run the per-step objective exchange.
+LIBRARY_METHODS = ("bucket_moo", "fsdp_moo", *SKETCH_METHODS, *HIERARCHICAL_METHODS)
+# Which ranks a collective of the hierarchical protocol runs over.
+NODE, ACROSS, ALL = "node", "across", "all"
 # (step, config digest, objective key) as int64, all-gathered at the first bucket of a step.
 EXCHANGE_BYTES = 3 * 8
 
@@ -123,6 +136,39 @@ def _sketch_calls(
     return [(collective, SENT_BYTES[collective](size, r)), engine]
 
 
+def _hierarchical_calls(
+    method: str,
+    numel: int,
+    world_size: int,
+    element_size: int,
+    gramian: int,
+    ranks_per_node: int,
+    objectives_per_node: int,
+) -> list[tuple[str, int, str]]:
+    """The hierarchical methods' collectives of one bucket, in order: ``(collective, bytes one
+    rank sends, the ranks it runs over: NODE, ACROSS or ALL)``; ``gramian``: the Gramian
+    all-reduce's bytes. One node or one rank per node: the shard protocol's collectives."""
+    r, g, b = world_size, ranks_per_node, element_size
+    if r % g:
+        raise ValueError(f"ranks_per_node={g} does not divide world_size={r}")
+    c, nodes = shard_length(numel, r), r // g
+    gather = method == "bucket_moo_hierarchical"
+    if g in (1, r):
+        flat = [("all_to_all", all_to_all_bytes(r * c * b, r), ALL), ("all_reduce", gramian, ALL)]
+        return flat + ([("all_gather", all_gather_bytes(r * c * b, r), ALL)] if gather else [])
+    calls = [
+        ("all_to_all", all_to_all_bytes(r * c * b, g), NODE),
+        ("all_to_all", all_to_all_bytes(nodes * objectives_per_node * c * b, nodes), ACROSS),
+        ("all_reduce", gramian, ALL),
+    ]
+    if gather:
+        calls += [
+            ("all_gather", all_gather_bytes(nodes * c * b, nodes), ACROSS),
+            ("all_gather", all_gather_bytes(r * c * b, g), NODE),
+        ]
+    return calls
+
+
 def bucket_bytes(
     method: str,
     numel: int,
@@ -137,6 +183,8 @@ def bucket_bytes(
     min_compression_rate: float = 2.0,
     sketch_size: int | None = None,
     problem_sizes: Sequence[int] | None = None,
+    ranks_per_node: int = 8,
+    objectives_per_node: int = 1,
 ) -> dict[str, int]:
     """Bytes one rank sends for one bucket (a DDP bucket, or an FSDP unit of ``numel`` elements
     padded to ``R·c``), by collective.
@@ -154,6 +202,9 @@ def bucket_bytes(
             default the whole bucket (DDP: ``numel``; FSDP: the padded ``R·c`` reduce-scatter
             input); with ``granularity="parameter"`` one per parameter (FSDP2: ``R`` times the
             parameter's padded shard).
+        ranks_per_node: ``G`` of the hierarchical methods (it must divide ``world_size``).
+        objectives_per_node: ``L_k`` of the hierarchical methods: the objectives this rank's
+            node trains.
     """
     r, b = world_size, element_size
     c = shard_length(numel, r)
@@ -185,6 +236,14 @@ def bucket_bytes(
         for collective, nbytes in calls:
             sent[collective] = sent.get(collective, 0) + nbytes
         return sent
+    if method in HIERARCHICAL_METHODS:
+        calls = _hierarchical_calls(
+            method, numel, r, b, gramian, ranks_per_node, objectives_per_node
+        )
+        hierarchical: dict[str, int] = {}
+        for collective, nbytes, _ in calls:
+            hierarchical[collective] = hierarchical.get(collective, 0) + nbytes
+        return hierarchical
     if method == "powersgd":
         if shapes is None:
             raise ValueError("method='powersgd' needs the bucket's parameter shapes")
@@ -267,12 +326,22 @@ class Cluster:
         node_bandwidth = self.gpus_per_node * self.inter_bandwidth
         return self.inter_latency, min(self.intra_bandwidth, node_bandwidth)
 
-    def collective_time(self, collective: str, nbytes: int, world_size: int) -> float:
+    def collective_time(
+        self, collective: str, nbytes: int, world_size: int, across_nodes: bool = False
+    ) -> float:
         """Seconds for one collective in which each rank sends ``nbytes`` (as :func:`bucket_bytes`
-        counts them)."""
+        counts them) over ``world_size`` ranks: consecutive ranks of nodes of
+        ``gpus_per_node``, or with ``across_nodes`` one rank per node (the hierarchical
+        protocol's level across nodes: every rank through its own NIC, the node's ranks at
+        once, each over its own rail)."""
         r = world_size
         if r == 1 or nbytes == 0:
             return 0.0
+        if across_nodes:
+            if collective == "all_to_all":
+                latency = self.inter_latency + (r - 1) * self.peer_overhead
+                return latency + nbytes / self.inter_bandwidth
+            return (r - 1) * self.inter_latency + nbytes / self.inter_bandwidth
         latency, bandwidth = self._ring(r)
         if collective == "all_reduce":
             ring = 2 * (r - 1) * latency + nbytes / bandwidth
@@ -290,6 +359,23 @@ class Cluster:
             return latency + (r - 1) * self.peer_overhead + max(over_nvlink, over_nic)
         raise ValueError(f"unknown collective {collective!r}")
 
+    def cross_node_bytes(
+        self, collective: str, nbytes: int, world_size: int, across_nodes: bool = False
+    ) -> float:
+        """Of the ``nbytes`` a rank sends in a collective, those that leave its node, on average
+        over the node's ranks, as NCCL routes them: a ring crosses between nodes once per node
+        (rings spread over the node's NICs: ``1/G`` of each rank's bytes); an all-to-all sends
+        the chunks for the ``R−G`` ranks elsewhere straight there; a collective with one rank
+        per node (``across_nodes``) sends everything across."""
+        g = self.gpus_per_node
+        if across_nodes:
+            return float(nbytes)
+        if world_size <= g:
+            return 0.0
+        if collective == "all_to_all":
+            return nbytes * (world_size - g) / (world_size - 1)
+        return nbytes / g
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -299,6 +385,8 @@ class Prediction:
         bytes: By collective.
         comm_time: Seconds of collectives (serial on the communication stream).
         compute_time: Seconds of the hook's own compute (memory-bound passes).
+        cross_node_bytes: Of ``bytes``, those that leave the rank's node, on average over the
+            node's ranks (:meth:`Cluster.cross_node_bytes`).
         held_bytes: What global MOO holds until the last bucket: per bucket the smaller of
             ``A_j`` (``L·c`` fp32) and the received slices the fused kernels read (``R·c·b``).
     """
@@ -309,6 +397,7 @@ class Prediction:
     comm_time: float = 0.0
     compute_time: float = 0.0
     held_bytes: int = 0
+    cross_node_bytes: float = 0.0
 
     @property
     def total_bytes(self) -> int:
@@ -337,33 +426,57 @@ def predict(
     cluster: Cluster | None = None,
     element_size: int = 2,
     sketch_size: int | None = None,
+    objectives_per_node: int = 1,
 ) -> Prediction:
     """Bytes and time of one step of ``method`` over ``buckets`` (element counts) on
     ``world_size`` GPUs training ``num_objectives`` languages (default: bf16 gradients).
-    ``powersgd`` is not predicted here (its bytes depend on the parameter shapes)."""
+    ``powersgd`` is not predicted here (its bytes depend on the parameter shapes). The
+    hierarchical methods run on nodes of ``cluster.gpus_per_node`` with ``objectives_per_node``
+    languages on each (``L_k``)."""
     if method == "powersgd":
         raise ValueError("predict() covers the methods without shapes; use bucket_bytes")
     cluster = cluster or Cluster()
-    comm = compute = 0.0
+    comm = compute = cross = 0.0
     held = 0
     total: dict[str, int] = {}
     k = DEFAULT_SKETCH_SIZE if sketch_size is None else sketch_size
+    g = min(cluster.gpus_per_node, world_size)
+    levels = {NODE: (g, False), ACROSS: (world_size // g, True), ALL: (world_size, False)}
     for numel in buckets:
+        c = shard_length(numel, world_size)
         if method in SKETCH_METHODS:
-            calls = _sketch_calls(
+            sketched = _sketch_calls(
                 method, numel, world_size, num_objectives, element_size, 0, k, None
+            )
+            calls = [(collective, nbytes, ALL) for collective, nbytes in sketched]
+        elif method in HIERARCHICAL_METHODS:
+            gramian = all_reduce_bytes(num_objectives**2 * max(4, element_size), world_size)
+            calls = _hierarchical_calls(
+                method, numel, world_size, element_size, gramian, g, objectives_per_node
             )
         else:
             sent = bucket_bytes(method, numel, world_size, num_objectives, element_size)
-            calls = list(sent.items())
-        for collective, nbytes in calls:
+            calls = [(collective, nbytes, ALL) for collective, nbytes in sent.items()]
+        for collective, nbytes, level in calls:
             total[collective] = total.get(collective, 0) + nbytes
-            comm += cluster.collective_time(collective, nbytes, world_size)
-        c = shard_length(numel, world_size)
-        if method in ("bucket_moo", "fsdp_moo"):
+            ranks, across = levels[level]
+            comm += cluster.collective_time(collective, nbytes, ranks, across)
+            cross += cluster.cross_node_bytes(collective, nbytes, ranks, across)
+        # One node, or one rank per node: the hierarchical exchange is the flat one.
+        flat = method in ("bucket_moo", "fsdp_moo")
+        if method in HIERARCHICAL_METHODS and g in (1, world_size):
+            flat = True
+        if flat:
             # The fused kernels read the received R×c slices twice (Gramian, then combination).
             compute += (2 * world_size + 1) * c * element_size / cluster.memory_bandwidth
             held += c * min(4 * num_objectives, world_size * element_size)
+        elif method in HIERARCHICAL_METHODS:  # two levels
+            # The node sums read the R·c received elements and write N·L_k·c fp32 ones; the
+            # fused kernels read the N·L_k·c rows that arrive twice and write the c combined.
+            rows = world_size // g * objectives_per_node
+            passes = (world_size + 2 * rows + 1) * element_size + 4 * rows
+            compute += passes * c / cluster.memory_bandwidth
+            held += c * min(4 * num_objectives, rows * element_size)
         elif method == "naive":  # the same on every rank, over the whole bucket
             compute += (2 * world_size + 1) * numel * element_size / cluster.memory_bandwidth
         elif method in SKETCH_METHODS:
@@ -376,9 +489,9 @@ def predict(
         exchange = exchange_bytes(world_size)
         total["all_gather"] = total.get("all_gather", 0) + exchange
         comm += cluster.collective_time("all_gather", exchange, world_size)
-    return Prediction(
-        method, world_size, total, comm, compute, held if method == "bucket_moo" else 0
-    )
+        cross += cluster.cross_node_bytes("all_gather", exchange, world_size)
+    holds = method in ("bucket_moo", "bucket_moo_hierarchical")
+    return Prediction(method, world_size, total, comm, compute, held if holds else 0, cross)
 
 
 def table(
@@ -388,11 +501,16 @@ def table(
     cluster: Cluster | None = None,
     bucket_cap_mb: float = 25.0,
     sketch_size: int = DEFAULT_SKETCH_SIZE,
+    across_nodes: bool = False,
 ) -> str:
     """Markdown: DDP and FSDP, per world size, predicted bytes and time and their ratios (the
-    sketch protocol's at ``sketch_size``)."""
+    sketch protocol's at ``sketch_size``); with ``across_nodes``, what leaves each node and the
+    time of every exchange protocol, the hierarchical one with node-aligned languages and with
+    ``G`` on every node (:func:`_node_table`)."""
     cluster = cluster or Cluster()
     buckets = ddp_buckets(parameters, bucket_cap_mb, element_size=2)
+    if across_nodes:
+        return _node_table(buckets, num_objectives, world_sizes, cluster, sketch_size)
     lines = [
         f"{parameters / 1e9:g}B parameters, bf16 gradients, {len(buckets)} buckets of ≤ "
         f"{bucket_cap_mb:g} MiB (FSDP: units of the same sizes), L = {num_objectives}, sketch "
@@ -424,6 +542,52 @@ def table(
     return "\n".join(lines) + "\n"
 
 
+def _node_table(
+    buckets: list[int],
+    num_objectives: int,
+    world_sizes: Sequence[int],
+    cluster: Cluster,
+    sketch_size: int,
+) -> str:
+    """Markdown: what crosses the network per node and step, and the time against the
+    all-reduce, for the all-reduce, the flat shard protocol, the sketch and the hierarchical
+    protocol with node-aligned languages (``L_k = 1``) and with ``G`` languages on every node."""
+    g = cluster.gpus_per_node
+    mixed = min(g, num_objectives)
+    lines = [
+        f"Across nodes: GiB leaving each node per step, and time × the all-reduce's; hier. 1: "
+        f"every node trains one language (L_k = 1), hier. {mixed}: {mixed} languages on every "
+        f"node (L_k = {mixed}); {g} GPUs per node, L = {num_objectives}, sketch k = "
+        f"{sketch_size}",
+        "",
+        "| GPUs | all-reduce GiB | flat GiB | hier. 1 GiB | hier. "
+        f"{mixed} GiB | all-reduce ms | flat × time | sketch × time | hier. 1 × time "
+        f"| hier. {mixed} × time | FSDP hier. 1 × time (vs reduce-scatter) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in world_sizes:
+        if r % g and r > g:
+            raise ValueError(f"{r} GPUs are not whole nodes of {g}")
+        base = predict("allreduce", buckets, r, num_objectives, cluster)
+        flat = predict("bucket_moo", buckets, r, num_objectives, cluster)
+        sketch = predict("bucket_moo_sketch", buckets, r, num_objectives, cluster, 2, sketch_size)
+        aligned, several = (
+            predict("bucket_moo_hierarchical", buckets, r, num_objectives, cluster, 2, None, lk)
+            for lk in (1, mixed)
+        )
+        rs = predict("fsdp_reduce_scatter", buckets, r, num_objectives, cluster)
+        fsdp = predict("fsdp_moo_hierarchical", buckets, r, num_objectives, cluster, 2, None, 1)
+        per_node = [min(g, r) * p.cross_node_bytes / 2**30 for p in (base, flat, aligned, several)]
+        lines.append(
+            f"| {r} | "
+            + " | ".join(f"{x:.2f}" for x in per_node)
+            + f" | {1e3 * base.time:.1f} | "
+            + " | ".join(f"{p.time / base.time:.2f}" for p in (flat, sketch, aligned, several))
+            + f" | {fsdp.time / rs.time:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Predicted communication cost on NCCL clusters")
     parser.add_argument("--parameters", type=float, default=1e9)
@@ -433,16 +597,18 @@ def main() -> None:
     parser.add_argument("--sketch-size", type=int, default=DEFAULT_SKETCH_SIZE)
     args = parser.parse_args()
     world_sizes = [int(g) for g in args.gpus.split(",")]
-    print(
-        table(
-            int(args.parameters),
-            args.objectives,
-            world_sizes,
-            None,
-            args.bucket_cap_mb,
-            args.sketch_size,
+    for across_nodes in (False, True):
+        print(
+            table(
+                int(args.parameters),
+                args.objectives,
+                world_sizes,
+                None,
+                args.bucket_cap_mb,
+                args.sketch_size,
+                across_nodes,
+            )
         )
-    )
 
 
 if __name__ == "__main__":

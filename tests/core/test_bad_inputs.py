@@ -6,8 +6,10 @@ ones (ranks that disagree, FSDP layouts) live beside their features (test_ddp_ho
 """
 
 import math
+import os
 import re
 from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from bucketmoo_hooks import (
     objective_key,
     reference,
 )
+from bucketmoo_hooks._core import protocol_of
 from bucketmoo_hooks.data import load_udhr, udhr_split
 from bucketmoo_hooks.weightings import (
     MGDA,
@@ -101,7 +104,41 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         "state.protocol",
         lambda: BucketMOOState(protocol="ring"),
         ValueError,
-        r"protocol must be one of \('shard', 'sketch'\), got 'ring'",
+        r"protocol must be one of \('shard', 'sketch', 'hierarchical'\), got 'ring'",
+    ),
+    (
+        "state.ranks_per_node=0",
+        lambda: BucketMOOState(protocol="hierarchical", ranks_per_node=0),
+        ValueError,
+        r"ranks_per_node must be at least 1, got 0",
+    ),
+    (
+        "state.ranks_per_node=float",
+        lambda: BucketMOOState(ranks_per_node=2.0),
+        TypeError,
+        r"ranks_per_node must be an int \(ranks on each node, or None\), got float 2.0",
+    ),
+    (
+        "state.ranks_per_node=bool",
+        lambda: BucketMOOState(ranks_per_node=True),
+        TypeError,
+        r"ranks_per_node must be an int \(ranks on each node, or None\), got bool True",
+    ),
+    (
+        "state.LOCAL_WORLD_SIZE",
+        lambda: with_environment({"LOCAL_WORLD_SIZE": "eight"}, BucketMOOState),
+        ValueError,
+        r"ranks_per_node defaults to the environment's LOCAL_WORLD_SIZE, which is 'eight', not "
+        r"a positive int; pass ranks_per_node=",
+    ),
+    (
+        # Through register_comm_hook nothing checks at registration: the first bucket does.
+        "hook: hierarchical without nodes",
+        lambda: with_environment(
+            {}, lambda: protocol_of(BucketMOOState(["en"], protocol="hierarchical"))
+        ),
+        ValueError,
+        r"protocol='hierarchical' needs ranks_per_node",
     ),
     (
         "state.sketch_size<16",
@@ -401,6 +438,25 @@ DISTRIBUTED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         r"objective_of_rank has 2 entries but process_group \(global ranks \[0\]\) has 1 ranks",
     ),
     (
+        "register: hierarchical without nodes",
+        lambda: with_environment(
+            {},
+            lambda: install_bucket_moo(ddp(), BucketMOOState(["en"], protocol="hierarchical")),
+        ),
+        ValueError,
+        r"protocol='hierarchical' needs ranks_per_node \(the ranks on each node; torchrun's "
+        r"LOCAL_WORLD_SIZE is its default, and it is not set\)",
+    ),
+    (
+        "register: hierarchical nodes not dividing",
+        lambda: install_bucket_moo(
+            ddp(), BucketMOOState(["en"], protocol="hierarchical", ranks_per_node=2)
+        ),
+        ValueError,
+        r"ranks_per_node=2 does not divide the process group's 1 ranks; "
+        r"protocol='hierarchical' needs whole nodes",
+    ),
+    (
         # With process_group=None the group is the model's, known at registration.
         "register: objective count",
         lambda: install_bucket_moo(ddp(), BucketMOOState(["en", "de"])),
@@ -415,6 +471,14 @@ DISTRIBUTED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         r"Linear",
     ),
 ]
+
+
+def with_environment(values: dict[str, str], call: Callable[[], object]) -> object:
+    """``call()`` with ``LOCAL_WORLD_SIZE`` as ``values`` say (absent if not there)."""
+    with mock.patch.dict(os.environ, values):
+        if "LOCAL_WORLD_SIZE" not in values:
+            os.environ.pop("LOCAL_WORLD_SIZE", None)
+        return call()
 
 
 def check(call: Callable[[], object], error: type[Exception], pattern: str) -> None:

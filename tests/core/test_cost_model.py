@@ -11,6 +11,7 @@ import pytest
 import torch
 from _cost_model_workers import SketchCase, sketch_ledgers
 from _distributed import shared_spawn
+from _hierarchical_checks import flat_links, hierarchical_bytes
 
 from bucketmoo_hooks import cost_model
 from bucketmoo_hooks._collectives import SENT_BYTES, all_gather_bytes, all_reduce_bytes
@@ -123,6 +124,97 @@ def test_predict_and_table() -> None:
     assert "sketch × bytes" in table and "FSDP sketch × time" in table
     with pytest.raises(ValueError, match="without shapes"):
         predict("powersgd", buckets, 8, 8)
+
+
+# -- the hierarchical protocol ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("world_size", "ranks_per_node", "objectives_per_node"),
+    [(4, 2, 1), (4, 2, 2), (6, 3, 2), (6, 2, 1), (8, 4, 3), (512, 8, 1), (512, 8, 8)],
+)
+def test_hierarchical_bytes_are_the_protocols(
+    world_size: int, ranks_per_node: int, objectives_per_node: int
+) -> None:
+    """The cost model's bytes equal the protocol's description (the formulas the DDP and FSDP
+    tests hold the hook's ledger to), by collective; and never more than the flat protocol's."""
+    numel, objectives, b = 25 * 2**20 // 2 + 7, 8, 2
+    numbers = objectives**2 + 3 * objectives
+    for method, all_reduce in (("bucket_moo_hierarchical", True), ("fsdp_moo_hierarchical", False)):
+        sent = bucket_bytes(
+            method,
+            numel,
+            world_size,
+            objectives,
+            b,
+            parameters=3,
+            ranks_per_node=ranks_per_node,
+            objectives_per_node=objectives_per_node,
+        )
+        expected, _ = hierarchical_bytes(
+            numel, b, world_size, ranks_per_node, objectives_per_node, numbers, all_reduce
+        )
+        assert sent == expected
+    # Across nodes never more than the flat protocol (which splits by peer pairs), and with
+    # node-aligned languages the flat protocol's bytes in all.
+    flat = bucket_bytes("bucket_moo", numel, world_size, objectives, b, parameters=3)
+    sent, links = hierarchical_bytes(
+        numel, b, world_size, ranks_per_node, objectives_per_node, numbers, True
+    )
+    assert links["cross_node"] <= flat_links(flat, world_size, ranks_per_node)["cross_node"]
+    if objectives_per_node == 1:
+        assert sum(sent.values()) == sum(flat.values())
+    # One node or one rank per node: the flat exchange.
+    for one_level in (1, world_size):
+        assert bucket_bytes(
+            "bucket_moo_hierarchical", numel, world_size, 8, b, ranks_per_node=one_level
+        ) == bucket_bytes("bucket_moo", numel, world_size, 8, b)
+    with pytest.raises(ValueError, match="ranks_per_node=3 does not divide world_size=4"):
+        bucket_bytes("fsdp_moo_hierarchical", numel, 4, 8, ranks_per_node=3)
+
+
+@pytest.mark.parametrize("world_size", [16, 64, 512])
+def test_hierarchical_cross_node_bytes_and_time(world_size: int) -> None:
+    """Node-aligned languages: what leaves a node is at most a ring all-reduce's (``2(N−1)/N``
+    of the bucket against ``2(R−1)/R``), a fraction of the flat all-to-all's; with ``G``
+    languages on every node, never more than the flat protocol's. Faster than the flat
+    protocol with node-aligned languages."""
+    cluster = Cluster()
+    g, buckets = cluster.gpus_per_node, ddp_buckets(10**9, element_size=2)
+    nodes = world_size // g
+    ring = predict("allreduce", buckets, world_size, 8)
+    flat = predict("bucket_moo", buckets, world_size, 8)
+    aligned = predict("bucket_moo_hierarchical", buckets, world_size, 8, objectives_per_node=1)
+    mixed = predict("bucket_moo_hierarchical", buckets, world_size, 8, objectives_per_node=g)
+    padded = sum(world_size * -(-n // world_size) for n in buckets) * 2
+    # Per node: L_k = 1 sends 2·c·(N−1) per rank, G ranks: 2(N−1)/N of the (padded) model.
+    assert g * aligned.cross_node_bytes == pytest.approx(2 * (nodes - 1) / nodes * padded, rel=1e-3)
+    assert aligned.cross_node_bytes <= ring.cross_node_bytes
+    assert ring.cross_node_bytes == pytest.approx(
+        2 * (world_size - 1) / world_size * padded / g, rel=1e-3
+    )
+    assert mixed.cross_node_bytes <= flat.cross_node_bytes
+    assert aligned.time < flat.time
+    assert aligned.total_bytes == pytest.approx(flat.total_bytes, rel=1e-3)
+
+
+def test_node_table() -> None:
+    table = cost_model.table(10**9, 8, [8, 16, 64, 512], across_nodes=True)
+    assert table.count("\n| ") == 5  # header + 4 rows
+    assert all(line.count("|") == 12 for line in table.splitlines()[2:])
+    assert "hier. 1 × time" in table and "hier. 8 × time" in table
+    with pytest.raises(ValueError, match="12 GPUs are not whole nodes of 8"):
+        cost_model.table(10**9, 8, [12], across_nodes=True)
+
+
+def test_time_across_nodes_is_one_nic_per_rank() -> None:
+    cluster = Cluster()
+    size = 2**30
+    across = cluster.collective_time("all_gather", size, 4, across_nodes=True)
+    assert across == pytest.approx(3 * cluster.inter_latency + size / cluster.inter_bandwidth)
+    assert cluster.cross_node_bytes("all_gather", size, 4, across_nodes=True) == size
+    assert cluster.cross_node_bytes("all_to_all", size, 8) == 0.0  # one node
+    assert cluster.cross_node_bytes("all_to_all", 15 * 8, 16) == 8 * 8
 
 
 # -- the sketch protocol ---------------------------------------------------------------------------

@@ -170,6 +170,45 @@ def test_sketch_configuration_is_saved_and_pickled_and_may_change_on_resume() ->
         BucketMOOState(["en", "de"]).load_state_dict({**saved, "sketch_size": 3})
 
 
+def test_ranks_per_node_is_saved_pickled_digested_and_may_change_on_resume(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert BucketMOOState().ranks_per_node is None  # unknown: the ledger counts one node
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert BucketMOOState().ranks_per_node == 4  # torchrun's
+    assert BucketMOOState(ranks_per_node=2).ranks_per_node == 2  # given wins
+    state = BucketMOOState(["en", "de"], protocol="hierarchical", ranks_per_node=2)
+    assert "protocol='hierarchical', ranks_per_node=2, iter=0" in repr(state)
+    assert pickle.loads(pickle.dumps(state)).ranks_per_node == 2
+    # The hierarchical protocol's exchange depends on it: ranks must agree. Elsewhere it only
+    # labels the ledger's bytes, and nodes of different sizes may train together.
+    digest = state._config_digest(2)
+    other = BucketMOOState(["en", "de"], protocol="hierarchical", ranks_per_node=1)
+    assert other._config_digest(2) != digest
+    shard = BucketMOOState(["en", "de"], ranks_per_node=2)._config_digest(2)
+    assert BucketMOOState(["en", "de"], ranks_per_node=1)._config_digest(2) == shard
+    state.iter = 5
+    state.ledger.link_totals["cross_node"] = 96
+    saved = saved_and_loaded(state.state_dict())
+    assert saved["ranks_per_node"] == 2
+    # A run may resume on other nodes or under another protocol: the step and ledger carry over.
+    for resumed in (
+        BucketMOOState(["en", "de"], protocol="hierarchical", ranks_per_node=4),
+        BucketMOOState(["en", "de"]),
+    ):
+        resumed.load_state_dict(saved)
+        assert resumed.iter == 5 and resumed.ledger.link_totals["cross_node"] == 96
+    # Checkpoints from before ranks_per_node and the link classes load too.
+    earlier = dict(saved)
+    del earlier["ranks_per_node"], earlier["ledger_link_totals"]
+    BucketMOOState(["en", "de"], protocol="hierarchical", ranks_per_node=2).load_state_dict(earlier)
+    with pytest.raises(ValueError, match="ranks_per_node must be at least 1, got 0"):
+        BucketMOOState(["en", "de"]).load_state_dict({**saved, "ranks_per_node": 0})
+    with pytest.raises(ValueError, match=r"state_dict\['ledger_link_totals'\] must have the keys"):
+        BucketMOOState(["en", "de"]).load_state_dict({**saved, "ledger_link_totals": {"x": 1}})
+
+
 def test_malformed_state_dicts_are_refused() -> None:
     state = BucketMOOState()
     good = state.state_dict()
@@ -216,5 +255,6 @@ def test_a_state_pickled_by_an_earlier_version_unpickles() -> None:
     restored = BucketMOOState.__new__(BucketMOOState)
     restored.__setstate__(earlier)
     assert (restored.iter, restored.absent, restored.protocol) == (3, "exclude", "shard")
+    assert restored.ranks_per_node is None
     assert restored._steps.own_key(restored, rank=0) == objective_key("ja")
     assert restored.process_group is None and restored.objective_map is None

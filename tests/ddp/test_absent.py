@@ -18,6 +18,7 @@ from _absent_workers import (
     AdapterModel,
     AdapterRun,
     adapter_positions,
+    adapter_runs,
     ddp_runs,
     fsdp_runs,
 )
@@ -71,6 +72,44 @@ RUNS = [
 
 DDP_RUNS = shared_spawn(WORLD_SIZE).add(ddp_runs, RUNS, timeout=240)
 
+# The hierarchical protocol on 2 nodes × 2 ranks: languages confined to a node or spanning both.
+HIERARCHICAL_RUNS = [
+    AdapterRun(
+        "hierarchical, node-aligned, mgda", objectives=("de", "de", "fr", "fr"), ranks_per_node=2
+    ),
+    AdapterRun(
+        "hierarchical, spanning, parameter granularity, upgrad",
+        weighting="upgrad",
+        granularity="parameter",
+        objectives=("de", "fr", "fr", "de"),
+        ranks_per_node=2,
+    ),
+    AdapterRun(
+        "hierarchical, own buckets, gradvac",
+        weighting="gradvac",
+        bucket_cap_mb=TINY,
+        objectives=("de", "fr", "fr", "fr"),
+        ranks_per_node=2,
+    ),
+    AdapterRun(
+        "hierarchical, global granularity, mgda",
+        granularity="global",
+        bucket_cap_mb=TINY,
+        objectives=("fr", "de", "de", "fr"),
+        ranks_per_node=2,
+    ),
+]
+# (FSDP version, weighting, frozen, objectives, ranks_per_node)
+HIERARCHICAL_FSDP_CASES = [
+    (2, "mgda", False, ("de", "de", "fr", "fr"), 2),
+    (1, "upgrad", False, ("de", "fr", "de", "fr"), 2),
+    (2, "mgda", True, ("fr", "de", "fr", "fr"), 2),
+]
+HIERARCHICAL = shared_spawn(4).add(
+    adapter_runs, HIERARCHICAL_RUNS, HIERARCHICAL_FSDP_CASES, timeout=240
+)
+ALL_RUNS = RUNS + HIERARCHICAL_RUNS
+
 
 def run_distributed_once() -> list[dict[str, Any]]:
     return DDP_RUNS.results()
@@ -82,6 +121,13 @@ def ddp_spawn() -> dict[str, Any]:
 
 def ddp_results() -> dict[str, dict[str, Any]]:
     return {run.name: result for run, result in zip(RUNS, ddp_spawn()["runs"], strict=True)}
+
+
+def run_result(run: AdapterRun) -> dict[str, Any]:
+    """What rank 0 recorded for ``run``, from whichever launch ran it."""
+    if run in HIERARCHICAL_RUNS:
+        return HIERARCHICAL.results()[0]["ddp"][HIERARCHICAL_RUNS.index(run)]
+    return ddp_results()[run.name]
 
 
 @pytest.mark.slow
@@ -149,9 +195,11 @@ def expected_bucket(run: AdapterRun, record: dict[str, Any], weighting: Any, abs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", [r for r in RUNS if r.granularity != "global" and not r.registered])
+@pytest.mark.parametrize(
+    "run", [r for r in ALL_RUNS if r.granularity != "global" and not r.registered]
+)
 def test_every_bucket_equals_the_reference(run: AdapterRun) -> None:
-    records = ddp_results()[run.name]["records"]
+    records = run_result(run)["records"]
     weighting = get_weighting(run.weighting)  # one instance: stateful weightings carry on
     assert records
     for record in records:
@@ -160,10 +208,10 @@ def test_every_bucket_equals_the_reference(run: AdapterRun) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", [r for r in RUNS if r.absent == "exclude"])
+@pytest.mark.parametrize("run", [r for r in ALL_RUNS if r.absent == "exclude"])
 def test_an_adapter_gets_exactly_its_language_gradient(run: AdapterRun) -> None:
     ranges, adapters = flat_ranges()
-    for step in ddp_results()[run.name]["steps"]:
+    for step in run_result(run)["steps"]:
         for language in LANGUAGES:
             cols = columns(ranges, adapters[language])
             ranks = [r for r, o in enumerate(run.objectives) if o == language]
@@ -175,7 +223,11 @@ def test_an_adapter_gets_exactly_its_language_gradient(run: AdapterRun) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "run",
-    [r for r in RUNS if r.absent == "exclude" and r.granularity != "global" and not r.registered],
+    [
+        r
+        for r in ALL_RUNS
+        if r.absent == "exclude" and r.granularity != "global" and not r.registered
+    ],
 )
 def test_shared_parameters_are_unchanged(run: AdapterRun) -> None:
     """Where every objective is present, the weights are those of DDP's convention."""
@@ -184,7 +236,7 @@ def test_shared_parameters_are_unchanged(run: AdapterRun) -> None:
     latin = [i for i, (n, _) in enumerate(AdapterModel().named_parameters()) if "latin" in n]
     adapter_params = {i for positions in adapters.values() for i in positions} | set(latin)
     convention = get_weighting(run.weighting)  # fed the same problems: same state
-    for record in ddp_results()[run.name]["records"]:
+    for record in run_result(run)["records"]:
         zero = expected_bucket(run, record, convention, "zero")
         offsets = torch.tensor([0, *record["sizes"]]).cumsum(0).tolist()
         for k, p in enumerate(record["params"]):
@@ -237,18 +289,32 @@ def fsdp_results() -> list[dict[str, Any]]:
 @pytest.mark.parametrize("case", FSDP_CASES, ids=str)
 def test_fsdp_units_follow_the_same_rule(case: tuple[int, str, bool]) -> None:
     _, weighting, frozen = case
-    result = fsdp_results()[FSDP_CASES.index(case)]
+    check_fsdp_rule(fsdp_results()[FSDP_CASES.index(case)], OBJECTIVES, weighting, frozen)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", HIERARCHICAL_FSDP_CASES, ids=str)
+def test_fsdp_units_follow_the_same_rule_under_the_hierarchical_protocol(case: tuple) -> None:
+    _, weighting, frozen, objectives, _ = case
+    result = HIERARCHICAL.results()[0]["fsdp"][HIERARCHICAL_FSDP_CASES.index(case)]
+    check_fsdp_rule(result, objectives, weighting, frozen)
+
+
+def check_fsdp_rule(
+    result: dict[str, Any], objectives: tuple[str, ...], weighting: str, frozen: bool
+) -> None:
+    """One FSDP run equals the reference, and each adapter got its language's average."""
     model = AdapterModel()
     model.trunk.weight.requires_grad_(not frozen)
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]
     expected = reference.bucket_update(
-        result["local"], OBJECTIVES, weighting, parameter_sizes=sizes
+        result["local"], objectives, weighting, parameter_sizes=sizes
     )
     torch.testing.assert_close(result["reduced"], expected, rtol=1e-5, atol=1e-7)
     ranges, adapters = flat_ranges(trainable_only=frozen)
     for language in LANGUAGES:
         cols = columns(ranges, adapters[language])
-        ranks = [r for r, o in enumerate(OBJECTIVES) if o == language]
+        ranks = [r for r, o in enumerate(objectives) if o == language]
         average = result["local"][ranks][:, cols].mean(dim=0)
         torch.testing.assert_close(result["reduced"][cols], average, rtol=1e-5, atol=1e-7)
 

@@ -18,12 +18,14 @@ from _ddp_workers import (
     Scenario,
     disagreeing_states,
     mean_vs_allreduce,
+    node_groups_made,
     problem_keys,
     registration_errors,
     train_scenarios,
     train_with_checkpoint,
 )
 from _distributed import shared_spawn
+from _hierarchical_checks import flat_links, hierarchical_bytes
 from _sketch_checks import sketch_collective
 
 from bucketmoo_hooks import objective_key, reference, weighting_names
@@ -34,6 +36,13 @@ pytestmark = pytest.mark.slow  # every test reads a launch of processes
 
 SKETCH_K = 16  # folds every bucket (13 columns) and most parameters
 SKETCH: dict[str, Any] = {"protocol": "sketch", "sketch_size": SKETCH_K}
+
+
+def nodes_of(ranks_per_node: int) -> dict[str, Any]:
+    """The hierarchical protocol on simulated nodes of ``ranks_per_node`` consecutive ranks."""
+    return {"protocol": "hierarchical", "ranks_per_node": ranks_per_node}
+
+
 PER_STEP = (
     (0, 1, 2, 3),
     ("en", "de", "en", "ja"),
@@ -146,6 +155,68 @@ SCENARIOS: dict[int, list[Scenario]] = {
             protocol="sketch",
             sketch_size=256,
         ),
+        # The hierarchical protocol on 2 nodes × 2 ranks: languages confined to one node, then
+        # spanning both; the shard protocol's bytes split by link class.
+        Scenario("r4_hier_node_aligned", objective_of_rank=(0, 0, 1, 1), steps=3, **nodes_of(2)),
+        Scenario(
+            "r4_hier_spanning",
+            objective_of_rank=("en", "de", "en", "de"),
+            weighting="upgrad",
+            steps=3,
+            **nodes_of(2),
+        ),
+        Scenario(
+            "r4_hier_uneven_parameter",
+            objective_of_rank=(0, 1, 1, 1),
+            weighting="pcgrad",
+            granularity="parameter",
+            **nodes_of(2),
+        ),
+        Scenario(
+            "r4_hier_global_bf16",
+            objective_of_rank=(0, 1, 2, 2),
+            granularity="global",
+            dtype=torch.bfloat16,
+            **nodes_of(2),
+        ),
+        Scenario("r4_hier_per_step", per_step_objectives=PER_STEP, steps=5, **nodes_of(2)),
+        Scenario("r4_hier_one_node", objective_of_rank=(0, 1, 2, 2), **nodes_of(4)),
+        Scenario("r4_hier_one_rank_per_node", objective_of_rank=(0, 1, 2, 2), **nodes_of(1)),
+        Scenario("r4_shard_nodes", objective_of_rank=(0, 1, 2, 2), ranks_per_node=2),
+    ],
+    # 2 nodes × 3 ranks and 3 nodes × 2 ranks.
+    6: [
+        Scenario("r6_hier_2x3_aligned", objective_of_rank=(0, 0, 0, 1, 1, 1), **nodes_of(3)),
+        Scenario(
+            "r6_hier_2x3_gradvac",
+            objective_of_rank=(0, 1, 0, 2, 2, 1),
+            weighting="gradvac",
+            steps=3,
+            **nodes_of(3),
+        ),
+        Scenario(
+            "r6_hier_3x2_parameter_bf16",
+            objective_of_rank=(0, 0, 0, 1, 2, 2),
+            granularity="parameter",
+            dtype=torch.bfloat16,
+            **nodes_of(2),
+        ),
+        Scenario(
+            "r6_hier_3x2_upgrad",
+            objective_of_rank=(0, 1, 2, 0, 1, 2),
+            weighting="upgrad",
+            **nodes_of(2),
+        ),
+    ],
+    # 2 nodes × 4 ranks.
+    8: [
+        Scenario("r8_hier_aligned", objective_of_rank=(0,) * 4 + (1,) * 4, **nodes_of(4)),
+        Scenario(
+            "r8_hier_mixed_global",
+            objective_of_rank=(0, 1, 2, 3, 0, 1, 2, 3),
+            granularity="global",
+            **nodes_of(4),
+        ),
     ],
 }
 ALL = [(world_size, s) for world_size, scenarios in SCENARIOS.items() for s in scenarios]
@@ -231,6 +302,27 @@ def test_bytes_match_the_protocol(world_size: int, scenario: Scenario) -> None:
         assert step_ledger["overhead"] == {"objective_exchange": (world_size - 1) * 3 * 8}
         records = [r for r in rank_result["records"] if r["step"] == step]
         for bucket, record in zip(step_ledger["buckets"], records, strict=True):
+            if scenario.protocol == "hierarchical" and scenario.ranks_per_node not in (
+                1,
+                world_size,
+            ):
+                problems = len(record["sizes"]) if scenario.granularity == "parameter" else 1
+                on_node = objective_ids(scenario, step, world_size)[: scenario.ranks_per_node]
+                sent, links = hierarchical_bytes(
+                    bucket["numel"],
+                    bucket["element_size"],
+                    world_size,
+                    scenario.ranks_per_node,
+                    len(set(on_node)),
+                    problems * num_objectives**2 + len(record["sizes"]) * num_objectives,
+                    all_reduce=True,
+                )
+                assert (bucket["sent"], bucket["links"]) == (sent, links)
+                continue
+            # The flat protocols: every collective over all ranks, split by peer pairs.
+            assert bucket["links"] == flat_links(
+                bucket["sent"], world_size, scenario.ranks_per_node
+            )
             if scenario.sketch_size is not None:  # DDP's own all-reduce + the sketch's
                 nbytes = bucket["numel"] * bucket["element_size"]
                 sizes = record["sizes"]
@@ -320,6 +412,38 @@ def test_bad_registration_raises_clear_errors() -> None:
         "over (ranks [0, 1])"
     )
     assert errors["mixed_precision"].startswith("ValueError: DDP(mixed_precision=...)")
+
+
+def test_bad_nodes_are_refused_on_every_rank() -> None:
+    """``ranks_per_node`` that does not divide ``R``, or differs between ranks, raises on every
+    rank at registration, before any rank waits in the node groups' rendezvous."""
+    for errors in REGISTRATION_ERRORS.results():
+        assert errors["nodes_not_dividing"] == (
+            "ValueError: ranks_per_node=3 does not divide the process group's 2 ranks; "
+            "protocol='hierarchical' needs whole nodes"
+        )
+        assert errors["nodes_disagree"].startswith(
+            "ValueError: ranks disagree on ranks_per_node (per rank of the process group: [1, 2])"
+        )
+
+
+NODE_GROUPS = {overlap: shared_spawn(4).add(node_groups_made, overlap) for overlap in (False, True)}
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_node_groups_are_made_at_registration_with_deterministic_names(overlap: bool) -> None:
+    """Nodes of ranks {0, 1} and {2, 3}; across them {0, 2} and {1, 3}; the members of a group
+    name it alike; the overlap worker's copy has groups of its own."""
+    per_rank = NODE_GROUPS[overlap].results()
+    prefix = "overlap-" if overlap else ""
+    for rank, result in enumerate(per_rank):
+        node, local = divmod(rank, 2)
+        assert result["made"][prefix + "node2"][0] == [2 * node, 2 * node + 1]
+        assert result["made"][prefix + "across2"][0] == [local, local + 2]
+        for purpose, (ranks, name) in result["made"].items():
+            assert all(per_rank[r]["made"][purpose] == (ranks, name) for r in ranks)
+        assert torch.equal(result["grads"], per_rank[0]["grads"])
+        assert result["links"]["cross_node"] > 0 and result["links"]["intra_node"] > 0
 
 
 def test_global_granularity_holds_every_bucket_slice_until_the_last() -> None:

@@ -23,6 +23,7 @@ from _fsdp_workers import (
     mean_vs_native,
     train_scenarios,
 )
+from _hierarchical_checks import flat_links, hierarchical_bytes
 from _sketch_checks import sketch_collective
 from torch import nn
 from torch.distributed.fsdp import ShardingStrategy
@@ -36,6 +37,13 @@ pytestmark = pytest.mark.slow  # every test reads a launch of processes
 BF16 = torch.bfloat16
 SKETCH_K = 16
 SKETCH: dict[str, Any] = {"protocol": "sketch", "sketch_size": SKETCH_K}
+
+
+def nodes_of(ranks_per_node: int) -> dict[str, Any]:
+    """The hierarchical protocol on simulated nodes of ``ranks_per_node`` consecutive ranks."""
+    return {"protocol": "hierarchical", "ranks_per_node": ranks_per_node}
+
+
 SCENARIOS: dict[int, list[FSDPScenario]] = {
     4: [
         FSDPScenario("fsdp2_mgda", 2, (0, 1, 2, 2), steps=3, diagnostics_every=2),
@@ -76,6 +84,45 @@ SCENARIOS: dict[int, list[FSDPScenario]] = {
             hsdp=(2, 2),
             **SKETCH,
         ),
+        # The hierarchical protocol on 2 nodes × 2 ranks; the shard protocol's bytes by link.
+        FSDPScenario("fsdp2_hier_aligned", 2, (0, 0, 1, 1), steps=3, **nodes_of(2)),
+        FSDPScenario(
+            "fsdp2_hier_spanning_parameter",
+            2,
+            ("en", "de", "en", "ja"),
+            "upgrad",
+            granularity="parameter",
+            **nodes_of(2),
+        ),
+        FSDPScenario("fsdp2_hier_bf16", 2, (0, 1, 1, 2), reduce_dtype=BF16, **nodes_of(2)),
+        FSDPScenario("fsdp1_hier_gradvac", 1, (0, 1, 1, 0), "gradvac", steps=3, **nodes_of(2)),
+        FSDPScenario(
+            "fsdp1_hier_no_shard",
+            1,
+            (0, 0, 1, 2),
+            strategy=ShardingStrategy.NO_SHARD,
+            **nodes_of(2),
+        ),
+        FSDPScenario("fsdp2_shard_nodes", 2, (0, 1, 2, 2), ranks_per_node=2),
+    ],
+    # 2 nodes × 3 ranks and 3 nodes × 2 ranks.
+    6: [
+        FSDPScenario("fsdp2_hier_2x3", 2, (0, 0, 0, 1, 1, 1), "pcgrad", **nodes_of(3)),
+        FSDPScenario(
+            "fsdp1_hier_3x2_parameter",
+            1,
+            (0, 1, 0, 2, 2, 1),
+            granularity="parameter",
+            **nodes_of(2),
+        ),
+        FSDPScenario(
+            "fsdp2_hier_3x2_bf16", 2, (0, 1, 2, 0, 1, 2), reduce_dtype=BF16, **nodes_of(2)
+        ),
+    ],
+    # 2 nodes × 4 ranks.
+    8: [
+        FSDPScenario("fsdp2_hier_2x4", 2, (0, 1, 2, 3, 0, 1, 2, 3), "upgrad", **nodes_of(4)),
+        FSDPScenario("fsdp1_hier_2x4", 1, (0,) * 4 + (1,) * 4, **nodes_of(4)),
     ],
     3: [
         FSDPScenario("fsdp2_r3_pcgrad", 2, (0, 1, 2), weighting="pcgrad"),
@@ -100,7 +147,7 @@ IDS = [s.name for _, s in ALL]
 
 
 #: Checks run in the same launch as the scenarios (launching is the slow part).
-CHECKS = {4: (hsdp_mixed_replica,), 3: ()}
+CHECKS = {4: (hsdp_mixed_replica,), 3: (), 6: (), 8: ()}
 
 
 SCENARIO_RUNS = {
@@ -307,6 +354,24 @@ def test_bytes_match_the_protocol(world_size: int, scenario: FSDPScenario) -> No
             # used by some objectives only).
             gramian = (problems * num_objectives**2 + parameters * num_objectives) * 4
             element = bucket["size"]
+            if scenario.protocol == "hierarchical":
+                on_node = scenario.objective_of_rank[: scenario.ranks_per_node]
+                expected = hierarchical_bytes(
+                    bucket["numel"],
+                    element,
+                    world_size,
+                    scenario.ranks_per_node,
+                    len(set(on_node)),
+                    gramian // 4,
+                    all_reduce=scenario.strategy == ShardingStrategy.NO_SHARD,
+                )
+                assert (bucket["sent"], bucket["links"]) == expected
+                continue
+            # The flat protocols: every collective split by peer pairs (nodes unknown: all
+            # within one).
+            assert bucket["links"] == flat_links(
+                bucket["sent"], world_size, scenario.ranks_per_node
+            )
             if scenario.sketch_size is not None:
                 assert bucket["sent"] == sketch_bytes(scenario, bucket, units, world_size)
                 continue
@@ -464,6 +529,10 @@ def test_unsupported_combinations_fail_at_install_time() -> None:
     assert errors["fsdp1_hybrid"].startswith("ValueError: FSDP unit 1 ('0') uses HYBRID_SHARD")
     assert "other_group" not in per_rank[1]
     assert errors["hsdp_1d_mesh"].startswith("ValueError: hsdp_mesh must be the 2-D")
+    assert errors["hsdp_hierarchical"] == (
+        "ValueError: protocol='hierarchical' does not run under HSDP: the protocol runs over the "
+        "replicate group, across nodes already; use protocol='shard' or 'sketch'"
+    )
     # The divide factor changed after install: backward raises on every rank (no hang).
     for rank_errors in per_rank:
         error = rank_errors["scaling_changed"]

@@ -81,6 +81,14 @@ class AdapterRun:
     objectives: tuple[str, ...] = OBJECTIVES
     #: protocol="sketch" with this sketch_size; None: the shard protocol.
     sketch_size: int | None = None
+    #: protocol="hierarchical" on simulated nodes of this many ranks.
+    ranks_per_node: int | None = None
+
+    @property
+    def protocol(self) -> str:
+        if self.ranks_per_node is not None:
+            return "hierarchical"
+        return "shard" if self.sketch_size is None else "sketch"
 
 
 def local_gradients(model: nn.Module, rank: int, step: int, language: str) -> Tensor:
@@ -109,8 +117,9 @@ def ddp_run(rank: int, world_size: int, run: AdapterRun) -> dict[str, Any]:
         weighting=run.weighting,
         granularity=run.granularity,
         absent=run.absent,
-        protocol="shard" if run.sketch_size is None else "sketch",
+        protocol=run.protocol,
         sketch_size=run.sketch_size,
+        ranks_per_node=run.ranks_per_node,
     )
     position = {id(p): i for i, p in enumerate(model.parameters())}
     records: list[dict[str, Any]] = []
@@ -193,15 +202,25 @@ def ddp_runs(rank: int, world_size: int, runs: list[AdapterRun]) -> dict[str, An
 
 
 def fsdp_run(
-    rank: int, world_size: int, version: int, weighting: str, frozen: bool
+    rank: int,
+    world_size: int,
+    version: int,
+    weighting: str,
+    frozen: bool,
+    objectives: tuple[str, ...] = OBJECTIVES,
+    ranks_per_node: int | None = None,
 ) -> dict[str, Any]:
     """One FSDP unit (the root) over the whole adapter model, one step; ``frozen``: the trunk's
-    weight needs no gradient (as a LoRA's base weights), which FSDP2 leaves out of the row."""
-    language = OBJECTIVES[rank]
+    weight needs no gradient (as a LoRA's base weights), which FSDP2 leaves out of the row.
+    ``ranks_per_node``: the hierarchical protocol on simulated nodes of that many ranks."""
+    language = objectives[rank]
     model = AdapterModel()
     model.trunk.weight.requires_grad_(not frozen)
     own = local_gradients(model, rank, 0, language)
-    state = BucketMOOState(OBJECTIVES, weighting=weighting)
+    protocol = "shard" if ranks_per_node is None else "hierarchical"
+    state = BucketMOOState(
+        objectives, weighting=weighting, protocol=protocol, ranks_per_node=ranks_per_node
+    )
     if version == 1:
         wrapped = FullyShardedDataParallel(model, device_id=CPU, use_orig_params=True)
         install_bucket_moo(wrapped, state)
@@ -224,8 +243,16 @@ def fsdp_run(
     return {"local": gather_rows(own), "reduced": reduced}
 
 
-def fsdp_runs(
-    rank: int, world_size: int, cases: list[tuple[int, str, bool]]
-) -> list[dict[str, Any]]:
-    """``(FSDP version, weighting, frozen)`` per case."""
+def fsdp_runs(rank: int, world_size: int, cases: list[tuple]) -> list[dict[str, Any]]:
+    """``(FSDP version, weighting, frozen[, objectives, ranks_per_node])`` per case."""
     return [fsdp_run(rank, world_size, *case) for case in cases]
+
+
+def adapter_runs(
+    rank: int, world_size: int, runs: list[AdapterRun], cases: list[tuple]
+) -> dict[str, Any]:
+    """DDP ``runs`` and FSDP ``cases`` on ranks other than the 3 of :data:`OBJECTIVES`."""
+    return {
+        "ddp": [ddp_run(rank, world_size, run) for run in runs],
+        "fsdp": fsdp_runs(rank, world_size, cases),
+    }

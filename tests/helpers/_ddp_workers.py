@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import distributed_c10d as c10d
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
@@ -56,6 +57,8 @@ class Scenario:
     diagnostics_every: int = 0
     protocol: str = "shard"
     sketch_size: int | None = None
+    #: Simulated nodes of this many consecutive ranks (the hierarchical protocol, the ledger).
+    ranks_per_node: int | None = None
 
 
 def make_model(hidden: tuple[int, ...], dtype: torch.dtype) -> nn.Module:
@@ -103,6 +106,7 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         diagnostics=Diagnostics(scenario.diagnostics_every) if scenario.diagnostics_every else None,
         protocol=scenario.protocol,
         sketch_size=scenario.sketch_size,
+        ranks_per_node=scenario.ranks_per_node,
     )
     position = {id(p): i for i, p in enumerate(model.parameters())}
     state._runtime.parameter_index = position  # as install_bucket_moo does: stable problem keys
@@ -159,7 +163,12 @@ def train(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
         ledger.append(
             {
                 "buckets": [
-                    {"numel": t.numel, "element_size": t.element_size, "sent": dict(t.sent)}
+                    {
+                        "numel": t.numel,
+                        "element_size": t.element_size,
+                        "sent": dict(t.sent),
+                        "links": dict(t.links),
+                    }
                     for t in state.ledger.last_step
                 ],
                 "overhead": dict(state.ledger.step_overhead),
@@ -281,7 +290,34 @@ def registration_errors(rank: int, world_size: int) -> dict[str, str]:
     precision = _MixedPrecision(param_dtype=torch.float16, reduce_dtype=torch.float16)
     mixed = DistributedDataParallel(make_model((7,), torch.float32), mixed_precision=precision)
     errors["mixed_precision"] = error_of(lambda: install_bucket_moo(mixed, BucketMOOState()))
+    # The hierarchical protocol's nodes: refused on every rank, before any node group is made.
+    errors["nodes_not_dividing"] = error_of(
+        lambda: install_bucket_moo(ddp, BucketMOOState(protocol="hierarchical", ranks_per_node=3))
+    )
+    errors["nodes_disagree"] = error_of(
+        lambda: install_bucket_moo(
+            ddp, BucketMOOState(protocol="hierarchical", ranks_per_node=1 + rank)
+        )
+    )
     return errors
+
+
+def node_groups_made(rank: int, world_size: int, overlap: bool) -> dict[str, Any]:
+    """Install the hierarchical protocol on 2-rank nodes; the node groups registration made
+    (their global ranks and names), and one step's bucket after the hook."""
+    model = make_model((7,), torch.float32)
+    ddp = DistributedDataParallel(model)
+    state = BucketMOOState([0, 0, 1, 1], protocol="hierarchical", ranks_per_node=2, overlap=overlap)
+    install_bucket_moo(ddp, state)
+    made = {
+        key[0]: (dist.get_process_group_ranks(group), c10d._world.pg_names[group])
+        for key, group in bucketmoo_hooks._groups._groups.items()
+        if key[0].endswith(("node2", "across2"))
+    }
+    x, target = batch(rank, 0, 0, torch.float32)
+    nn.functional.mse_loss(ddp(x), target).backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return {"made": made, "grads": grads, "links": dict(state.ledger.link_totals)}
 
 
 def train_with_checkpoint(

@@ -64,6 +64,8 @@ class FSDPScenario:
     diagnostics_every: int = 0
     protocol: str = "shard"
     sketch_size: int | None = None
+    #: Simulated nodes of this many consecutive ranks (the hierarchical protocol, the ledger).
+    ranks_per_node: int | None = None
 
 
 def shard(model: nn.Sequential, scenario: FSDPScenario) -> tuple[nn.Module, Callable, Any]:
@@ -76,6 +78,7 @@ def shard(model: nn.Sequential, scenario: FSDPScenario) -> tuple[nn.Module, Call
         diagnostics=Diagnostics(scenario.diagnostics_every) if scenario.diagnostics_every else None,
         protocol=scenario.protocol,
         sketch_size=scenario.sketch_size,
+        ranks_per_node=scenario.ranks_per_node,
     )
     if scenario.version == 1:
         precision = None
@@ -213,7 +216,13 @@ def train_fsdp(rank: int, world_size: int, scenario: FSDPScenario) -> dict[str, 
         ledger.append(
             {
                 "buckets": [
-                    {"index": t.index, "numel": t.numel, "size": t.element_size, "sent": t.sent}
+                    {
+                        "index": t.index,
+                        "numel": t.numel,
+                        "size": t.element_size,
+                        "sent": t.sent,
+                        "links": t.links,
+                    }
                     for t in state.ledger.last_step
                 ],
                 "overhead": dict(state.ledger.step_overhead),
@@ -371,6 +380,13 @@ def install_errors(rank: int, world_size: int) -> dict[str, str]:
     errors["scaling_changed"] = scaling_changed_after_install(rank, world_size)
     errors["hsdp_1d_mesh"] = error_of(
         lambda: install_bucket_moo(fsdp2(), BucketMOOState(), hsdp_mesh=other_mesh)
+    )
+    hsdp = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("replicate", "shard"))
+    replicated = make_model((7,), torch.float32)
+    fully_shard(replicated, mesh=hsdp["shard"])
+    hierarchical = BucketMOOState(protocol="hierarchical", ranks_per_node=1)
+    errors["hsdp_hierarchical"] = error_of(
+        lambda: install_bucket_moo(replicated, hierarchical, hsdp_mesh=hsdp)
     )
     return errors
 
