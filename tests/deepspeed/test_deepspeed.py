@@ -75,6 +75,27 @@ SKETCH = [
 ]
 MAIN = shared_spawn(3).add(zero_cases, MATRIX + PLAIN + WHOLE + SKETCH, timeout=400)
 
+# The hierarchical protocol on 4 ranks as 2 simulated nodes of 2: languages aligned with the
+# nodes, and every language on every node.
+HIERARCHICAL = [
+    {
+        "config": config(stage, dtype=dtype),
+        "state": {
+            "objective_of_rank": objectives,
+            "weighting": "mgda",
+            "granularity": "parameter",
+            "protocol": "hierarchical",
+            "ranks_per_node": 2,
+        },
+    }
+    for stage, dtype, objectives in (
+        (1, "fp32", ["eng", "eng", "rus", "rus"]),
+        (2, "bf16", ["eng", "rus", "eng", "rus"]),
+        (3, "fp32", ["eng", "rus", "eng", "rus"]),
+    )
+]
+NODES = shared_spawn(4).add(zero_cases, HIERARCHICAL, timeout=200)
+
 # Two ranks: gradient accumulation (ZeRO-1 combines once per step, ZeRO-2/3 per micro-batch),
 # language-specific heads (objectives absent from the other languages' heads), refusals.
 ACCUMULATION = [
@@ -336,6 +357,13 @@ def test_bf16_training_with_fp32_communication(stage: int) -> None:
     _check_case(COMM_FP32[STAGES.index(stage)], per_rank)
     for _, element_size, _ in per_rank[0]["traffic"]:
         assert element_size == 4  # the bucket travelled in fp32
+
+
+@pytest.mark.parametrize("index", range(len(HIERARCHICAL)))
+def test_hierarchical_protocol_serves_every_stage(index: int) -> None:
+    per_rank = [r[index] for r in NODES.results()]
+    _check_case(HIERARCHICAL[index], per_rank)
+    assert per_rank[0]["iter"] == 2
 
 
 def test_overhead_benchmark_runs_end_to_end(tmp_path: Path) -> None:
