@@ -235,47 +235,21 @@ def refusals(rank: int, world_size: int, cases: list[tuple[dict, dict]]) -> list
 
 def trainer_with_deepspeed(rank: int, world_size: int, stage: int) -> dict[str, Any]:
     """``transformers.Trainer`` with a DeepSpeed dict config, one language per rank, bucket-MOO
-    installed by the callback."""
-    from _integration_workers import LANGUAGES, _Windows
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    installed by the callback (:func:`_integration_workers.trained_by_trainer`)."""
+    from _integration_workers import trained_by_trainer
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    from bucketmoo_hooks.data import load_udhr
-    from bucketmoo_hooks.trainer import BucketMOOCallback
-
+    deepspeed_config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 20000},
+        "zero_allow_untested_optimizer": True,
+    }
     with deepspeed_on_cpu(), tempfile.TemporaryDirectory() as output_dir:
-        torch.manual_seed(0)
-        gpt2 = GPT2Config(vocab_size=256, n_positions=16, n_embd=32, n_layer=2, n_head=2)
-        model = GPT2LMHeadModel(gpt2)
-        language = LANGUAGES[rank]
-        dataset = _Windows(load_udhr([language])[language][0] * 4, count=64)
-        deepspeed_config = {
-            "train_micro_batch_size_per_gpu": 4,
-            "gradient_accumulation_steps": 2,
-            "zero_optimization": {"stage": stage, "reduce_bucket_size": 20000},
-            "zero_allow_untested_optimizer": True,
-        }
-        args = TrainingArguments(
-            output_dir=output_dir,
-            use_cpu=True,
-            deepspeed=deepspeed_config,
-            max_steps=3,
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=2,
-            learning_rate=1e-3,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=1,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
+        trainer, state, callback = trained_by_trainer(
+            rank, world_size, 3, output_dir, deepspeed=deepspeed_config
         )
-        trainer = Trainer(model=model, args=args, train_dataset=dataset)
-        state = BucketMOOState(objective_of_rank=LANGUAGES[:world_size], weighting="upgrad")
-        callback = BucketMOOCallback(trainer, state)
-        trainer.add_callback(callback)
-        trainer.train()
         engine = trainer.model_wrapped
-        from deepspeed.utils import safe_get_full_fp32_param
-
         params = torch.cat(
             [safe_get_full_fp32_param(p).reshape(-1) for p in engine.module.parameters()]
         )

@@ -52,15 +52,48 @@ class _Windows(torch.utils.data.Dataset):
         return {"input_ids": self.rows[index], "labels": self.rows[index]}
 
 
-def train_with_trainer(rank: int, world_size: int, steps: int) -> dict[str, Any]:
+def trained_by_trainer(
+    rank: int, world_size: int, steps: int, output_dir: str, **arguments: Any
+) -> tuple[Any, BucketMOOState, Any]:
     """A tiny GPT-2 (built from a config: nothing downloaded) trained by ``transformers.Trainer``
-    on this rank's language, with bucket-MOO installed by the callback. (Also returns
-    :func:`installed_paths`, to share the launch.)"""
-    paths = installed_paths(rank, world_size)
+    for ``steps`` steps of 2 micro-batches on this rank's language, with bucket-MOO (UPGrad)
+    installed by the callback; ``arguments``: more ``TrainingArguments`` (e.g. ``deepspeed=``).
+    Returns the trainer, the state and the callback."""
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     from bucketmoo_hooks.trainer import BucketMOOCallback
 
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=256, n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(config)
+    # Equal lengths on every rank: the distributed sampler then gives each rank its own data.
+    dataset = _Windows(load_udhr([LANGUAGES[rank]])[LANGUAGES[rank]][0] * 4, count=64)
+    args = TrainingArguments(
+        output_dir=output_dir,
+        use_cpu=True,
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **arguments,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    state = BucketMOOState(objective_of_rank=LANGUAGES[:world_size], weighting="upgrad")
+    callback = BucketMOOCallback(trainer, state)
+    trainer.add_callback(callback)
+    trainer.train()
+    return trainer, state, callback
+
+
+def train_with_trainer(rank: int, world_size: int, steps: int) -> dict[str, Any]:
+    """:func:`trained_by_trainer` (DDP, through accelerate). (Also returns
+    :func:`installed_paths`, to share the launch.)"""
+    paths = installed_paths(rank, world_size)
     # The process group exists already; accelerate reads the layout from the environment.
     os.environ.update(
         RANK=str(rank),
@@ -68,30 +101,9 @@ def train_with_trainer(rank: int, world_size: int, steps: int) -> dict[str, Any]
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
     )
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=256, n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=2)
-    model = GPT2LMHeadModel(config)
-    # Equal lengths on every rank: the distributed sampler then gives each rank its own data.
-    dataset = _Windows(load_udhr([LANGUAGES[rank]])[LANGUAGES[rank]][0] * 4, count=64)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments(
-            output_dir=output_dir,
-            use_cpu=True,
-            max_steps=steps,
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=2,
-            learning_rate=1e-3,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=1,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=dataset)
-        state = BucketMOOState(objective_of_rank=LANGUAGES[:world_size], weighting="upgrad")
-        callback = BucketMOOCallback(trainer, state)
-        trainer.add_callback(callback)
-        trainer.train()
+        trainer, state, callback = trained_by_trainer(rank, world_size, steps, output_dir)
+    model = trainer.model
     ledger = state.ledger
     return {
         "path": callback.installation.engine,
