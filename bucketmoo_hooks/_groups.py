@@ -79,7 +79,8 @@ def node_layout_error(ranks_per_node: int | None, ranks: list[int]) -> str | Non
     if ranks_per_node is None:
         return (
             "protocol='hierarchical' needs ranks_per_node (the ranks on each node; torchrun's "
-            "LOCAL_WORLD_SIZE is its default, and it is not set)"
+            "LOCAL_WORLD_SIZE or the DeepSpeed launcher's LOCAL_SIZE is its default, and "
+            "neither is set)"
         )
     if len(ranks) % ranks_per_node:
         return (

@@ -150,19 +150,25 @@ def gather_nodes(
     return within.gather_into(buffer, block)
 
 
+#: Where launchers put the number of ranks on this node: torchrun, then DeepSpeed's launcher.
+LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+
+
 def check_ranks_per_node(ranks_per_node: object) -> int | None:
     """``ranks_per_node`` as the state keeps it: a positive int, or ``None`` (unknown) when not
-    given and torchrun's ``LOCAL_WORLD_SIZE`` is not set."""
+    given and no launcher set :data:`LOCAL_SIZE_VARIABLES`."""
     if ranks_per_node is None:
-        value = os.environ.get("LOCAL_WORLD_SIZE")
-        if value is None:
-            return None
-        if not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(
-                f"ranks_per_node defaults to the environment's LOCAL_WORLD_SIZE, which is "
-                f"{value!r}, not a positive int; pass ranks_per_node="
-            )
-        return int(value)
+        for variable in LOCAL_SIZE_VARIABLES:
+            value = os.environ.get(variable)
+            if value is None:
+                continue
+            if not value.strip().isdigit() or int(value) < 1:
+                raise ValueError(
+                    f"ranks_per_node defaults to the environment's {variable}, which is "
+                    f"{value!r}, not a positive int; pass ranks_per_node="
+                )
+            return int(value)
+        return None
     ranks_per_node = checked_int(ranks_per_node, "ranks_per_node", "ranks on each node, or None")
     if ranks_per_node < 1:
         raise ValueError(f"ranks_per_node must be at least 1, got {ranks_per_node}")

@@ -135,11 +135,12 @@ class BucketMOOState:
         sketch_size: ``k`` for ``protocol="sketch"`` (default 4096, in [16, 2²⁰]); not accepted
             with another protocol.
         ranks_per_node: ``G``, the ranks on each node, consecutive in global rank order as
-            torchrun numbers them. ``None`` (default): torchrun's ``LOCAL_WORLD_SIZE`` when it
-            is set, else unknown. The hierarchical protocol runs on it (it must divide the
-            process group's size, whose ranks must come node by node; registration checks, on
-            every rank alike); every protocol uses it to split the ledger's bytes by link class
-            (:attr:`CommLedger.link_totals`; unknown: all within one node).
+            torchrun numbers them. ``None`` (default): torchrun's ``LOCAL_WORLD_SIZE``, or the
+            DeepSpeed launcher's ``LOCAL_SIZE``, when set; else unknown. The hierarchical
+            protocol runs on it (it must divide the process group's size, whose ranks must come
+            node by node; registration checks, on every rank alike); every protocol uses it to
+            split the ledger's bytes by link class (:attr:`CommLedger.link_totals`; unknown: all
+            within one node).
 
     Attributes:
         iter: Synchronised backward passes completed (advanced on the last bucket of each step).

@@ -26,6 +26,7 @@ from bucketmoo_hooks import (
     reference,
 )
 from bucketmoo_hooks._core import protocol_of
+from bucketmoo_hooks._hierarchical import LOCAL_SIZE_VARIABLES
 from bucketmoo_hooks.data import load_udhr, udhr_split
 from bucketmoo_hooks.weightings import (
     MGDA,
@@ -130,6 +131,13 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         ValueError,
         r"ranks_per_node defaults to the environment's LOCAL_WORLD_SIZE, which is 'eight', not "
         r"a positive int; pass ranks_per_node=",
+    ),
+    (
+        "state.LOCAL_SIZE",
+        lambda: with_environment({"LOCAL_SIZE": "0"}, BucketMOOState),
+        ValueError,
+        r"ranks_per_node defaults to the environment's LOCAL_SIZE, which is '0', not a positive "
+        r"int; pass ranks_per_node=",
     ),
     (
         # Through register_comm_hook nothing checks at registration: the first bucket does.
@@ -445,7 +453,8 @@ DISTRIBUTED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         ),
         ValueError,
         r"protocol='hierarchical' needs ranks_per_node \(the ranks on each node; torchrun's "
-        r"LOCAL_WORLD_SIZE is its default, and it is not set\)",
+        r"LOCAL_WORLD_SIZE or the DeepSpeed launcher's LOCAL_SIZE is its default, and neither "
+        r"is set\)",
     ),
     (
         "register: hierarchical nodes not dividing",
@@ -474,10 +483,12 @@ DISTRIBUTED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
 
 
 def with_environment(values: dict[str, str], call: Callable[[], object]) -> object:
-    """``call()`` with ``LOCAL_WORLD_SIZE`` as ``values`` say (absent if not there)."""
+    """``call()`` with the launchers' node sizes (``LOCAL_WORLD_SIZE``, ``LOCAL_SIZE``) as
+    ``values`` say (absent if not there)."""
     with mock.patch.dict(os.environ, values):
-        if "LOCAL_WORLD_SIZE" not in values:
-            os.environ.pop("LOCAL_WORLD_SIZE", None)
+        for variable in LOCAL_SIZE_VARIABLES:
+            if variable not in values:
+                os.environ.pop(variable, None)
         return call()
 
 

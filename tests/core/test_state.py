@@ -174,9 +174,12 @@ def test_ranks_per_node_is_saved_pickled_digested_and_may_change_on_resume(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
     assert BucketMOOState().ranks_per_node is None  # unknown: the ledger counts one node
+    monkeypatch.setenv("LOCAL_SIZE", "8")
+    assert BucketMOOState().ranks_per_node == 8  # the DeepSpeed launcher's
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert BucketMOOState().ranks_per_node == 4  # torchrun's
+    assert BucketMOOState().ranks_per_node == 4  # torchrun's, first
     assert BucketMOOState(ranks_per_node=2).ranks_per_node == 2  # given wins
     state = BucketMOOState(["en", "de"], protocol="hierarchical", ranks_per_node=2)
     assert "protocol='hierarchical', ranks_per_node=2, iter=0" in repr(state)
