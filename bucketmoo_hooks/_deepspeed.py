@@ -243,6 +243,13 @@ def _refuse(engine: Any, state: BucketMOOState, stage: int) -> None:
         refuse("compile.deepcompile", "DeepCompile reduces gradients inside the compiled graph")
     if getattr(engine, "pipeline_parallelism", False):
         refuse("pipeline parallelism (PipelineModule)", "not supported by bucket-MOO")
+    autotp = getattr(engine, "autotp_size", lambda: 0)() or 0  # DeepSpeed ≥ 0.16.4
+    if getattr(engine, "mpu", None) is not None or autotp > 1:
+        refuse(
+            "tensor parallelism (tensor_parallel.autotp_size, or an mpu)",
+            "tensor-parallel ranks hold different slices of a layer, so their buckets would get "
+            "different weights and their copies of replicated parameters would drift apart",
+        )
     if getattr(engine, "sequence_parallel_size", 1) != 1:
         refuse(
             "sequence_parallel_size",
@@ -259,6 +266,12 @@ def _refuse(engine: Any, state: BucketMOOState, stage: int) -> None:
         )
     if getattr(zero, "mics_shard_size", -1) > 0:
         refuse("zero_optimization.mics_shard_size", "MiCS partitions gradients over subgroups")
+    if state.nonfinite == "raise" and engine.fp16_enabled():
+        refuse(
+            "fp16 (with BucketMOOState nonfinite='raise')",
+            "fp16 loss scaling overflows on purpose (DeepSpeed then skips the step), which "
+            "nonfinite='raise' would turn into an error; use the default nonfinite='propagate'",
+        )
     if stage in (1, 2) and not engine.zero_contiguous_gradients():
         refuse(
             "zero_optimization.contiguous_gradients",
@@ -275,6 +288,19 @@ def install_deepspeed(engine: Any, state: BucketMOOState) -> int:
     stage = engine.zero_optimization_stage()
     _refuse(engine, state, stage)
     optimizer = engine.optimizer
+    expected = "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"
+    if expected not in (cls.__name__ for cls in type(optimizer).__mro__):
+        raise ValueError(
+            f"DeepSpeed built a {type(optimizer).__name__} for ZeRO-{stage}, not a {expected} "
+            "(e.g. bf16 with data_types.grad_accum_dtype 'fp32' on ZeRO-1, or no optimizer); "
+            "bucket-MOO replaces the ZeRO optimizer's reduction: use ZeRO-2, or bf16 gradient "
+            "accumulation, and give deepspeed.initialize an optimizer"
+        )
+    if stage == 3 and getattr(optimizer, "use_muon", False):
+        raise ValueError(
+            "DeepSpeed ZeRO-3 with the Muon optimizer reduces without reduce_scatter, on a path "
+            "bucket-MOO does not serve; use another optimizer or ZeRO-1/2"
+        )
     if getattr(optimizer, "_bucket_moo", None) is not None:
         raise ValueError("this DeepSpeed engine already has bucket-MOO installed; install it once")
     needed = "gradient_reduction_w_predivide" if stage in (1, 2) else _STAGE3_REDUCTION

@@ -164,6 +164,8 @@ REFUSED = [
     (config(2, contiguous_gradients=False), {}),
     (config(3), {"twice": True}),
     (config(1), {"objective_of_rank": ["eng", "rus", "deu"]}),
+    # bf16 with fp32 accumulation on ZeRO-1: DeepSpeed builds its BF16_Optimizer instead.
+    (config(1, dtype="bf16") | {"data_types": {"grad_accum_dtype": "fp32"}}, {}),
 ]
 REFUSALS = shared_spawn(2).add(refusals, REFUSED, timeout=120)
 
@@ -304,12 +306,13 @@ def test_language_heads_leave_absent_objectives_out(stage: int) -> None:
 def test_refusals_name_the_configuration_key() -> None:
     per_rank = REFUSALS.results()
     assert per_rank[0] == per_rank[1]  # every rank raises alike
-    stage0, global_moo, noncontiguous, twice, objectives = per_rank[0]
+    stage0, global_moo, noncontiguous, twice, objectives, bf16_optimizer = per_rank[0]
     assert stage0.startswith("ValueError: DeepSpeed zero_optimization.stage: stage 0")
     assert "granularity='global'" in global_moo
     assert "zero_optimization.contiguous_gradients" in noncontiguous
     assert "already has bucket-MOO installed" in twice
     assert objectives.startswith("ValueError: objective_of_rank")
+    assert bf16_optimizer.startswith("ValueError: DeepSpeed built a BF16_Optimizer for ZeRO-1")
 
 
 @pytest.mark.parametrize("stage", STAGES)
