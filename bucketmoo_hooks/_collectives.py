@@ -66,14 +66,20 @@ def cross_node_bytes(nbytes: int, world_size: int, peers_on_node: int) -> int:
     return nbytes * (world_size - 1 - peers_on_node) // (world_size - 1)
 
 
-@functools.lru_cache(maxsize=256)
 def peers_on_node(group: dist.ProcessGroup, ranks_per_node: int | None) -> int:
     """How many other ranks of ``group`` share this rank's node: global ranks ``g`` with the
     same ``g // ranks_per_node``; all of them when ``ranks_per_node`` is ``None`` (unknown)."""
     ranks = dist.get_process_group_ranks(group)
     if ranks_per_node is None:
         return len(ranks) - 1
-    node = dist.get_rank() // ranks_per_node
+    return _peers(tuple(ranks), dist.get_rank(), ranks_per_node)
+
+
+@functools.lru_cache(maxsize=256)
+def _peers(ranks: tuple[int, ...], rank: int, ranks_per_node: int) -> int:
+    # Keyed by ranks, not by the group: a cache that held process groups would keep them alive
+    # past destroy_process_group, and gloo then aborts the process at exit.
+    node = rank // ranks_per_node
     return sum(r // ranks_per_node == node for r in ranks) - 1
 
 
