@@ -62,20 +62,16 @@ class _Steps:
         self.open = False
         self.buckets = 0  # buckets of the open step so far: the next one's index
 
-    def next_bucket(self, group: dist.ProcessGroup) -> tuple[int, ObjectiveMap]:
-        """The next bucket's index, and the step's objective map (opening the step)."""
-        if not self.open:
-            objective_map = _core.open_step(self.state, group)
-            self.open, self.buckets = True, 0
-        else:
-            objective_map = self.state._steps.objective_map
-            assert objective_map is not None
-        self.buckets += 1
-        return self.buckets - 1, objective_map
+    def objective_map(self, group: dist.ProcessGroup, bucket: Bucket) -> ObjectiveMap:
+        """The step's objective map, opening the step at its first bucket."""
+        if self.open:
+            return _core.step_map(self.state, bucket)
+        self.open = True
+        return _core.open_step(self.state, group)
 
     def close(self) -> None:
         if self.open:
-            self.open = False
+            self.open, self.buckets = False, 0
             _core.close_step(self.state)
 
 
@@ -97,8 +93,10 @@ class _ZeroReduction:
         self.sum_scale = sum_scale  # gradient_allreduce_op "sum": R, else 1 (an average)
         self.steps = _Steps(state)
 
-    def _bucket(self, parameters: Sequence[nn.Parameter]) -> tuple[Bucket, ObjectiveMap]:
-        index, objective_map = self.steps.next_bucket(self.state.group)
+    def _bucket(self, parameters: Sequence[nn.Parameter]) -> Bucket:
+        """The next bucket of the step, keyed by its parameters' positions."""
+        index = self.steps.buckets
+        self.steps.buckets += 1
         try:
             problems = tuple(self.positions[id(p)] for p in parameters)
         except KeyError:
@@ -107,19 +105,19 @@ class _ZeroReduction:
                 "module; install bucket-MOO on the DeepSpeedEngine that owns the optimizer"
             ) from None
         label = f"ZeRO-{self.stage} bucket {index}"
-        return Bucket(index, label, problems, [(p,) for p in problems]), objective_map
+        return Bucket(index, label, problems, [(p,) for p in problems])
 
     def _reduce(self, parameters: Sequence[nn.Parameter], gradient: Gradient) -> None:
         """One bucket through the core; an error closes the step (every rank raises alike)."""
         state = self.state
         try:
-            bucket, objective_map = self._bucket(parameters)
+            bucket = self._bucket(parameters)
+            objective_map = self.steps.objective_map(state.group, bucket)
             flat = gradient.flat
             traffic = state.ledger.open_bucket(bucket.index, flat.numel(), flat.element_size())
+            comm = Collectives(state.group, traffic, ranks_per_node=state.ranks_per_node)
             averaging = state._runtime.averaging(objective_map, flat.device)
-            future = _core.reduce(
-                state, Collectives(state.group, traffic), bucket, gradient, objective_map, averaging
-            )
+            future = _core.reduce(state, comm, bucket, gradient, objective_map, averaging)
             if future is not None:  # the all-reduce form: the reduced bucket
                 reduced = future.wait()
                 if reduced is not flat:

@@ -367,6 +367,9 @@ def test_hierarchical_protocol_serves_every_stage(index: int) -> None:
     per_rank = [r[index] for r in NODES.results()]
     _check_case(HIERARCHICAL[index], per_rank)
     assert per_rank[0]["iter"] == 2
+    # The ledger splits the bytes by link class with the state's ranks_per_node.
+    assert per_rank[0]["links"]["cross_node"] > 0
+    assert per_rank[0]["links"]["intra_node"] > 0
 
 
 def test_overhead_benchmark_runs_end_to_end(tmp_path: Path) -> None:

@@ -185,6 +185,7 @@ def train(
                 buckets=len(state.ledger.last_step),
                 # Per bucket of the last step: (elements, element size, bytes by collective).
                 traffic=[(t.numel, t.element_size, dict(t.sent)) for t in state.ledger.last_step],
+                links=state.ledger.last_step_link_bytes(),
                 reduce_scatter=engine.optimizer.reduce_scatter,
             )
             state.close()
