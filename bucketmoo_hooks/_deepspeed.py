@@ -168,7 +168,7 @@ class _ZeroReduction:
             if partition_group is None
             else partition_group(parameters[0])
         )
-        if ranks_of(group) != ranks_of(self.state.group):
+        if group is not self.state.group and ranks_of(group) != ranks_of(self.state.group):
             raise ValueError(
                 f"ZeRO-3 partitions gradients over ranks {ranks_of(group)}, not over the state's "
                 f"group {ranks_of(self.state.group)} (MiCS or hpZ gradient partitioning); "
@@ -178,7 +178,7 @@ class _ZeroReduction:
         grads = [p.grad.reshape(-1) for p in parameters]
         chunks = [math.ceil(g.numel() / world_size) for g in grads]
         device = grads[0].device
-        rows = torch.zeros(world_size, sum(chunks), dtype=communication_data_type, device=device)
+        rows = torch.empty(world_size, sum(chunks), dtype=communication_data_type, device=device)
         offset = 0
         for grad, chunk in zip(grads, chunks, strict=True):
             # ``reduce_scatter_coalesced``'s layout; its padding is zero here (a Gramian reads it).
@@ -186,6 +186,8 @@ class _ZeroReduction:
             rows[:full, offset : offset + chunk].copy_(grad[: full * chunk].view(full, chunk))
             if rest:
                 rows[full, offset : offset + rest].copy_(grad[full * chunk :])
+                rows[full, offset + rest : offset + chunk].zero_()
+            rows[full + bool(rest) :, offset : offset + chunk].zero_()
             offset += chunk
         output = rows.new_empty(sum(chunks))
         self._reduce(parameters, Gradient(rows.view(-1), output, chunks, rows=True))
