@@ -41,7 +41,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-ORDER = ["ddp", "mean", "mgda", "pcgrad", "gradvac", "cagrad", "upgrad", "imtl_g"]
+ORDER = ["ddp", "mean", "mgda", "pcgrad", "gradvac", "cagrad", "imtl_g", "upgrad", "dualproj"]
+ORDER += ["aligned_mtl", "nash_mtl"]
 
 
 def load_runs(root: Path) -> dict[str, list[dict[str, Any]]]:
@@ -83,6 +84,47 @@ def _value(run: dict[str, Any], column: str) -> float:
     return run["eval"][column]["bpb"]
 
 
+# Two-sided 95 % quantile of Student's t with n − 1 degrees of freedom, for n = 2..10 pairs.
+_T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+MARKS = (
+    "`*`: the difference of the means exceeds the larger of the two seed standard deviations; "
+    "`†`: the paired difference over the seeds both have (a seed fixes the initialisation and "
+    "the batches) has a t statistic beyond the two-sided 95 % quantile (3 seeds: |t| > 4.30)."
+)
+
+
+def compare(
+    base_runs: list[dict[str, Any]], other_runs: list[dict[str, Any]], column: str
+) -> dict[str, Any]:
+    """``other`` against ``base`` on one column: both means ± standard deviations, the difference
+    of the means, and the paired difference over the seeds both have, with the flags of MARKS."""
+    base = _stats([_value(r, column) for r in base_runs])
+    mine = _stats([_value(r, column) for r in other_runs])
+    base_by_seed = {r["seed"]: r for r in base_runs}
+    differences = [
+        _value(r, column) - _value(base_by_seed[r["seed"]], column)
+        for r in other_runs
+        if r["seed"] in base_by_seed
+    ]
+    pair = _stats(differences) if differences else (float("nan"), float("nan"))
+    n = len(differences)
+    t = pair[0] / (pair[1] / n**0.5) if n > 1 and pair[1] > 0 else float("nan")
+    delta = mine[0] - base[0]
+    return {
+        "base": {"mean": base[0], "std": base[1]},
+        "variant": {"mean": mine[0], "std": mine[1]},
+        "delta": delta,
+        "paired": {"mean": pair[0], "std": pair[1], "t": t, "n": n},
+        "beyond_spread": abs(delta) > max(base[1], mine[1]),
+        "paired_significant": n in _T95 and abs(t) > _T95[n],
+    }
+
+
+def _marks(comparison: dict[str, Any]) -> str:
+    marks = "*" * comparison["beyond_spread"] + "†" * comparison["paired_significant"]
+    return f" {marks}" if marks else ""
+
+
 def table(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
     """Markdown table of final test bits per byte, and the same numbers as a dict."""
     first = next(iter(runs.values()))[0]
@@ -92,7 +134,6 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
         (r["eval"] for rs in runs.values() for r in rs if r["eval"][codes[0]]["bpb_start"]), None
     )
     columns = [*codes, "seen", "unseen"]
-    values = _value
     data: dict[str, Any] = {"columns": columns, "sets": kinds, "methods": {}}
     header = "| method | seeds | " + " | ".join(
         f"{c} ({kinds[c]})" if c in kinds else f"mean {c}" for c in columns
@@ -105,17 +146,15 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
         start_row += [statistics.fmean(seen), statistics.fmean(unseen) if unseen else float("nan")]
         lines.append("| start (step 0) | – | " + " | ".join(f"{v:.3f}" for v in start_row) + " |")
         data["start"] = dict(zip(columns, start_row, strict=True))
-    ddp = (
-        {c: _stats([values(r, c) for r in runs["ddp"]])[0] for c in columns}
-        if "ddp" in runs
-        else None
-    )
     for method, method_runs in runs.items():
         cells, entry = [], {}
         for column in columns:
-            mean, std = _stats([values(r, column) for r in method_runs])
+            mean, std = _stats([_value(r, column) for r in method_runs])
             entry[column] = {"mean": mean, "std": std}
-            delta = f" ({mean - ddp[column]:+.3f})" if ddp is not None and method != "ddp" else ""
+            delta = ""
+            if "ddp" in runs and method != "ddp":
+                entry[column]["vs_ddp"] = against = compare(runs["ddp"], method_runs, column)
+                delta = f" ({against['delta']:+.3f}{_marks(against)})"
             cells.append(f"{mean:.3f} ± {std:.3f}{delta}")
         seeds = ",".join(str(r["seed"]) for r in method_runs)
         lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
@@ -123,17 +162,11 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
     return "\n".join(lines) + "\n", data
 
 
-# Two-sided 95 % quantile of Student's t with n − 1 degrees of freedom, for n = 2..10 pairs.
-_T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-
-
 def variant_table(
     runs: dict[str, list[dict[str, Any]]], variant: str, columns: list[str]
 ) -> tuple[str, dict[str, Any]]:
-    """Every method ``M`` with runs ``M-<variant>`` against them (module docstring). In the
-    ``Δ`` row, ``*`` marks a difference of the means larger than the larger of the two seed
-    standard deviations; in the paired row, ``†`` a paired difference whose t statistic exceeds
-    the two-sided 95 % quantile (3 seeds: |t| > 4.30)."""
+    """Every method ``M`` with runs ``M-<variant>`` against them (module docstring), flagged
+    as MARKS says (``*`` on the ``Δ`` row, ``†`` on the paired row)."""
     header = "| weighting | runs | " + " | ".join(columns) + " |"
     lines = [header, "|" + " --- |" * (len(columns) + 2)]
     data: dict[str, Any] = {}
@@ -141,33 +174,17 @@ def variant_table(
         variant_runs = runs.get(f"{method}-{variant}")
         if variant_runs is None:
             continue
-        base_by_seed = {r["seed"]: r for r in base_runs}
-        paired = [(base_by_seed[r["seed"]], r) for r in variant_runs if r["seed"] in base_by_seed]
         rows: dict[str, list[str]] = {"base": [], "variant": [], "delta": [], "paired": []}
         entry: dict[str, Any] = {}
         for column in columns:
-            base = _stats([_value(r, column) for r in base_runs])
-            mine = _stats([_value(r, column) for r in variant_runs])
-            delta = mine[0] - base[0]
-            differences = [_value(v, column) - _value(b, column) for b, v in paired]
-            pair = _stats(differences) if differences else (float("nan"), float("nan"))
-            n = len(differences)
-            t = pair[0] / (pair[1] / n**0.5) if n > 1 and pair[1] > 0 else float("nan")
-            beyond_spread = abs(delta) > max(base[1], mine[1])
-            significant = n in _T95 and abs(t) > _T95[n]
-            rows["base"].append(f"{base[0]:.3f} ± {base[1]:.3f}")
-            rows["variant"].append(f"{mine[0]:.3f} ± {mine[1]:.3f}")
-            rows["delta"].append(f"{delta:+.3f}" + (" *" if beyond_spread else ""))
-            rows["paired"].append(f"{pair[0]:+.3f} ± {pair[1]:.3f}" + (" †" if significant else ""))
-            entry[column] = {
-                "base": {"mean": base[0], "std": base[1]},
-                "variant": {"mean": mine[0], "std": mine[1]},
-                "delta": delta,
-                "paired": {"mean": pair[0], "std": pair[1], "t": t, "n": n},
-                "beyond_spread": beyond_spread,
-                "paired_significant": significant,
-            }
-        seeds = ",".join(str(s) for s in sorted({b["seed"] for b, _ in paired}))
+            entry[column] = c = compare(base_runs, variant_runs, column)
+            rows["base"].append(f"{c['base']['mean']:.3f} ± {c['base']['std']:.3f}")
+            rows["variant"].append(f"{c['variant']['mean']:.3f} ± {c['variant']['std']:.3f}")
+            rows["delta"].append(f"{c['delta']:+.3f}" + (" *" if c["beyond_spread"] else ""))
+            pair, mark = c["paired"], " †" if c["paired_significant"] else ""
+            rows["paired"].append(f"{pair['mean']:+.3f} ± {pair['std']:.3f}{mark}")
+        both = {r["seed"] for r in base_runs} & {r["seed"] for r in variant_runs}
+        seeds = ",".join(str(seed) for seed in sorted(both))
         names = {
             "base": f"{method} ({','.join(str(r['seed']) for r in base_runs)})",
             "variant": f"{method}-{variant} ({','.join(str(r['seed']) for r in variant_runs)})",
@@ -181,8 +198,8 @@ def variant_table(
 
 
 def _colors(methods: list[str]) -> dict[str, Any]:
-    cmap = plt.get_cmap("tab10")
-    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
 
 
 def plot_loss_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -439,13 +456,56 @@ def bucket_table(runs: dict[str, list[dict[str, Any]]], cosine_method: str) -> s
     return "\n".join(lines) + "\n"
 
 
+def weights_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """Per method, averaged over buckets, steps and seeds: each language's weight and gradient
+    norm (as the method's diagnostics recorded them), and ‖d‖/‖mean‖ (why a method trains a
+    language more or less than the average does)."""
+    data: dict[str, Any] = {}
+    for method, method_runs in runs.items():
+        records = [
+            d
+            for r in method_runs
+            for d in r["diagnostics"]
+            if "bucket" in d and d["parameter"] is None
+        ]
+        if not records:
+            continue
+        objectives = records[0]["objectives"]
+        weights, norms = defaultdict(list), defaultdict(list)
+        for d in records:
+            for i, code in enumerate(d["objectives"]):
+                weights[code].append(d["weights"][i])
+                norms[code].append(d["norms"][i])
+        shrink = [d["update_norm"] / max(_mean_norm(d), 1e-30) for d in records]
+        data[method] = {
+            "weight": {c: statistics.fmean(weights[c]) for c in objectives},
+            "norm": {c: statistics.fmean(norms[c]) for c in objectives},
+            "update_over_mean": statistics.fmean(shrink),
+        }
+    if not data:
+        return "", data
+    objectives = list(next(iter(data.values()))["weight"])
+    header = "| method | " + " | ".join(f"{c}: weight / ‖ḡ‖" for c in objectives)
+    lines = [header + " | ‖d‖/‖mean‖ |", "|" + " --- |" * (len(objectives) + 2)]
+    for method, entry in data.items():
+        cells = [f"{entry['weight'][c]:.3f} / {entry['norm'][c]:.3f}" for c in objectives]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {entry['update_over_mean']:.2f} |")
+    return "\n".join(lines) + "\n", data
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "root", type=Path, nargs="+", help="grid directories with <method>-s<seed>/ runs"
     )
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--cosine-method", default="ddp", help="whose Gramians the heatmaps show")
+    parser.add_argument(
+        "--cosine-method",
+        action="append",
+        default=None,
+        help="whose Gramians the heatmaps show (repeatable; default ddp; the first one's in the "
+        "per-bucket table, the others' heatmaps in cosine_heatmaps_<method>.png)",
+    )
     parser.add_argument(
         "--variant", action="append", default=[], help="compare METHOD-VARIANT with METHOD"
     )
@@ -464,25 +524,40 @@ def main(argv: list[str] | None = None) -> None:
     runs = dict(sorted(runs.items(), key=lambda kv: (_rank(kv[0]), kv[0])))
     args.out.mkdir(parents=True, exist_ok=True)
     markdown, data = table(runs)
+    if "ddp" in runs:
+        markdown += f"\n{MARKS}\n"
     for variant in args.variant:
         comparison, data.setdefault("variants", {})[variant] = variant_table(
             runs, variant, data["columns"]
         )
         markdown += f"\n{variant} against the base method:\n\n{comparison}"
     plot_loss_curves(runs, args.out / "loss_curves.png")
-    cosine_runs = [r for r in runs.get(args.cosine_method, []) if r["diagnostics"]]
-    if cosine_runs:
-        data["cosine"] = plot_cosine_heatmaps(
-            cosine_runs, args.cosine_method, args.out / "cosine_heatmaps.png"
+    cosine_methods = args.cosine_method or ["ddp"]
+    for index, method in enumerate(cosine_methods):
+        cosine_runs = [r for r in runs.get(method, []) if r["diagnostics"]]
+        if not cosine_runs:
+            continue
+        suffix = "" if index == 0 else f"_{method}"
+        cosine = plot_cosine_heatmaps(
+            cosine_runs, method, args.out / f"cosine_heatmaps{suffix}.png"
         )
-        plot_pair_cosine(cosine_runs, args.cosine_method, args.out / "pair_cosine.png")
+        data.setdefault("cosine_by_method", {})[method] = cosine
+        plot_pair_cosine(cosine_runs, method, args.out / f"pair_cosine{suffix}.png")
         pairs = ", ".join(
-            f"{p} {v:+.3f}"
-            for p, v in sorted(data["cosine"]["pairs"].items(), key=lambda kv: -kv[1])
+            f"{p} {v:+.3f}" for p, v in sorted(cosine["pairs"].items(), key=lambda kv: -kv[1])
         )
-        markdown += f"\nMean pair cosine ({args.cosine_method}, all buckets and steps): {pairs}\n"
-        markdown += "\nPer bucket (weight ratio capped at 1000 where a weight is ~0):\n\n"
-        markdown += bucket_table(runs, args.cosine_method)
+        markdown += f"\nMean pair cosine ({method}, all buckets and steps): {pairs}\n"
+        if index == 0:
+            data["cosine"] = cosine
+            markdown += "\nPer bucket (weight ratio capped at 1000 where a weight is ~0):\n\n"
+            markdown += bucket_table(runs, method)
+    weights, data["weights"] = weights_table(runs)
+    if weights:
+        markdown += (
+            "\nMean weight and gradient norm per language (over buckets, steps and seeds; "
+            "weights as each method scales them), and the update's length against the mean's:"
+            f"\n\n{weights}"
+        )
     if any(r.get("probe") for rs in runs.values() for r in rs):
         data["separability"] = plot_separability(runs, args.out / "separability.png")
     data["train_seconds"] = {m: [r["train_seconds"] for r in rs] for m, rs in runs.items()}

@@ -173,6 +173,65 @@ class PretrainedLM(nn.Module):
         return logits, None if targets is None else next_token_loss(logits, targets)
 
 
+class Adapter(nn.Module):
+    """A residual bottleneck ``x + up(gelu(down(x)))`` (Houlsby et al., 2019); ``up`` starts at
+    zero, so a fresh adapter leaves the model as it is."""
+
+    def __init__(self, d_model: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(d_model, rank)
+        self.up = nn.Linear(rank, d_model)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.up(F.gelu(self.down(x)))
+
+
+class LanguageAdapters(nn.Module):
+    """One :class:`Adapter` per trained language after each of ``blocks`` (forward hooks).
+
+    ``language`` selects the adapters the next forward applies; ``None`` runs the shared trunk
+    alone (the unseen languages). A rank trains only its own language's adapters, so every
+    other language's are unused there: language-specific parameters, absent for the others.
+    """
+
+    def __init__(
+        self, blocks: list[nn.Module], languages: list[str], d_model: int, rank: int
+    ) -> None:
+        super().__init__()
+        self.language: str | None = None
+        self.per_language = nn.ModuleDict(
+            {code: nn.ModuleList(Adapter(d_model, rank) for _ in blocks) for code in languages}
+        )
+        for index, block in enumerate(blocks):
+            block.register_forward_hook(self._hook(index))
+
+    def _hook(self, index: int) -> Callable[[nn.Module, tuple, object], object]:
+        def apply(module: nn.Module, inputs: tuple, output: object) -> object:
+            if self.language is None:
+                return None
+            adapter = self.per_language[self.language][index]
+            if isinstance(output, tuple):  # decoder layers of older transformers
+                return (adapter(output[0]), *output[1:])
+            return adapter(output)
+
+        return apply
+
+    def select(self, code: str | None) -> None:
+        """Use ``code``'s adapters from the next forward on (the trunk alone if it has none)."""
+        self.language = code if code in self.per_language else None
+
+
+def select_language(model: nn.Module, code: str | None) -> None:
+    """Route the next forward through ``code``'s adapters (a no-op without ``--adapters``)."""
+    adapters = getattr(model, "adapters", None)
+    if adapters is not None:
+        adapters.select(code)
+
+
 # DDP's reducer warns once per process when ``find_unused_parameters=True`` finds every parameter
 # used. This script asks for it on purpose (a fixed bucket partition: see ``train``), so there the
 # warning is expected. It is a C++ warning written straight to file descriptor 2 by DDP's forward
@@ -217,6 +276,19 @@ class Codec:
 
 
 def build_model(args: argparse.Namespace) -> tuple[nn.Module, Codec]:
+    model, codec = build_trunk(args)
+    if args.adapters:
+        if isinstance(model, GPT):
+            blocks, d_model = list(model.blocks), model.cfg.d_model
+        else:  # the trained blocks (all of them with --train-layers 0)
+            layers = model.lm.model.layers
+            blocks = list(layers[-args.train_layers :] if args.train_layers else layers)
+            d_model = model.lm.config.hidden_size
+        model.adapters = LanguageAdapters(blocks, args.languages, d_model, args.adapters)
+    return model, codec
+
+
+def build_trunk(args: argparse.Namespace) -> tuple[nn.Module, Codec]:
     if args.model == "tiny":
         cfg = GPTConfig(args.context, args.n_layer, args.n_head, args.d_model)
         return GPT(cfg), Codec(lambda text: list(text.encode("utf-8")), bos=ord("\n"))
@@ -330,6 +402,7 @@ def evaluate(
     with autocast:
         for i, (code, data) in enumerate(sets.items()):
             if i % run.world_processes == run.rank:
+                select_language(run.model, code)  # seen: its adapters; unseen: the trunk
                 stats[i] = nats(
                     run.model, data, run.args.context, run.bos, run.args.eval_batch, run.device
                 )
@@ -347,6 +420,7 @@ def separability(run: Run, sets: dict[str, EvalSet]) -> list[dict[str, float]]:
     features: list[dict[str, Tensor]] = []
     for code, data in sets.items():
         x, _ = next(windows(data.tokens, run.args.context, run.bos))
+        select_language(run.model, None)  # the shared trunk's representation of every language
         states = run.model.hidden_states(x[: run.args.probe_windows].to(run.device))
         if not features:
             features = [{} for _ in states]
@@ -388,7 +462,7 @@ def weighting_of(args: argparse.Namespace) -> str | Weighting:
 def checkpoint_config(args: argparse.Namespace, world: int) -> dict[str, object]:
     """What a resumed run must share with the run that saved the checkpoint."""
     keys = ("engine", "weighting", "mgda_normalization", "granularity", "languages", "model")
-    keys += ("seed", "steps", "data", "protocol", "sketch_size")
+    keys += ("seed", "steps", "data", "protocol", "sketch_size", "adapters")
     return {key: vars(args)[key] for key in keys} | {"world": world}
 
 
@@ -444,6 +518,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--model-dir", type=Path, default=None, help="converted model (default: in the cache)")
     add("--train-embeddings", action="store_true", help="pretrained models: train the embeddings")
     add("--train-layers", type=int, default=0, help="pretrained: train the top N blocks (0: all)")
+    add(
+        "--adapters",
+        type=int,
+        default=0,
+        help="bottleneck width of one adapter per trained language after every trained block "
+        "(0: none); unseen languages are evaluated on the shared trunk alone",
+    )
     add("--weighting", choices=["ddp", *weighting_names()], default="mgda", help="ddp: no hook")
     add("--granularity", choices=["bucket", "parameter", "global"], default="bucket")
     add("--mgda-normalization", choices=["none", "l2"], default="none", help="MGDA on unit grads")
@@ -500,6 +581,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.languages or len(set(args.languages)) != len(args.languages):
         parser.error(f"--languages needs distinct codes, got {args.languages}")
     positive = ("steps", "batch_size", "grad_accum", "log_every", "context", "threads")
+    if args.adapters < 0:
+        parser.error(f"--adapters must be >= 0 (0: no adapters), got {args.adapters}")
     if min(getattr(args, name) for name in positive) < 1:
         parser.error(f"{', '.join('--' + n.replace('_', '-') for n in positive)} must be >= 1")
     if args.model == "tiny" and args.d_model % args.n_head:
@@ -708,6 +791,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # never a half-written checkpoint
 
     n_params = sum(p.numel() for p in params)
+    adapter_note = ""
+    if args.adapters:
+        per_language = sum(p.numel() for p in model.adapters.per_language[langs[0]].parameters())
+        adapter_note = f" ({n_langs} x {per_language / 1e6:.3f}M in language adapters)"
     buckets = ddp_bucket_partition(params, args.bucket_cap_mb)
     names = {id(p): n for n, p in model.named_parameters()}
     if master and args.out is not None:
@@ -719,7 +806,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         f"weighting={weighting_of(args)}, granularity={args.granularity}, "
         f"protocol={args.protocol}{f' (k={args.sketch_size})' if args.sketch_size else ''}, "
         f"model={args.model}, "
-        f"{n_params / 1e6:.3f}M trainable params in {len(buckets)} buckets "
+        f"{n_params / 1e6:.3f}M trainable params{adapter_note} in {len(buckets)} buckets "
         f"(cap {args.bucket_cap_mb} MB), {args.steps} steps x {args.grad_accum} x "
         f"{args.batch_size} x {args.context} tokens per rank, data={args.data}"
     )
@@ -777,6 +864,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                     if ddp is not None and last and step == start
                     else contextlib.nullcontext()
                 )
+                select_language(model, lang)
                 with sync:
                     with autocast, expected_warning:
                         _, loss = forward(x.to(device), y.to(device))

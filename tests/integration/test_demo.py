@@ -111,6 +111,29 @@ def test_static_languages_mgda_logs_diagnostics_and_checkpoints(
 
 
 @pytest.mark.slow
+def test_layer_conflicts_of_a_finished_run(reference: tuple[str, Path], tmp_path: Path) -> None:
+    _, out = reference
+    script = ROOT / "scripts" / "layer_conflicts.py"
+    command = [sys.executable, str(script), str(out), "--out", str(tmp_path), "--windows", "2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"start: .*block 0 [+-]\d\.\d\d/[+-]\d\.\d\d", result.stdout), result.stdout
+    report = json.loads((tmp_path / "layer_conflicts.json").read_text())
+    assert report["pairs"] == ["eng~rus"]
+    assert list(report["states"]) == ["start", f"{out.name} @ 4"]
+    final = report["states"][f"{out.name} @ 4"]
+    assert "blocks.1.mlp.2.weight" in final and all(-1 <= c[0] <= 1 for c in final.values())
+    assert final != report["states"]["start"]  # the trained model's gradients differ
+    assert (tmp_path / "layer_conflicts.png").stat().st_size > 0
+    missing = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "has no summary.json or ckpt.pt" in missing.stderr
+
+
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run(
     reference: tuple[str, Path], tmp_path: Path
 ) -> None:
@@ -175,6 +198,32 @@ def test_more_languages_than_ranks_rotate(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_language_adapters_train_under_ddp_and_the_single_device_engine(tmp_path: Path) -> None:
+    """One adapter per language: each rank's forward leaves the other language's unused. With
+    MGDA per parameter, an unused adapter counted as a zero gradient would never train (the
+    min-norm point of {0, g} is 0; checked: with ``absent="zero"`` every ``up`` stays 0), so
+    trained adapters on both languages show the absent-objective rule at work; the
+    single-device engine must reproduce the torchrun run."""
+    args = ("--languages", "eng,rus", "--unseen", "ukr", "--adapters", "4", "--log-every", "4")
+    args += ("--granularity", "parameter")
+    ddp = launch(*args, "--out", str(tmp_path / "ddp"), "--ckpt-every", "4")
+    # d_model 32, width 4, 2 blocks: 2 x (32*4 + 4 + 4*32 + 32) = 584 parameters per language.
+    assert "(2 x 0.001M in language adapters)" in ddp, ddp
+    assert_eval_table(ddp, ["eng", "rus"], ["ukr"])
+    launch(*args, "--engine", "single", "--out", str(tmp_path / "single"), nproc=None)
+    runs = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ddp", "single")]
+    for mine, theirs in zip(runs[1]["steps"], runs[0]["steps"], strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    for code, result in runs[0]["eval"].items():
+        assert runs[1]["eval"][code]["bpb"] == pytest.approx(result["bpb"], rel=1e-5)
+    model = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
+    for code in ("eng", "rus"):
+        for block in (0, 1):
+            up = model[f"adapters.per_language.{code}.{block}.up.weight"]
+            assert up.abs().max() > 0, (code, block)  # zero-initialised: it trained
+
+
+@pytest.mark.slow
 def test_plain_ddp_control() -> None:
     out = launch("--languages", "eng,arb", "--unseen", "heb", "--weighting", "ddp")
     assert len(loss_lines(out)) == 2  # steps 1 and 4 (the last)
@@ -208,19 +257,21 @@ def test_cli_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtu
         (["--sketch-size", "64"], "protocol='sketch' only"),
         (["--protocol", "sketch", "--sketch-size", "8"], "sketch_size must be in"),
         (["--protocol", "sketch", "--weighting", "ddp"], "needs a MOO weighting"),
+        (["--adapters", "-1"], "--adapters must be >= 0"),
     ]:
         with pytest.raises(SystemExit):
             parse_args(["--engine", "single", *bad])
         assert message in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_pretrained_model_path_with_a_tiny_random_llama(tmp_path: Path) -> None:
-    """The transformers path (tokeniser, top-block training, bits per byte, hidden states) on a
-    2-layer random Llama with a byte-level tokeniser made here: no download, a few seconds."""
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A converted-model directory: a 2-layer random Llama with a byte-level tokeniser made here
+    (no download), and the parameter count of one of its blocks."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+    path = tmp_path_factory.mktemp("tiny_llama")
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokenizer = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)} | {"<s>": 256}, []))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -228,7 +279,7 @@ def test_pretrained_model_path_with_a_tiny_random_llama(tmp_path: Path) -> None:
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="<s>"
     )
-    fast.save_pretrained(tmp_path)
+    fast.save_pretrained(path)
     config = transformers.LlamaConfig(
         vocab_size=257,
         hidden_size=32,
@@ -240,13 +291,18 @@ def test_pretrained_model_path_with_a_tiny_random_llama(tmp_path: Path) -> None:
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
-    layer = sum(
-        p.numel() for p in transformers.LlamaForCausalLM(config).model.layers[1].parameters()
-    )
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    return path, sum(p.numel() for p in model.model.layers[1].parameters())
 
+
+@pytest.mark.slow
+def test_pretrained_model_path_with_a_tiny_random_llama(tiny_llama: tuple[Path, int]) -> None:
+    """The transformers path (tokeniser, top-block training, bits per byte, hidden states) on a
+    2-layer random Llama: a few seconds."""
+    path, layer = tiny_llama
     output = launch(
-        *("--engine", "single", "--model", "smollm2-135m", "--model-dir", str(tmp_path)),
+        *("--engine", "single", "--model", "smollm2-135m", "--model-dir", str(path)),
         *("--train-layers", "1", "--languages", "eng,rus", "--unseen", "ukr", "--lr", "1e-2"),
         *("--probe", "--probe-windows", "4"),
         nproc=None,
@@ -259,3 +315,60 @@ def test_pretrained_model_path_with_a_tiny_random_llama(tmp_path: Path) -> None:
     )
     assert abs(start - math.log2(257)) < 0.2 and final < start  # bits per byte: 1 token per byte
     assert len(re.findall(r" \d:\d\.\d\d/\d\.\d\d", output)) == 3  # embeddings + 2 blocks
+
+
+@pytest.mark.slow
+def test_gpu_grid_on_a_few_cpu_steps_then_the_analysis(
+    tiny_llama: tuple[Path, int], tmp_path: Path
+) -> None:
+    """``benchmarks/finetune_grid.sh gpu`` as written (full fine-tuning, checkpoints, a method
+    with variants), moved to the CPU, the tiny Llama and UDHR through EXTRA; a second call
+    skips the finished runs; then scripts/analyze_finetune.py on its output."""
+    path, _ = tiny_llama
+    extra = f"--device cpu --dtype fp32 --model-dir {path} --data udhr --languages eng,rus"
+    extra += " --unseen ukr --steps 2 --warmup 1 --batch-size 2 --context 16 --eval-bytes 300"
+    extra += " --eval-every 1 --probe-windows 2 --ckpt-every 1"
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV} | {
+        "OMP_NUM_THREADS": "1",
+        "OUT": str(tmp_path / "runs"),
+        "SEEDS": "1",
+        "METHODS": "ddp upgrad-global-sketch",
+        "PYTHON": sys.executable,
+        "EXTRA": extra,
+    }
+    grid = ["bash", str(ROOT / "benchmarks" / "finetune_grid.sh"), "gpu"]
+    for attempt in range(2):
+        result = subprocess.run(grid, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+        assert ("== gpu" in result.stdout) == (attempt == 0), result.stdout  # then: all done
+    runs = tmp_path / "runs" / "gpu"
+    summaries = {
+        m: json.loads((runs / f"{m}-s1" / "summary.json").read_text())
+        for m in ("ddp", "upgrad-global-sketch")
+    }
+    config = summaries["upgrad-global-sketch"]["config"]
+    assert (config["weighting"], config["granularity"], config["protocol"]) == (
+        "upgrad",
+        "global",
+        "sketch",
+    )
+    assert (config["train_layers"], config["train_embeddings"], config["device"]) == (
+        0,
+        True,
+        "cpu",
+    )
+    assert summaries["ddp"]["eval"]["eng"]["bpb_start"] is not None  # step 0: only in ddp-s1
+    assert summaries["upgrad-global-sketch"]["eval"]["eng"]["bpb_start"] is None
+
+    analysis = tmp_path / "analysis"
+    command = [sys.executable, str(ROOT / "scripts" / "analyze_finetune.py"), str(runs)]
+    command += ["--out", str(analysis), "--cosine-method", "ddp"]
+    command += ["--cosine-method", "upgrad-global-sketch"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = (analysis / "results.md").read_text()
+    assert "| ddp | 1 |" in report and "| upgrad-global-sketch | 1 |" in report, report
+    assert "`†`: the paired difference" in report and "‖d‖/‖mean‖" in report, report
+    for name in ("loss_curves", "cosine_heatmaps", "cosine_heatmaps_upgrad-global-sketch"):
+        assert (analysis / f"{name}.png").stat().st_size > 0, name
+    assert (analysis / "separability.png").is_file()
