@@ -108,6 +108,9 @@ class SingleDeviceMOO:
         self._rows: dict[int, Tensor] = {}  # objective key -> sum of its ranks' gradients
         self._used: dict[int, Tensor] = {}  # objective key -> [P] bool: a rank of it used p
         self._keys: list[int] = []  # objective key of every emulated rank, in rank order
+        # Flat-layout position -> some emulated rank produced a .grad there. DDP leaves the grad
+        # of a parameter no rank used (globally unused) as it is: None, so the optimizer skips it.
+        self._touched = [False] * len(self._order)
 
     def add_gradient(self, objective: Hashable) -> None:
         """Take the gradients in ``.grad`` as the next emulated rank's, for ``objective``.
@@ -143,11 +146,16 @@ class SingleDeviceMOO:
             self._rows[key] = flat
             self._used[key] = used
         self._keys.append(key)
+        self._touched = [t or g is not None for t, g in zip(self._touched, grads, strict=True)]
         for p in self.parameters:
             p.grad = None
 
     def combine(self) -> None:
-        """Combine the gradients added since the last call and write the result to ``.grad``."""
+        """Combine the gradients added since the last call and write the result to ``.grad``.
+
+        A parameter no emulated rank produced a gradient for keeps ``.grad = None``, as DDP
+        leaves a globally unused parameter's (so the optimizer skips it, weight decay included).
+        """
         if not self._keys:
             raise RuntimeError("combine() needs add_gradient() first")
         objective_map = ObjectiveMap.from_keys(self._keys)
@@ -165,11 +173,12 @@ class SingleDeviceMOO:
             present = torch.stack([self._used[key] for key in objective_map.objectives], 1).cpu()
         update = self._update(objective_grads, objective_map.objectives, weighting, present)
         offset = 0
-        for i in self._order:
+        for i, touched in zip(self._order, self._touched, strict=True):
             p = self.parameters[i]
-            p.grad = update[offset : offset + p.numel()].view_as(p).clone()
+            p.grad = update[offset : offset + p.numel()].view_as(p).clone() if touched else None
             offset += p.numel()
         self._rows, self._keys, self._used = {}, [], {}
+        self._touched = [False] * len(self._order)
         if self.diagnostics is not None:
             self.diagnostics.end_step(self.iter)
         self.iter += 1

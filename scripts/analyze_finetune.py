@@ -10,13 +10,16 @@ spread over roots; ``summary.json``, ``log.jsonl``, ``diagnostics.jsonl``, ``buc
 ``finetune_multilingual.py --out``) and writes:
 
 - ``results.md`` / ``results.json``: final held-out bits per byte per language (mean ± standard
-  deviation over seeds), seen and unseen means, each method's difference from plain DDP, and per
-  bucket the control's pair cosines and how far each method's weights are from uniform;
+  deviation over seeds), seen and unseen means, each method's difference from plain DDP (marked
+  where it exceeds the seed spread and where the paired difference over seeds is significant),
+  per bucket the control's pair cosines and how far each method's weights are from uniform, and
+  per method each language's mean weight and gradient norm;
 - ``loss_curves.png``: per language, the training loss per method (mean over seeds; band: min–max)
   and, when the runs evaluated periodically, the validation bits per byte;
 - ``cosine_heatmaps.png``: language-pair gradient cosine per bucket (≈ layer group) in the
   early, middle and late thirds of training (method given by ``--cosine-method``, default DDP:
-  the control's Gramians, which no weighting has shaped);
+  the control's Gramians, which no weighting has shaped; each further ``--cosine-method M``
+  writes ``cosine_heatmaps_M.png`` and ``pair_cosine_M.png``);
 - ``pair_cosine.png``: every pair's cosine over training, averaged over buckets;
 - with ``--variant V`` (repeatable), in ``results.md``/``results.json``: every method ``M``
   that has runs ``M-V`` too against them, language by language: both means ± standard
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 from collections import defaultdict
@@ -77,6 +81,15 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _t95(n: int) -> float:
+    """Two-sided 95 % quantile of Student's t with n − 1 degrees of freedom (n ≥ 2 pairs): the
+    table to 10 pairs, then the Cornish–Fisher expansion (within 0.002 from 10 pairs on)."""
+    if n in _T95:
+        return _T95[n]
+    z, df = 1.959964, n - 1
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
 def _value(run: dict[str, Any], column: str) -> float:
     """Final test bits per byte of a language, or the ``seen``/``unseen`` mean."""
     if column in ("seen", "unseen"):
@@ -89,7 +102,8 @@ _T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9
 MARKS = (
     "`*`: the difference of the means exceeds the larger of the two seed standard deviations; "
     "`†`: the paired difference over the seeds both have (a seed fixes the initialisation and "
-    "the batches) has a t statistic beyond the two-sided 95 % quantile (3 seeds: |t| > 4.30)."
+    "the batches) has a t statistic beyond the two-sided 95 % quantile (3 seeds: |t| > 4.30). "
+    "Neither with a single seed."
 )
 
 
@@ -108,15 +122,19 @@ def compare(
     ]
     pair = _stats(differences) if differences else (float("nan"), float("nan"))
     n = len(differences)
-    t = pair[0] / (pair[1] / n**0.5) if n > 1 and pair[1] > 0 else float("nan")
+    if n > 1 and pair[1] > 0:
+        t = pair[0] / (pair[1] / n**0.5)
+    else:  # identical differences: no spread, so any nonzero one is beyond chance
+        t = float("nan") if n < 2 else math.copysign(math.inf, pair[0]) if pair[0] else 0.0
     delta = mine[0] - base[0]
+    seeded = len(base_runs) > 1 and len(other_runs) > 1  # a spread to compare with
     return {
         "base": {"mean": base[0], "std": base[1]},
         "variant": {"mean": mine[0], "std": mine[1]},
         "delta": delta,
         "paired": {"mean": pair[0], "std": pair[1], "t": t, "n": n},
-        "beyond_spread": abs(delta) > max(base[1], mine[1]),
-        "paired_significant": n in _T95 and abs(t) > _T95[n],
+        "beyond_spread": seeded and abs(delta) > max(base[1], mine[1]),
+        "paired_significant": n > 1 and abs(t) > _t95(n),
     }
 
 
@@ -524,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = dict(sorted(runs.items(), key=lambda kv: (_rank(kv[0]), kv[0])))
     args.out.mkdir(parents=True, exist_ok=True)
     markdown, data = table(runs)
-    if "ddp" in runs:
+    if "ddp" in runs or args.variant:
         markdown += f"\n{MARKS}\n"
     for variant in args.variant:
         comparison, data.setdefault("variants", {})[variant] = variant_table(
@@ -532,12 +550,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         markdown += f"\n{variant} against the base method:\n\n{comparison}"
     plot_loss_curves(runs, args.out / "loss_curves.png")
-    cosine_methods = args.cosine_method or ["ddp"]
-    for index, method in enumerate(cosine_methods):
+    plotted = 0  # the first method with diagnostics gets the unsuffixed files and the table
+    for method in args.cosine_method or ["ddp"]:
         cosine_runs = [r for r in runs.get(method, []) if r["diagnostics"]]
         if not cosine_runs:
             continue
-        suffix = "" if index == 0 else f"_{method}"
+        suffix = "" if plotted == 0 else f"_{method}"
         cosine = plot_cosine_heatmaps(
             cosine_runs, method, args.out / f"cosine_heatmaps{suffix}.png"
         )
@@ -547,15 +565,17 @@ def main(argv: list[str] | None = None) -> None:
             f"{p} {v:+.3f}" for p, v in sorted(cosine["pairs"].items(), key=lambda kv: -kv[1])
         )
         markdown += f"\nMean pair cosine ({method}, all buckets and steps): {pairs}\n"
-        if index == 0:
+        if plotted == 0:
             data["cosine"] = cosine
             markdown += "\nPer bucket (weight ratio capped at 1000 where a weight is ~0):\n\n"
             markdown += bucket_table(runs, method)
+        plotted += 1
     weights, data["weights"] = weights_table(runs)
     if weights:
         markdown += (
-            "\nMean weight and gradient norm per language (over buckets, steps and seeds; "
-            "weights as each method scales them), and the update's length against the mean's:"
+            "\nMean weight and gradient norm per language (over the bucket- and model-level "
+            "problems of every step and seed; runs at parameter granularity are left out; weights "
+            "as each method scales them), and the update's length against the mean's:"
             f"\n\n{weights}"
         )
     if any(r.get("probe") for rs in runs.values() for r in rs):

@@ -174,8 +174,9 @@ class PretrainedLM(nn.Module):
 
 
 class Adapter(nn.Module):
-    """A residual bottleneck ``x + up(gelu(down(x)))`` (Houlsby et al., 2019); ``up`` starts at
-    zero, so a fresh adapter leaves the model as it is."""
+    """A residual bottleneck ``x + up(gelu(down(x)))``, one per language after each block as in
+    MAD-X (Pfeiffer et al., 2020); ``up`` starts at zero, so a fresh adapter leaves the model as
+    it is."""
 
     def __init__(self, d_model: int, rank: int) -> None:
         super().__init__()
@@ -745,11 +746,11 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if args.resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         current = checkpoint_config(args, world)
-        for key, value in ckpt["config"].items():
-            if current[key] != value:
-                raise SystemExit(
-                    f"{ckpt_path} was saved with {key}={value!r}, not {current[key]!r}"
-                )
+        for key, value in current.items():
+            # A key older checkpoints lack was off then (e.g. adapters 0).
+            saved = ckpt["config"].get(key, value if not value else None)
+            if saved != value:
+                raise SystemExit(f"{ckpt_path} was saved with {key}={saved!r}, not {value!r}")
         model.load_state_dict(ckpt["model"], strict=False)  # trainable params; the rest is fixed
         optimizer.load_state_dict(ckpt["optimizer"])
         if state is not None:

@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> None:
                 "finetune_multilingual.py --out DIR --ckpt-every N"
             )
     demo = runpy.run_path(str(SCRIPT), run_name="layer_conflicts")
-    torch.manual_seed(0)
     states: dict[str, dict[str, list[float]]] = {}
     pairs: list[str] = []
     for index, run in enumerate(args.runs):
         run_args_ = run_args(run, demo)
+        torch.manual_seed(run_args_.seed)  # the run's initialisation, as training seeds it
         model, codec = demo["build_model"](run_args_)
         if index == 0:  # the pretrained (or freshly initialised) model every run started from
             languages, grads = language_gradients(model, codec, run_args_, demo, args.windows)

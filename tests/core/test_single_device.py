@@ -74,7 +74,51 @@ def ddp_worker(rank: int, world: int) -> list[dict]:
     return [ddp_trajectory(rank, *config) for config in CONFIGS]
 
 
+class WithSpare(nn.Module):
+    """make_model() plus a layer no rank's forward uses (globally unused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = make_model()
+        self.spare = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def trajectory_with_spare(rank: int | None, weighting: str | None) -> torch.Tensor:
+    """Three AdamW steps (weight decay: a zero gradient would still move the spare layer) under
+    DDP (``rank``) or the engine (``rank=None``): every parameter after each step."""
+    model = WithSpare()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+    if rank is not None:
+        ddp = DistributedDataParallel(model, bucket_cap_mb=CAP_MB, find_unused_parameters=True)
+        if weighting is not None:
+            install_bucket_moo(ddp, BucketMOOState(LANGUAGES, weighting))
+    else:
+        engine = SingleDeviceMOO(model.parameters(), weighting, bucket_cap_mb=CAP_MB)
+    trajectory = []
+    for step in range(3):
+        if rank is not None:
+            loss_of(ddp, rank, step).backward()
+        else:
+            for emulated, language in enumerate(LANGUAGES):
+                loss_of(model, emulated, step).backward()
+                engine.add_gradient(language)
+            engine.combine()
+            assert model.spare.weight.grad is None  # as DDP leaves it
+        optimizer.step()
+        optimizer.zero_grad()
+        trajectory.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    return torch.stack(trajectory)
+
+
+def spare_worker(rank: int, world: int) -> list[torch.Tensor]:
+    return [trajectory_with_spare(rank, weighting) for weighting in ("mgda", None)]
+
+
 DDP_RUNS = shared_spawn(4).add(ddp_worker)
+SPARE_RUNS = shared_spawn(4).add(spare_worker)
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +321,15 @@ def test_engine_refuses_bad_use() -> None:
     ]:
         with pytest.raises(error, match="sketch_size"):
             SingleDeviceMOO(model.parameters(), sketch_size=bad)
+
+
+@pytest.mark.slow
+def test_engine_leaves_a_globally_unused_parameter_alone_as_ddp_does() -> None:
+    results = SPARE_RUNS.results()
+    for index, weighting in enumerate(("mgda", None)):
+        trajectory = trajectory_with_spare(None, weighting)
+        for rank_results in results:
+            torch.testing.assert_close(rank_results[index], trajectory)
+        spare = WithSpare().spare
+        initial = torch.cat([spare.weight.detach().flatten(), spare.bias.detach()])
+        torch.testing.assert_close(trajectory[-1, -initial.numel() :], initial)
