@@ -261,7 +261,7 @@ def plot_loss_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     for j, code in enumerate(codes):
         axes[0][j].set_title(f"{code} ({first['eval'][code]['set']})")
         if code not in seen:
-            axes[0][j].text(0.5, 0.5, "not trained", ha="center", transform=axes[0][j].transAxes)
+            axes[0][j].text(0.5, 0.95, "not trained", ha="center", transform=axes[0][j].transAxes)
             axes[0][j].set_axis_off()
         axes[0][j].set_xlabel("step")
         if has_valid:
@@ -269,7 +269,12 @@ def plot_loss_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     axes[0][0].set_ylabel("train loss (nats/token, smoothed)")
     if has_valid:
         axes[1][0].set_ylabel("valid bits per byte")
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    unseen = [j for j, code in enumerate(codes) if code not in seen]
+    if unseen:  # in the empty panel of an untrained language, clear of the curves
+        axes[0][unseen[0]].legend(handles, labels, loc="center", fontsize=7, ncol=2)
+    else:
+        axes[0][0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
