@@ -97,6 +97,26 @@ def _value(run: dict[str, Any], column: str) -> float:
     return run["eval"][column]["bpb"]
 
 
+def delta_table(data: dict[str, Any]) -> str:
+    """The main table's differences from DDP alone, with the means: one short row per method."""
+    columns = data["columns"]
+    header = "| method | mean seen | mean unseen | " + " | ".join(columns[:-2]) + " |"
+    lines = [header, "|" + " --- |" * (len(columns) + 1)]
+    for method, entry in data["methods"].items():
+        if method == "ddp":
+            cells = [f"{entry[c]['mean']:.3f} ± {entry[c]['std']:.3f}" for c in columns[-2:]]
+            cells += ["–"] * (len(columns) - 2)
+        else:
+            marked = {
+                c: f"{entry[c]['vs_ddp']['delta']:+.3f}{_marks(entry[c]['vs_ddp'])}"
+                for c in columns
+            }
+            cells = [f"{entry[c]['mean']:.3f} ({marked[c]})" for c in columns[-2:]]
+            cells += [marked[c] for c in columns[:-2]]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # Two-sided 95 % quantile of Student's t with n − 1 degrees of freedom, for n = 2..10 pairs.
 _T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 MARKS = (
@@ -547,6 +567,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = dict(sorted(runs.items(), key=lambda kv: (_rank(kv[0]), kv[0])))
     args.out.mkdir(parents=True, exist_ok=True)
     markdown, data = table(runs)
+    if "ddp" in runs:
+        markdown += f"\nThe same against DDP, differences only:\n\n{delta_table(data)}"
     if "ddp" in runs or args.variant:
         markdown += f"\n{MARKS}\n"
     for variant in args.variant:

@@ -332,7 +332,7 @@ def test_trainer_with_a_deepspeed_config() -> None:
     assert first["allreduce"] < first["sent"] <= 1.02 * first["allreduce"] + 4096
 
 
-@pytest.mark.parametrize(("stage", "dtype"), itertools.product(STAGES, DTYPES))
+@pytest.mark.parametrize(("stage", "dtype"), list(itertools.product(STAGES, DTYPES)))
 def test_mean_is_plain_deepspeed(stage: int, dtype: str) -> None:
     index = len(ACCUMULATION) + len(HEADS) + 2 * (STAGES.index(stage) * 2 + DTYPES.index(dtype))
     plain, hooked = ([r[index + k] for r in SECOND.results()] for k in (0, 1))
