@@ -325,13 +325,16 @@ def bucket_label(names: list[str]) -> str:
     return label
 
 
+def problem_records(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs' diagnostics records of whole problems: buckets (or the model), not parameters."""
+    return [d for r in runs for d in r["diagnostics"] if "bucket" in d and d["parameter"] is None]
+
+
 def cosine_by_phase(
     runs: list[dict[str, Any]],
 ) -> tuple[list[str], list[int], list[list[list[list[float]]]], list[str]]:
     """Mean pair-cosine matrix per (phase, bucket) over the runs' diagnostics."""
-    records = [
-        d for r in runs for d in r["diagnostics"] if "bucket" in d and d["parameter"] is None
-    ]
+    records = problem_records(runs)
     objectives = records[0]["objectives"]
     buckets = sorted({d["bucket"] for d in records})
     last = max(d["step"] for d in records) + 1
@@ -458,12 +461,7 @@ def bucket_table(runs: dict[str, list[dict[str, Any]]], cosine_method: str) -> s
     """Per bucket: how much the languages conflict (the control's Gramians) and, per MOO method,
     how far its weights are from uniform (mean over steps of max_ℓ w_ℓ / min_ℓ w_ℓ) and how long
     its update is against the plain mean of the same gradients (‖d‖ / ‖mean‖)."""
-    records = [
-        d
-        for r in runs.get(cosine_method, [])
-        for d in r["diagnostics"]
-        if "bucket" in d and d["parameter"] is None
-    ]
+    records = problem_records(runs.get(cosine_method, []))
     if not records:
         return ""
     names = runs[cosine_method][0]["buckets"]
@@ -482,12 +480,7 @@ def bucket_table(runs: dict[str, list[dict[str, Any]]], cosine_method: str) -> s
         cells = [f"b{bucket} {label}", f"{statistics.fmean(flat):+.3f}", f"{min(flat):+.3f}"]
         cells.append(f"{negative:.0%}")
         for method in methods:
-            theirs = [
-                d
-                for r in runs[method]
-                for d in r["diagnostics"]
-                if d.get("bucket") == bucket and d["parameter"] is None
-            ]
+            theirs = [d for d in problem_records(runs[method]) if d["bucket"] == bucket]
             ratios = [max(d["weights"]) / max(min(d["weights"]), 1e-3) for d in theirs]
             shrink = [d["update_norm"] / max(_mean_norm(d), 1e-30) for d in theirs]
             cells.append(
@@ -505,12 +498,7 @@ def weights_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str,
     language more or less than the average does)."""
     data: dict[str, Any] = {}
     for method, method_runs in runs.items():
-        records = [
-            d
-            for r in method_runs
-            for d in r["diagnostics"]
-            if "bucket" in d and d["parameter"] is None
-        ]
+        records = problem_records(method_runs)
         if not records:
             continue
         objectives = records[0]["objectives"]

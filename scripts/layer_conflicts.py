@@ -45,10 +45,10 @@ def run_args(run: Path, demo: dict[str, Any]) -> argparse.Namespace:
     return args
 
 
-def language_gradients(
+def tensor_conflicts(
     model: torch.nn.Module, codec: Any, args: argparse.Namespace, demo: dict[str, Any], windows: int
-) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """Parameter name → ``[L, n]`` per-language gradients on test windows."""
+) -> dict[str, list[float]]:
+    """Parameter name → the pair cosines of the languages' gradients on test windows."""
     texts = demo["load_texts"](args)
     # The shared parameters: a language adapter has one language's gradient, no pair to compare.
     params = {
@@ -67,7 +67,7 @@ def language_gradients(
         for name, p in params.items():
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             rows[name].append(grad.detach().reshape(-1).double())
-    return args.languages, {n: torch.stack(r) for n, r in rows.items()}
+    return {n: pair_cosines(torch.stack(r)) for n, r in rows.items()}
 
 
 def pair_cosines(grads: torch.Tensor) -> list[float]:
@@ -104,14 +104,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(run_args_.seed)  # the run's initialisation, as training seeds it
         model, codec = demo["build_model"](run_args_)
         if index == 0:  # the pretrained (or freshly initialised) model every run started from
-            languages, grads = language_gradients(model, codec, run_args_, demo, args.windows)
-            states["start"] = {n: pair_cosines(g) for n, g in grads.items()}
+            states["start"] = tensor_conflicts(model, codec, run_args_, demo, args.windows)
         checkpoint = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["model"], strict=False)
-        languages, grads = language_gradients(model, codec, run_args_, demo, args.windows)
-        states[f"{run.name} @ {checkpoint['step']}"] = {
-            n: pair_cosines(g) for n, g in grads.items()
-        }
+        step = f"{run.name} @ {checkpoint['step']}"
+        states[step] = tensor_conflicts(model, codec, run_args_, demo, args.windows)
+        languages = run_args_.languages
         pairs = [f"{a}~{b}" for i, a in enumerate(languages) for b in languages[i + 1 :]]
 
     names = list(next(iter(states.values())))
